@@ -1,0 +1,16 @@
+// Every embedops schema, in one place. Backends register their kernels in their own files with
+// TORCH_LIBRARY_IMPL(embedops, CPU|CUDA, m); fake (meta) kernels and autograd are registered in
+// python/embedops/_ops.py.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(embedops, m) {
+  const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};
+
+  // ---- embedding ------------------------------------------------------------------------------
+  m.def("hash_ids(Tensor values, int feature, int probe, int num_rows, int seed=0) -> Tensor", pt2);
+
+  // ---- matryoshka -----------------------------------------------------------------------------
+
+  // ---- attention ------------------------------------------------------------------------------
+}

@@ -1,0 +1,32 @@
+"""embedops: fast embedding kernels for PyTorch.
+
+Three op families, each a ``torch.ops.embedops.*`` custom op with a CPU and a CUDA kernel:
+cross-modal attention, multiplexed-hash embedding bags, and Matryoshka prefix search.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (must be imported before the native extension)
+
+from ._load import _C
+from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
+from .embedding import hash_ids
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """How the native extension was built.
+
+    Returns a dict with: ``version``, ``torch_version`` (the torch it was built against),
+    ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs`` (comma-separated SM list),
+    ``cuda_compiler``, ``cxx_compiler``, ``cpu_arch`` (-march value), ``openmp`` (bool),
+    ``num_threads`` (ATen intra-op threads now), and ``cuda_available`` (a usable GPU right now).
+    """
+    info = dict(_C.build_info())
+    info["num_threads"] = torch.get_num_threads()
+    info["cuda_available"] = bool(info["cuda"] and torch.cuda.is_available())
+    return info
+
+
+__all__ = ["build_info", "hash_ids", "__version__"]

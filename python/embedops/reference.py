@@ -1,0 +1,69 @@
+"""Plain reference implementations of every embedops op: the tests' ground truth.
+
+Written from the definitions with numpy / PyTorch (float64 where it matters), with no
+embedops kernel involved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ---- embedding ---------------------------------------------------------------------------------
+
+_M13_A = np.uint64(0xBF58476D1CE4E5B9)
+_M13_B = np.uint64(0x94D049BB133111EB)
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def _mix64_int(z: int) -> int:
+    """splitmix64 finaliser on a Python int (for the scalar salt)."""
+    z &= _MASK64
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _MASK64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z
+
+
+def _mix64_np(z: np.ndarray) -> np.ndarray:
+    z = z ^ (z >> np.uint64(30))
+    z = z * _M13_A
+    z = z ^ (z >> np.uint64(27))
+    z = z * _M13_B
+    return z ^ (z >> np.uint64(31))
+
+
+def hash_salt(seed: int, feature: int, probe: int) -> int:
+    return _mix64_int(_mix64_int((seed & _MASK64) + _GOLDEN) ^ ((feature << 32) | probe))
+
+
+def _mulhi64(a: np.ndarray, b: int) -> np.ndarray:
+    """High 64 bits of a * b for uint64 arrays a and a scalar b < 2^64, by 32-bit halves."""
+    b_lo, b_hi = np.uint64(b & 0xFFFFFFFF), np.uint64(b >> 32)
+    a_lo, a_hi = a & _MASK32, a >> np.uint64(32)
+    lo_lo = a_lo * b_lo
+    hi_lo = a_hi * b_lo
+    lo_hi = a_lo * b_hi
+    hi_hi = a_hi * b_hi
+    cross = (lo_lo >> np.uint64(32)) + (hi_lo & _MASK32) + lo_hi
+    return hi_hi + (hi_lo >> np.uint64(32)) + (cross >> np.uint64(32))
+
+
+def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0) -> np.ndarray:
+    """numpy re-implementation of embedops.hash_ids (same bits); returns int64 rows."""
+    v = np.asarray(values)
+    if v.dtype.kind != "i":
+        raise TypeError(f"reference.hash_ids: values must be signed integers, got {v.dtype}")
+    u = v.astype(np.int64).view(np.uint64)
+    salt = np.uint64(hash_salt(seed, feature, probe))
+    with np.errstate(over="ignore"):
+        h = _mix64_np(u ^ salt)
+        return _mulhi64(h, num_rows).astype(np.int64)
+
+
+# ---- matryoshka --------------------------------------------------------------------------------
+
+# ---- attention ---------------------------------------------------------------------------------
