@@ -64,6 +64,42 @@ def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0) 
         return _mulhi64(h, num_rows).astype(np.int64)
 
 
+def _srl(z, k: int):
+    """Logical right shift of int64 tensors holding uint64 bit patterns."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _as_signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix64_torch(z):
+    z = z ^ _srl(z, 30)
+    z = z * _as_signed(0xBF58476D1CE4E5B9)
+    z = z ^ _srl(z, 27)
+    z = z * _as_signed(0x94D049BB133111EB)
+    return z ^ _srl(z, 31)
+
+
+def hash_ids_torch(values, *, feature: int, probe: int, num_rows: int, seed: int = 0):
+    """The same hash with torch int64 ops (wrapping multiply, masked shifts), on any device.
+
+    This is what a user writes without embedops; it is the benchmarks' baseline for hashing.
+    """
+    import torch
+
+    z = values.to(torch.int64) ^ _as_signed(hash_salt(seed, feature, probe))
+    h = _mix64_torch(z)
+    # high 64 bits of h * num_rows, by 32-bit halves
+    m32 = 0xFFFFFFFF
+    b_lo, b_hi = num_rows & m32, num_rows >> 32
+    a_lo, a_hi = h & m32, _srl(h, 32)
+    lo_lo = a_lo * b_lo
+    hi_lo = a_hi * b_lo
+    cross = _srl(lo_lo, 32) + (hi_lo & m32) + a_lo * b_hi
+    return a_hi * b_hi + _srl(hi_lo, 32) + _srl(cross, 32)
+
+
 # ---- matryoshka --------------------------------------------------------------------------------
 
 # ---- attention ---------------------------------------------------------------------------------

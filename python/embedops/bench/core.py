@@ -1,0 +1,345 @@
+"""Benchmark machinery: a case = embedops vs baselines on the same data; check, then time.
+
+A family module (``embedops.bench.<family>``) defines ``cases(device: str, quick: bool)`` that
+returns a list of zero-argument *builders*; each builder makes its data (seeded) and returns a
+:class:`Case`. Builders run one at a time, so only one case's data is alive at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark case.
+
+    name/shapes: what the table shows. fn: the embedops call. baselines: name -> call computing
+    the same thing another way. check(ours_output, baseline_output): raises if they disagree
+    (run for every baseline before anything is timed). bytes / flops: work of ONE embedops call,
+    for GB/s and GFLOP/s. metrics: extra numbers to report (e.g. recall), shown and saved.
+    """
+
+    name: str
+    shapes: str
+    fn: Callable[[], Any]
+    baselines: dict[str, Callable[[], Any]]
+    check: Callable[[Any, Any], None] | None = None
+    bytes: float | None = None
+    flops: float | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # baselines whose output is not comparable with ours (e.g. a different algorithm): timed only
+    unchecked: tuple[str, ...] = ()
+
+
+def assert_close(ours, theirs, *, atol: float, rtol: float, what: str = "") -> None:
+    """check helper: tensors (or tuples of tensors) equal within tolerance."""
+    if isinstance(ours, (tuple, list)):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_close(a, b, atol=atol, rtol=rtol, what=f"{what}[{i}]")
+        return
+    a = torch.as_tensor(ours).detach().cpu().double()
+    b = torch.as_tensor(theirs).detach().cpu().double()
+    if a.shape != b.shape:
+        raise CheckFailed(f"{what}: shape {tuple(a.shape)} != baseline {tuple(b.shape)}")
+    if a.numel() and not torch.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True):
+        err = (a - b).abs().max().item()
+        raise CheckFailed(f"{what}: max abs difference {err:.3g} exceeds atol={atol} rtol={rtol}")
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], device: str, min_time: float) -> float:
+    """Median seconds per call."""
+    if device == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        times: list[float] = []
+        total = 0.0
+        while total < min_time or len(times) < 5:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1e3
+            times.append(t)
+            total += t
+            if len(times) >= 2000:
+                break
+        return statistics.median(times)
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (and first-call allocations)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median
+
+
+def measure_peaks(device: str, quick: bool) -> dict[str, float]:
+    """This machine's copy bandwidth (GB/s) and matmul rate (GFLOP/s), measured now.
+
+    The table's "% roof" is the achieved rate over these (whichever resource the case uses more
+    of), so the numbers say how close a kernel is to what this machine did a moment ago.
+    """
+    n = (64 if quick else 256) * 2**20 // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    t = time_fn(lambda: y.copy_(x), device, 0.2)
+    bw = 2 * n * 4 / t / 1e9
+    m = 4096 if device == "cuda" else (768 if quick else 1024)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    b = torch.randn(m, m, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, 0.2)
+    return {"copy_GBps": bw, "matmul_GFLOPps": 2 * m**3 / t / 1e9, "matmul_dtype": str(dtype)}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def run_case(case: Case, device: str, min_time: float, rounds: int, peaks: dict) -> list[dict]:
+    ours = case.fn()
+    _sync(device)
+    if case.check is not None:
+        for name, base in case.baselines.items():
+            if name in case.unchecked:
+                continue
+            theirs = base()
+            _sync(device)
+            try:
+                case.check(ours, theirs)
+            except AssertionError as e:
+                raise CheckFailed(f"{case.name} [{case.shapes}]: result differs from {name}: {e}") from e
+    del ours
+    # side by side, alternating, best median of `rounds` rounds for each
+    t_ours = math.inf
+    t_base = {name: math.inf for name in case.baselines}
+    for _ in range(rounds):
+        t_ours = min(t_ours, time_fn(case.fn, device, min_time))
+        for name, base in case.baselines.items():
+            t_base[name] = min(t_base[name], time_fn(base, device, min_time))
+    gbps = case.bytes / t_ours / 1e9 if case.bytes else None
+    gflops = case.flops / t_ours / 1e9 if case.flops else None
+    roof = None
+    fractions = []
+    if gbps is not None:
+        fractions.append(gbps / peaks["copy_GBps"])
+    if gflops is not None:
+        fractions.append(gflops / peaks["matmul_GFLOPps"])
+    if fractions:
+        roof = 100 * max(fractions)
+    rows = []
+    for name in case.baselines or {"-": None}:
+        tb = t_base.get(name)
+        rows.append(
+            {
+                "case": case.name,
+                "shapes": case.shapes,
+                "baseline": name,
+                "embedops_us": t_ours * 1e6,
+                "baseline_us": tb * 1e6 if tb is not None else None,
+                "speedup": tb / t_ours if tb is not None else None,
+                "GBps": gbps,
+                "GFLOPps": gflops,
+                "roof_pct": roof,
+                "metrics": dict(case.metrics),
+            }
+        )
+    return rows
+
+
+class _Progress:
+    """rich's progress bar when rich is installed, else one line per case on stderr."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._rich = Progress(
+                TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.description}"), transient=True, console=None,
+            )
+        except ImportError:
+            self._rich = None
+
+    def __enter__(self):
+        if self._rich is not None:
+            self._rich.__enter__()
+            self._task = self._rich.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
+
+    def update(self, desc: str) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, description=desc)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {desc}", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._rich is not None:
+            self._rich.advance(self._task)
+
+
+def run(families: dict[str, list[Callable[[], Case]]], device: str, quick: bool) -> dict:
+    min_time = 0.15 if quick else 0.5
+    rounds = 1 if quick else 2
+    import embedops
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "build_info": embedops.build_info(),
+        "peaks": measure_peaks(device, quick),
+        "results": [],
+        "failures": [],
+    }
+    total = sum(len(v) for v in families.values())
+    started = time.perf_counter()
+    with _Progress(total) as progress:
+        for family, builders in families.items():
+            for build in builders:
+                progress.update(f"{family}: building case")
+                case = build()
+                progress.update(f"{family}: {case.name} [{case.shapes}]")
+                try:
+                    rows = run_case(case, device, min_time, rounds, report["peaks"])
+                except CheckFailed as e:
+                    report["failures"].append({"family": family, "case": case.name, "shapes": case.shapes,
+                                               "error": str(e)})
+                    rows = []
+                for row in rows:
+                    row["family"] = family
+                    report["results"].append(row)
+                del case
+                progress.advance()
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["family", "case", "shapes", "baseline", "embedops µs", "baseline µs", "speedup",
+              "GB/s", "GFLOP/s", "% roof", "metrics"]
+    rows = []
+    for r in report["results"]:
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        rows.append([r["family"], r["case"], r["shapes"], r["baseline"], _fmt(r["embedops_us"], ".1f"),
+                     _fmt(r["baseline_us"], ".1f"), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
+                     _fmt(r["GBps"], ".1f"), _fmt(r["GFLOPps"], ".1f"), _fmt(r["roof_pct"], ".0f"), metrics])
+    return header, rows
+
+
+def print_table(report: dict) -> None:
+    header, rows = table_rows(report)
+    title = (f"embedops bench — {report['device_name']}, torch {report['torch_version']}, "
+             f"{report['threads']} threads; peaks: copy {report['peaks']['copy_GBps']:.1f} GB/s, "
+             f"matmul {report['peaks']['matmul_GFLOPps']:.0f} GFLOP/s")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="right" if h not in ("family", "case", "shapes", "baseline", "metrics") else "left")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=max(160, len(title))).print(table)
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for f in report["failures"]:
+        print(f"CHECK FAILED: {f['family']} {f['case']} [{f['shapes']}]: {f['error']}")
+    print(f"{len(report['results'])} rows in {report['seconds']:.0f} s")
+
+
+def write_json(report: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def plot(report: dict, out_dir: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from e
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    families = sorted({r["family"] for r in report["results"]})
+    for family in families:
+        rows = [r for r in report["results"] if r["family"] == family and r["speedup"]]
+        if not rows:
+            continue
+        labels = [f"{r['case']} [{r['shapes']}]\nvs {r['baseline']}" for r in rows]
+        speed = [r["speedup"] for r in rows]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+        colors = ["tab:green" if s >= 1 else "tab:red" for s in speed]
+        ax.barh(range(len(rows)), speed, color=colors)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup of embedops over the baseline (×, log scale)")
+        ax.set_title(f"{family} — {report['device_name']}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{family}_{report['device']}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
