@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the CPU code with AddressSanitizer + UndefinedBehaviorSanitizer (no CUDA) and runs the
+# test suite under it. Usage (in a venv where embedops' requirements are installed):
+#   bash tools/sanitize.sh [pytest args...]          default: tests -q -x
+# Needs: torch, numpy, pytest, hypothesis, cmake, ninja, g++ (libasan/libubsan come with g++).
+# Python itself is not instrumented, so leak checking is off (CPython and torch keep caches
+# alive at exit); heap overflows, use-after-free and undefined behaviour in embedops abort the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+BUILD=build/sanitize
+STAGE=build/sanitize-stage
+cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" -DEMBEDOPS_CUDA=OFF \
+      -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.configure.log" 2>&1 \
+  || { cat "$BUILD.configure.log"; exit 1; }
+cmake --build "$BUILD"
+rm -rf "$STAGE" && mkdir -p "$STAGE"
+cp -r python/embedops "$STAGE/"
+cp "$BUILD"/_C*.so "$BUILD/_build_config.py" "$STAGE/embedops/"
+# An editable install of embedops in the same venv hooks sys.meta_path ahead of PYTHONPATH:
+# drop that hook at start-up so the sanitized copy is the one imported.
+cat > "$STAGE/sitecustomize.py" <<'PY'
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "embedops" not in repr(getattr(f, "known_source_files", ""))
+                    and "ScikitBuildRedirectingFinder" not in type(f).__name__]
+PY
+ASAN_LIB="$(g++ -print-file-name=libasan.so)"
+UBSAN_LIB="$(g++ -print-file-name=libubsan.so)"
+export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export PYTHONPATH="$PWD/$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import embedops, sys; assert embedops.__file__.startswith('$PWD/$STAGE'), embedops.__file__; print('sanitized build:', embedops.__file__)"
+if [ $# -eq 0 ]; then set -- tests -q -x; fi
+"$PY" -m pytest -p no:cacheprovider "$@"
