@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
 
 import embedops
+
+# Property tests: 200 generated inputs per test by default; EMBEDOPS_HYPOTHESIS_PROFILE=quick
+# for a faster local loop. No deadline: the machines are shared and timings are noisy.
+settings.register_profile("default", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("quick", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("EMBEDOPS_HYPOTHESIS_PROFILE", "default"))
 
 _INFO = embedops.build_info()
 CUDA_OK = bool(_INFO["cuda"]) and torch.cuda.is_available()

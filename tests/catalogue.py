@@ -1,0 +1,137 @@
+"""Bad-input catalogue and smoke calls for every public op (used by test_guarantees.py).
+
+Kept importable without pytest so that the whole catalogue can also run in a subprocess: a
+crash (segfault, abort) there fails the test instead of taking pytest down.
+
+BAD_INPUTS: each entry calls an op with one bad argument and names the exception type and a
+regex the message must match (the op name and the argument name).
+SMOKE: small valid calls, each with a function computing the expected result independently;
+used for the leak (RSS) and multi-thread tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import embedops
+from embedops import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    family: str
+    name: str
+    call: Callable[[], Any]
+    exc: type[BaseException]
+    match: str
+
+
+BAD_INPUTS: list[BadInput] = []
+
+
+def bad(family: str, name: str, exc: type[BaseException], match: str):
+    def deco(fn):
+        BAD_INPUTS.append(BadInput(family, name, fn, exc, match))
+        return fn
+
+    return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoke:
+    name: str
+    call: Callable[[], Any]
+    expected: Callable[[], Any]
+    equal: Callable[[Any, Any], bool]
+
+
+SMOKE: list[Smoke] = []
+
+
+def _eq(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return all(_eq(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return torch.equal(a, b)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return all(_close(x, y) for x, y in zip(a, b))
+    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=1e-4, rtol=1e-4)
+
+
+# ---- embedding: hash_ids -----------------------------------------------------------------------
+
+_IDS = torch.arange(-50, 50)
+_h = embedops.hash_ids
+
+bad("embedding", "hash_ids num_rows=0", ValueError, "hash_ids: num_rows")(
+    lambda: _h(_IDS, feature=0, probe=0, num_rows=0))
+bad("embedding", "hash_ids num_rows<0", ValueError, "hash_ids: num_rows")(
+    lambda: _h(_IDS, feature=0, probe=0, num_rows=-3))
+bad("embedding", "hash_ids num_rows=2^63", ValueError, "hash_ids: num_rows")(
+    lambda: _h(_IDS, feature=0, probe=0, num_rows=2**63))
+bad("embedding", "hash_ids float ids", TypeError, "hash_ids: values.*int32 or int64")(
+    lambda: _h(_IDS.float(), feature=0, probe=0, num_rows=10))
+bad("embedding", "hash_ids bool ids", TypeError, "hash_ids: values.*int32 or int64")(
+    lambda: _h(_IDS > 0, feature=0, probe=0, num_rows=10))
+bad("embedding", "hash_ids uint8 ids", TypeError, "hash_ids: values.*int32 or int64")(
+    lambda: _h(_IDS.to(torch.uint8), feature=0, probe=0, num_rows=10))
+bad("embedding", "hash_ids numpy float ids", TypeError, "hash_ids: values.*int32 or int64")(
+    lambda: _h(np.zeros(4), feature=0, probe=0, num_rows=10))
+bad("embedding", "hash_ids list ids", TypeError, "hash_ids: values must be a torch.Tensor or a numpy.ndarray")(
+    lambda: _h([1, 2, 3], feature=0, probe=0, num_rows=10))
+bad("embedding", "hash_ids feature<0", ValueError, "hash_ids: feature")(
+    lambda: _h(_IDS, feature=-1, probe=0, num_rows=10))
+bad("embedding", "hash_ids feature>=2^32", ValueError, "hash_ids: feature")(
+    lambda: _h(_IDS, feature=2**32, probe=0, num_rows=10))
+bad("embedding", "hash_ids probe<0", ValueError, "hash_ids: probe")(
+    lambda: _h(_IDS, feature=0, probe=-1, num_rows=10))
+bad("embedding", "hash_ids float num_rows", TypeError, "hash_ids: num_rows must be an int")(
+    lambda: _h(_IDS, feature=0, probe=0, num_rows=10.5))
+bad("embedding", "hash_ids seed too big", ValueError, "hash_ids: seed")(
+    lambda: _h(_IDS, feature=0, probe=0, num_rows=10, seed=2**64))
+bad("embedding", "hash_ids op num_rows=0", ValueError, "hash_ids: num_rows must be > 0")(
+    lambda: torch.ops.embedops.hash_ids(_IDS, 0, 0, 0, 0))
+bad("embedding", "hash_ids op probe>=2^32", ValueError, "hash_ids: probe")(
+    lambda: torch.ops.embedops.hash_ids(_IDS, 0, 2**32, 10, 0))
+
+SMOKE.append(Smoke(
+    "hash_ids",
+    lambda: _h(_IDS, feature=3, probe=1, num_rows=1000, seed=5),
+    lambda: torch.from_numpy(reference.hash_ids(_IDS.numpy(), feature=3, probe=1, num_rows=1000, seed=5)),
+    _eq,
+))
+
+
+def run_all() -> int:
+    """Runs every bad input; prints one line per failure; returns the number of failures."""
+    failures = 0
+    import re
+
+    for entry in BAD_INPUTS:
+        try:
+            entry.call()
+        except entry.exc as e:
+            if not re.search(entry.match, str(e)):
+                failures += 1
+                print(f"WRONG MESSAGE {entry.family}/{entry.name}: {e}")
+        except BaseException as e:  # noqa: BLE001 - report anything else
+            failures += 1
+            print(f"WRONG EXCEPTION {entry.family}/{entry.name}: {type(e).__name__}: {e}")
+        else:
+            failures += 1
+            print(f"NO EXCEPTION {entry.family}/{entry.name}")
+    print(f"catalogue: {len(BAD_INPUTS)} bad inputs, {failures} failures")
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run_all() else 0)
