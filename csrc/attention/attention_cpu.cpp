@@ -1,0 +1,415 @@
+// Cross attention on the CPU: flash-style tiles, forward and backward.
+//
+// Forward: parallel over (batch, query head, query block). Per query block, key blocks are
+// visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
+// update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
+// never stored; a query block holds one (BQ x BK) tile of it.
+// Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
+// and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
+// fixed order (deterministic, no atomics). P is recomputed from lse.
+// float16 / bfloat16 inputs are converted to float32 once (O(N*D) work next to the O(Lq*Lk*D)
+// of the kernel), computed in float32 and rounded back; float64 is computed in float64.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "attention/attention.h"
+
+namespace embedops {
+namespace {
+
+// ---- GEMM on raw tiles ---------------------------------------------------------------------
+// Column-major BLAS convention (like ATen's cpublas): C (m x n, ldc) = alpha op(A) op(B) + beta C.
+// x86 torch wheels export MKL's Fortran sgemm_/dgemm_ from libtorch_cpu; they are called
+// directly (single-threaded inside our parallel region, no tensor wrapping). Where a torch build
+// does not export them (weak symbols resolve to null), the same product goes through at::addmm
+// on from_blob views.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+enum class TransposeType { NoTranspose, Transpose };
+
+template <typename T>
+void gemm_aten(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const bool an = ta == TransposeType::NoTranspose, bn = tb == TransposeType::NoTranspose;
+  // a stored column-major (rows x cols, ld) is the row-major (cols x rows, strides (ld, 1)) tensor of its transpose
+  at::Tensor At = at::from_blob(const_cast<T*>(a), {an ? k : m, an ? m : k}, {lda, 1}, opts);
+  at::Tensor Bt = at::from_blob(const_cast<T*>(b), {bn ? n : k, bn ? k : n}, {ldb, 1}, opts);
+  at::Tensor Ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  // C^T = op(B)^T op(A)^T
+  const at::Tensor x = bn ? Bt : Bt.t(), y = an ? At : At.t();
+  if (beta == T(0)) Ct.zero_();
+  Ct.addmm_(x, y, beta == T(0) ? T(1) : beta, alpha);
+}
+
+template <typename T>
+void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  auto fn = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemm_;
+    else return dgemm_;
+  }();
+  if (fn == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax) {
+    gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const char tra = ta == TransposeType::NoTranspose ? 'N' : 'T', trb = tb == TransposeType::NoTranspose ? 'N' : 'T';
+  // BLAS wants ld >= the stored row count even for a single column
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ia = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(1, tra == 'N' ? m : k)));
+  const int ib = static_cast<int>(std::max<int64_t>(ldb, std::max<int64_t>(1, trb == 'N' ? k : n)));
+  const int ic = static_cast<int>(std::max<int64_t>(ldc, std::max<int64_t>(1, m)));
+  fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
+}
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
+
+// A (.., L, H, X) tensor with a contiguous last dim: element (b, token, h, 0).
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t sb, sl, sh;
+  T* at(int64_t b, int64_t tok, int64_t h) const { return base + b * sb + tok * sl + h * sh; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, bool varlen) {
+  T* p = const_cast<T*>(t.const_data_ptr<T>());
+  if (varlen) return {p, 0, t.stride(0), t.stride(1)};
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The kernels read rows with BLAS: the last dim must be contiguous and the token stride a valid
+// leading dimension. Anything else (e.g. broadcast views) is copied once.
+at::Tensor prepare(const at::Tensor& t, at::ScalarType compute, bool varlen) {
+  at::Tensor c = t.to(compute);
+  const int64_t tok_dim = varlen ? 0 : 1;
+  if (c.stride(-1) != 1 || c.stride(tok_dim) < c.size(-1)) c = c.contiguous();
+  return c;
+}
+
+struct Seqs {
+  const int64_t *q_start, *q_len, *q_slot, *k_start, *k_len;
+  explicit Seqs(const SeqDesc& d) {
+    const int64_t* p = d.desc.const_data_ptr<int64_t>();
+    const int64_t B = d.batch;
+    q_start = p;
+    q_len = p + B;
+    q_slot = p + 2 * B;
+    k_start = p + 3 * B;
+    k_len = p + 4 * B;
+  }
+};
+
+// exp(x) for float, branch-free so the loops below vectorise (-O3 -march=native): 2^n * p(r)
+// with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (rel. error ~2e-7).
+// x below -87 (2^-126) gives 0.
+inline float exp_f32(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = std::bit_cast<float>(e);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline double exp_any(double x) { return std::exp(x); }
+inline float exp_any(float x) { return exp_f32(x); }
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  T mx = attn::neg_inf<T>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// x[j] = exp(x[j] - m) (the softmax_prob of attention.h, vectorised); returns sum_j x[j].
+template <typename T>
+T exp_row(T* x, int64_t n, T m) {
+  if (m == attn::neg_inf<T>()) {  // the row has no valid key: P = 0 (attn::softmax_prob)
+    std::fill(x, x + n, T(0));
+    return T(0);
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_any(x[j] - m);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename T>
+void forward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V, const Rows<T>& O,
+                    T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv,
+                    int64_t D, int64_t Dv, int64_t max_q_slot, T scale) {
+  const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
+  const int64_t group = Hq / Hkv;
+  const int64_t ntasks = B * Hq * nqb;
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.q_slot[b]) continue;
+      const int64_t rows = std::min(kBlockQ, s.q_slot[b] - i0);
+      const int64_t qn = std::clamp<int64_t>(s.q_len[b] - i0, 0, rows);
+      const int64_t tok0 = s.q_start[b] + i0;
+      T* lse_row = lse + b * lse_sb + h * lse_sh + tok0;
+      for (int64_t r = qn; r < rows; ++r) {  // rows i >= q_lengths[b]: output 0, lse = -inf
+        std::fill(O.at(b, tok0 + r, h), O.at(b, tok0 + r, h) + Dv, T(0));
+        lse_row[r] = attn::neg_inf<T>();
+      }
+      if (qn == 0) continue;
+      const int64_t hk = h / group;
+      const T* qptr = Q.at(b, tok0, h);
+      std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
+      std::fill(l.begin(), l.begin() + qn, T(0));
+      std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
+      const int64_t klen = s.k_len[b];
+      for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
+        const int64_t kn = std::min(kBlockK, klen - j0);
+        const T* kptr = K.at(b, s.k_start[b] + j0, hk);
+        const T* vptr = V.at(b, s.k_start[b] + j0, hk);
+        // S (qn x kn, row-major) = scale * Q K^T
+        gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, K.sl, qptr, Q.sl, T(0),
+             S.data(), kn);
+        for (int64_t r = 0; r < qn; ++r) {
+          T* row = S.data() + r * kn;
+          const T m_new = attn::softmax_new_max(m[r], row_max(row, kn));
+          const T alpha = attn::softmax_rescale(m[r], m_new);
+          const T sum = exp_row(row, kn, m_new);
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != T(1)) {
+            T* a = acc.data() + r * Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+          }
+        }
+        // acc (qn x Dv) += P V
+        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, V.sl, S.data(), kn, T(1),
+             acc.data(), Dv);
+      }
+      for (int64_t r = 0; r < qn; ++r) {
+        const T inv = attn::softmax_inv_denominator(l[r]);
+        T* o = O.at(b, tok0 + r, h);
+        const T* a = acc.data() + r * Dv;
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) o[d] = a[d] * inv;
+        lse_row[r] = attn::softmax_lse(m[r], l[r]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
+                     const Rows<const T>& O, const Rows<const T>& dO, const T* lse, const T* dlse, int64_t lse_sb,
+                     int64_t lse_sh, const Rows<T>& dQ, const Rows<T>& dK, const Rows<T>& dV, const Seqs& s,
+                     int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_k, T scale) {
+  const int64_t group = Hq / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
+    std::vector<T> dk(max_k * D), dv(max_k * Dv);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t % Hkv, b = t / Hkv;
+      const int64_t klen = s.k_len[b], qlen = s.q_len[b];
+      if (klen == 0) continue;  // no valid key: every gradient of this sequence is 0
+      std::fill(dk.begin(), dk.begin() + klen * D, T(0));
+      std::fill(dv.begin(), dv.begin() + klen * Dv, T(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < qlen; i0 += kBlockQ) {
+          const int64_t qn = std::min(kBlockQ, qlen - i0);
+          const int64_t tok0 = s.q_start[b] + i0;
+          const T* qptr = Q.at(b, tok0, h);
+          const T* doptr = dO.at(b, tok0, h);
+          const int64_t lse_off = b * lse_sb + h * lse_sh + tok0;
+          for (int64_t r = 0; r < qn; ++r) {
+            const T* o = O.at(b, tok0 + r, h);
+            const T* g = dO.at(b, tok0 + r, h);
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < Dv; ++d) dot += o[d] * g[d];
+            delta[r] = dot - (dlse ? dlse[lse_off + r] : T(0));
+            lrow[r] = lse[lse_off + r];
+          }
+          std::fill(dq.begin(), dq.begin() + qn * D, T(0));
+          for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
+            const int64_t kn = std::min(kBlockK, klen - j0);
+            const T* kptr = K.at(b, s.k_start[b] + j0, hk);
+            const T* vptr = V.at(b, s.k_start[b] + j0, hk);
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, K.sl, qptr, Q.sl, T(0),
+                 P.data(), kn);
+            for (int64_t r = 0; r < qn; ++r) exp_row(P.data() + r * kn, kn, lrow[r]);  // P = exp(S - lse)
+            // dV (kn x Dv) += P^T dO
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, dO.sl, P.data(), kn,
+                 T(1), dv.data() + j0 * Dv, Dv);
+            // dP (qn x kn) = dO V^T
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, V.sl, doptr, dO.sl,
+                 T(0), dP.data(), kn);
+            for (int64_t r = 0; r < qn; ++r) {
+              const T* p = P.data() + r * kn;
+              T* ds = dP.data() + r * kn;
+              const T dl = delta[r];
+#pragma omp simd
+              for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
+            }
+            // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
+            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, K.sl, dP.data(), kn,
+                 T(1), dq.data(), D);
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, Q.sl, dP.data(), kn,
+                 T(1), dk.data() + j0 * D, D);
+          }
+          for (int64_t r = 0; r < qn; ++r) std::memcpy(dQ.at(b, tok0 + r, h), dq.data() + r * D, D * sizeof(T));
+        }
+      }
+      for (int64_t j = 0; j < klen; ++j) {
+        std::memcpy(dK.at(b, s.k_start[b] + j, hk), dk.data() + j * D, D * sizeof(T));
+        std::memcpy(dV.at(b, s.k_start[b] + j, hk), dv.data() + j * Dv, Dv * sizeof(T));
+      }
+    }
+  });
+}
+
+at::ScalarType compute_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen) {
+  const at::ScalarType ct = compute_dtype(q);
+  const at::Tensor qc = prepare(q, ct, varlen), kc = prepare(k, ct, varlen), vc = prepare(v, ct, varlen);
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = Dv;
+  at::Tensor out = at::empty(out_shape, q.options().dtype(ct));
+  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(ct))
+                          : at::empty({q.size(0), Hq, q.size(1)}, q.options().dtype(ct));
+  if (out.numel() > 0) {
+    const Seqs s(desc);
+    const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
+    AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_cpu", [&] {
+      forward_kernel<scalar_t>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
+                               rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
+                               lse.data_ptr<scalar_t>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv,
+                               desc.max_q_slot, static_cast<scalar_t>(scale));
+    });
+  } else if (lse.numel() > 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  if (out.scalar_type() != q.scalar_type()) out = out.to(q.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const std::optional<at::Tensor>& dlse,
+                                                             const SeqDesc& desc, double scale, bool varlen) {
+  const at::ScalarType ct = compute_dtype(q);
+  const at::Tensor qc = prepare(q, ct, varlen), kc = prepare(k, ct, varlen), vc = prepare(v, ct, varlen);
+  const at::Tensor oc = prepare(out, ct, varlen), doc = prepare(dout, ct, varlen);
+  const at::Tensor lc = lse.contiguous();
+  const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(ct));
+  at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(ct));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(ct));
+  if (q.numel() > 0 && k.numel() > 0 && dv.numel() > 0) {
+    const Seqs s(desc);
+    const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);
+    AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_backward_cpu", [&] {
+      backward_kernel<scalar_t>(
+          rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
+          rows_of<const scalar_t>(vc, varlen), rows_of<const scalar_t>(oc, varlen),
+          rows_of<const scalar_t>(doc, varlen), lc.const_data_ptr<scalar_t>(),
+          dlc.defined() ? dlc.const_data_ptr<scalar_t>() : nullptr, lse_sb, lse_sh, rows_of<scalar_t>(dq, varlen),
+          rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_k,
+          static_cast<scalar_t>(scale));
+    });
+  }
+  const auto dt = q.scalar_type();
+  if (ct != dt) return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const std::optional<at::Tensor>& kv_lengths,
+                                                       const std::optional<at::Tensor>& q_lengths,
+                                                       std::optional<double> scale) {
+  const char* op = "cross_attention";
+  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
+  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(3)), false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                              int64_t max_seqlen_k, std::optional<double> scale) {
+  const char* op = "cross_attention_varlen";
+  const SeqDesc desc =
+      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(2)), true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& kv_lengths,
+    const std::optional<at::Tensor>& q_lengths, double scale) {
+  const char* op = "cross_attention_backward";
+  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
+  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, false);
+  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  const char* op = "cross_attention_varlen_backward";
+  const SeqDesc desc =
+      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, true);
+  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("cross_attention", &cross_attention_cpu);
+  m.impl("cross_attention_varlen", &cross_attention_varlen_cpu);
+  m.impl("cross_attention_backward", &cross_attention_backward_cpu);
+  m.impl("cross_attention_varlen_backward", &cross_attention_varlen_backward_cpu);
+}
+
+}  // namespace embedops
