@@ -83,8 +83,14 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
   fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
 }
 
-constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 512;
+
+// Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
+// Lk ~ 77) get tall tiles instead of many tiny GEMMs.
+int64_t block_q_for(int64_t max_k) {
+  const int64_t kn = std::clamp<int64_t>(max_k, 1, kBlockK);
+  return std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
+}
 
 // A (.., L, H, X) tensor with a contiguous last dim: element (b, token, h, 0).
 template <typename T>
@@ -145,11 +151,65 @@ inline float exp_f32(float x) {
 inline double exp_any(double x) { return std::exp(x); }
 inline float exp_any(float x) { return exp_f32(x); }
 
+// 16-float vectors (GCC/Clang vector extensions: AVX-512, or two AVX2 registers) for the
+// per-row softmax work; the compiler's auto-vectoriser kept the scalar loop inside the kernel.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16;
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf16 splat16(float x) { return vf16{} + x; }
+
+// exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
+inline vf16 exp16(vf16 x) {
+  const vf16 lo = splat16(-87.0f), hi = splat16(88.0f), magic = splat16(12582912.0f);
+  vf16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf16 n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf16 r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  vf16 p = splat16(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  const vf16 res = p * reinterpret_cast<const vf16&>(e);
+  return x < lo ? vf16{} : res;
+}
+
+inline float hsum16(vf16 v) {
+  float s = 0;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+inline float hmax16(vf16 v) {
+  float m = v[0];
+  for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
 template <typename T>
 T row_max(const T* x, int64_t n) {
   T mx = attn::neg_inf<T>();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kVec) {
+      vf16 m = load16(x);
+      for (j = kVec; j + kVec <= n; j += kVec) {
+        const vf16 y = load16(x + j);
+        m = y > m ? y : m;
+      }
+      mx = hmax16(m);
+    }
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
   return mx;
 }
 
@@ -161,8 +221,18 @@ T exp_row(T* x, int64_t n, T m) {
     return T(0);
   }
   T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    vf16 acc{};
+    const vf16 mv = splat16(m);
+    for (; j + kVec <= n; j += kVec) {
+      const vf16 e = exp16(load16(x + j) - mv);
+      store16(x + j, e);
+      acc += e;
+    }
+    sum = hsum16(acc);
+  }
+  for (; j < n; ++j) {
     const T e = exp_any(x[j] - m);
     x[j] = e;
     sum += e;
@@ -173,7 +243,8 @@ T exp_row(T* x, int64_t n, T m) {
 template <typename T>
 void forward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V, const Rows<T>& O,
                     T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv,
-                    int64_t D, int64_t Dv, int64_t max_q_slot, T scale) {
+                    int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
+  const int64_t kBlockQ = block_q_for(max_k);
   const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
   const int64_t ntasks = B * Hq * nqb;
@@ -240,6 +311,7 @@ void backward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<
                      int64_t lse_sh, const Rows<T>& dQ, const Rows<T>& dK, const Rows<T>& dV, const Seqs& s,
                      int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_k, T scale) {
   const int64_t group = Hq / Hkv;
+  const int64_t kBlockQ = block_q_for(max_k);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
     std::vector<T> dk(max_k * D), dv(max_k * Dv);
@@ -322,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
       forward_kernel<scalar_t>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
                                rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
                                lse.data_ptr<scalar_t>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv,
-                               desc.max_q_slot, static_cast<scalar_t>(scale));
+                               desc.max_q_slot, desc.max_k, static_cast<scalar_t>(scale));
     });
   } else if (lse.numel() > 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
