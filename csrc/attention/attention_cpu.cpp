@@ -7,10 +7,10 @@
 // Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
 // and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
 // fixed order (deterministic, no atomics). P is recomputed from lse.
-// float16 / bfloat16 inputs are converted to float32 once (O(N*D) work next to the O(Lq*Lk*D)
-// of the kernel), computed in float32 and rounded back; float64 is computed in float64.
+// float16 / bfloat16 tiles are converted to float32 as they are loaded (the backward converts a
+// task's keys/values once), computed in float32 and rounded on store; float64 runs in float64.
 
-#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "common/dispatch.h"
 
 namespace embedops {
 namespace {
@@ -109,8 +110,8 @@ Rows<T> rows_of(const at::Tensor& t, bool varlen) {
 
 // The kernels read rows with BLAS: the last dim must be contiguous and the token stride a valid
 // leading dimension. Anything else (e.g. broadcast views) is copied once.
-at::Tensor prepare(const at::Tensor& t, at::ScalarType compute, bool varlen) {
-  at::Tensor c = t.to(compute);
+at::Tensor prepare(const at::Tensor& t, bool varlen) {
+  at::Tensor c = t;
   const int64_t tok_dim = varlen ? 0 : 1;
   if (c.stride(-1) != 1 || c.stride(tok_dim) < c.size(-1)) c = c.contiguous();
   return c;
@@ -240,16 +241,45 @@ T exp_row(T* x, int64_t n, T m) {
   return sum;
 }
 
-template <typename T>
-void forward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V, const Rows<T>& O,
-                    T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv,
-                    int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
+// Rows of a (.., L, H, X) tensor as a GEMM operand in the compute type T: the rows themselves
+// (stride ld) when in_t == T, else converted into `buf` (contiguous, ld = cols).
+template <typename T, typename in_t>
+const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const in_t* s = src + r * ld;
+      T* d = buf + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(s[c]);
+    }
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+template <typename T, typename in_t>
+void store_row(in_t* dst, const T* src, int64_t n, T mul) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<in_t>(src[d] * mul);
+}
+
+// in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
+template <typename in_t, typename T>
+void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                    const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,
+                    int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t kBlockQ = block_q_for(max_k);
   const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
   const int64_t ntasks = B * Hq * nqb;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), kbuf(kConvert ? kBlockK * D : 0),
+        vbuf(kConvert ? kBlockK * Dv : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
       const int64_t i0 = qb * kBlockQ;
@@ -259,22 +289,23 @@ void forward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<c
       const int64_t tok0 = s.q_start[b] + i0;
       T* lse_row = lse + b * lse_sb + h * lse_sh + tok0;
       for (int64_t r = qn; r < rows; ++r) {  // rows i >= q_lengths[b]: output 0, lse = -inf
-        std::fill(O.at(b, tok0 + r, h), O.at(b, tok0 + r, h) + Dv, T(0));
+        std::fill(O.at(b, tok0 + r, h), O.at(b, tok0 + r, h) + Dv, in_t(0));
         lse_row[r] = attn::neg_inf<T>();
       }
       if (qn == 0) continue;
       const int64_t hk = h / group;
-      const T* qptr = Q.at(b, tok0, h);
+      int64_t ldq, ldk, ldv;
+      const T* qptr = tile(Q.at(b, tok0, h), Q.sl, qn, D, qbuf.data(), &ldq);
       std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
       std::fill(l.begin(), l.begin() + qn, T(0));
       std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
       const int64_t klen = s.k_len[b];
       for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
         const int64_t kn = std::min(kBlockK, klen - j0);
-        const T* kptr = K.at(b, s.k_start[b] + j0, hk);
-        const T* vptr = V.at(b, s.k_start[b] + j0, hk);
+        const T* kptr = tile(K.at(b, s.k_start[b] + j0, hk), K.sl, kn, D, kbuf.data(), &ldk);
+        const T* vptr = tile(V.at(b, s.k_start[b] + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);
         // S (qn x kn, row-major) = scale * Q K^T
-        gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, K.sl, qptr, Q.sl, T(0),
+        gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
              S.data(), kn);
         for (int64_t r = 0; r < qn; ++r) {
           T* row = S.data() + r * kn;
@@ -290,67 +321,71 @@ void forward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<c
           }
         }
         // acc (qn x Dv) += P V
-        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, V.sl, S.data(), kn, T(1),
+        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), kn, T(1),
              acc.data(), Dv);
       }
       for (int64_t r = 0; r < qn; ++r) {
-        const T inv = attn::softmax_inv_denominator(l[r]);
-        T* o = O.at(b, tok0 + r, h);
-        const T* a = acc.data() + r * Dv;
-#pragma omp simd
-        for (int64_t d = 0; d < Dv; ++d) o[d] = a[d] * inv;
+        store_row(O.at(b, tok0 + r, h), acc.data() + r * Dv, Dv, attn::softmax_inv_denominator(l[r]));
         lse_row[r] = attn::softmax_lse(m[r], l[r]);
       }
     }
   });
 }
 
-template <typename T>
-void backward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
-                     const Rows<const T>& O, const Rows<const T>& dO, const T* lse, const T* dlse, int64_t lse_sb,
-                     int64_t lse_sh, const Rows<T>& dQ, const Rows<T>& dK, const Rows<T>& dV, const Seqs& s,
-                     int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_k, T scale) {
+template <typename in_t, typename T>
+void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                     const Rows<const in_t>& O, const Rows<const in_t>& dO, const T* lse, const T* dlse,
+                     int64_t lse_sb, int64_t lse_sh, const Rows<in_t>& dQ, const Rows<in_t>& dK, const Rows<in_t>& dV,
+                     const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_k,
+                     T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t group = Hq / Hkv;
   const int64_t kBlockQ = block_q_for(max_k);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
     std::vector<T> dk(max_k * D), dv(max_k * Dv);
+    std::vector<T> kall(kConvert ? max_k * D : 0), vall(kConvert ? max_k * Dv : 0);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), dobuf(kConvert ? kBlockQ * Dv : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t hk = t % Hkv, b = t / Hkv;
       const int64_t klen = s.k_len[b], qlen = s.q_len[b];
       if (klen == 0) continue;  // no valid key: every gradient of this sequence is 0
       std::fill(dk.begin(), dk.begin() + klen * D, T(0));
       std::fill(dv.begin(), dv.begin() + klen * Dv, T(0));
+      int64_t ldk, ldv, ldq, lddo;
+      // this (batch, kv head)'s keys and values, converted once for all its query heads
+      const T* k_all = tile(K.at(b, s.k_start[b], hk), K.sl, klen, D, kall.data(), &ldk);
+      const T* v_all = tile(V.at(b, s.k_start[b], hk), V.sl, klen, Dv, vall.data(), &ldv);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < qlen; i0 += kBlockQ) {
           const int64_t qn = std::min(kBlockQ, qlen - i0);
           const int64_t tok0 = s.q_start[b] + i0;
-          const T* qptr = Q.at(b, tok0, h);
-          const T* doptr = dO.at(b, tok0, h);
+          const T* qptr = tile(Q.at(b, tok0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+          const T* doptr = tile(dO.at(b, tok0, h), dO.sl, qn, Dv, dobuf.data(), &lddo);
           const int64_t lse_off = b * lse_sb + h * lse_sh + tok0;
           for (int64_t r = 0; r < qn; ++r) {
-            const T* o = O.at(b, tok0 + r, h);
-            const T* g = dO.at(b, tok0 + r, h);
+            const in_t* o = O.at(b, tok0 + r, h);
+            const T* g = doptr + r * lddo;
             T dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < Dv; ++d) dot += o[d] * g[d];
+            for (int64_t d = 0; d < Dv; ++d) dot += static_cast<T>(o[d]) * g[d];
             delta[r] = dot - (dlse ? dlse[lse_off + r] : T(0));
             lrow[r] = lse[lse_off + r];
           }
           std::fill(dq.begin(), dq.begin() + qn * D, T(0));
           for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
             const int64_t kn = std::min(kBlockK, klen - j0);
-            const T* kptr = K.at(b, s.k_start[b] + j0, hk);
-            const T* vptr = V.at(b, s.k_start[b] + j0, hk);
-            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, K.sl, qptr, Q.sl, T(0),
+            const T* kptr = k_all + j0 * ldk;
+            const T* vptr = v_all + j0 * ldv;
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
                  P.data(), kn);
             for (int64_t r = 0; r < qn; ++r) exp_row(P.data() + r * kn, kn, lrow[r]);  // P = exp(S - lse)
             // dV (kn x Dv) += P^T dO
-            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, dO.sl, P.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P.data(), kn,
                  T(1), dv.data() + j0 * Dv, Dv);
             // dP (qn x kn) = dO V^T
-            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, V.sl, doptr, dO.sl,
-                 T(0), dP.data(), kn);
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, doptr, lddo, T(0),
+                 dP.data(), kn);
             for (int64_t r = 0; r < qn; ++r) {
               const T* p = P.data() + r * kn;
               T* ds = dP.data() + r * kn;
@@ -359,47 +394,41 @@ void backward_kernel(const Rows<const T>& Q, const Rows<const T>& K, const Rows<
               for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
             }
             // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
-            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, K.sl, dP.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), kn,
                  T(1), dq.data(), D);
-            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, Q.sl, dP.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), kn,
                  T(1), dk.data() + j0 * D, D);
           }
-          for (int64_t r = 0; r < qn; ++r) std::memcpy(dQ.at(b, tok0 + r, h), dq.data() + r * D, D * sizeof(T));
+          for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, tok0 + r, h), dq.data() + r * D, D, T(1));
         }
       }
       for (int64_t j = 0; j < klen; ++j) {
-        std::memcpy(dK.at(b, s.k_start[b] + j, hk), dk.data() + j * D, D * sizeof(T));
-        std::memcpy(dV.at(b, s.k_start[b] + j, hk), dv.data() + j * Dv, Dv * sizeof(T));
+        store_row(dK.at(b, s.k_start[b] + j, hk), dk.data() + j * D, D, T(1));
+        store_row(dV.at(b, s.k_start[b] + j, hk), dv.data() + j * Dv, Dv, T(1));
       }
     }
   });
 }
 
-at::ScalarType compute_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen) {
-  const at::ScalarType ct = compute_dtype(q);
-  const at::Tensor qc = prepare(q, ct, varlen), kc = prepare(k, ct, varlen), vc = prepare(v, ct, varlen);
+  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
   const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = Dv;
-  at::Tensor out = at::empty(out_shape, q.options().dtype(ct));
-  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(ct))
-                          : at::empty({q.size(0), Hq, q.size(1)}, q.options().dtype(ct));
-  if (out.numel() > 0) {
-    const Seqs s(desc);
-    const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
-    AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_cpu", [&] {
-      forward_kernel<scalar_t>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
-                               rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
-                               lse.data_ptr<scalar_t>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv,
-                               desc.max_q_slot, desc.max_k, static_cast<scalar_t>(scale));
-    });
-  } else if (lse.numel() > 0) {
-    lse.fill_(-std::numeric_limits<double>::infinity());
-  }
-  if (out.scalar_type() != q.scalar_type()) out = out.to(q.scalar_type());
+  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
+  if (out.numel() == 0) return {out, lse};
+  const Seqs s(desc);
+  const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
+                                rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
+                                lse.data_ptr<T>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
+                                desc.max_k, static_cast<T>(scale));
+  });
   return {out, lse};
 }
 
@@ -408,30 +437,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const std::optional<at::Tensor>& dlse,
                                                              const SeqDesc& desc, double scale, bool varlen) {
-  const at::ScalarType ct = compute_dtype(q);
-  const at::Tensor qc = prepare(q, ct, varlen), kc = prepare(k, ct, varlen), vc = prepare(v, ct, varlen);
-  const at::Tensor oc = prepare(out, ct, varlen), doc = prepare(dout, ct, varlen);
+  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
+  const at::Tensor oc = prepare(out, varlen), doc = prepare(dout, varlen);
   const at::Tensor lc = lse.contiguous();
   const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(ct));
-  at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(ct));
-  at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(ct));
-  if (q.numel() > 0 && k.numel() > 0 && dv.numel() > 0) {
-    const Seqs s(desc);
-    const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);
-    AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_backward_cpu", [&] {
-      backward_kernel<scalar_t>(
-          rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
-          rows_of<const scalar_t>(vc, varlen), rows_of<const scalar_t>(oc, varlen),
-          rows_of<const scalar_t>(doc, varlen), lc.const_data_ptr<scalar_t>(),
-          dlc.defined() ? dlc.const_data_ptr<scalar_t>() : nullptr, lse_sb, lse_sh, rows_of<scalar_t>(dq, varlen),
-          rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_k,
-          static_cast<scalar_t>(scale));
-    });
-  }
-  const auto dt = q.scalar_type();
-  if (ct != dt) return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
+  const Seqs s(desc);
+  const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, T>(
+        rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen), rows_of<const scalar_t>(vc, varlen),
+        rows_of<const scalar_t>(oc, varlen), rows_of<const scalar_t>(doc, varlen), lc.const_data_ptr<T>(),
+        dlc.defined() ? dlc.const_data_ptr<T>() : nullptr, lse_sb, lse_sh, rows_of<scalar_t>(dq, varlen),
+        rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_k,
+        static_cast<T>(scale));
+  });
   return {dq, dk, dv};
 }
 
