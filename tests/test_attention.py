@@ -314,3 +314,27 @@ def test_bad_varlen_inputs(device):
         args.update(change)
         with pytest.raises(exc, match="cross_attention_varlen: .*" + msg):
             embedops.cross_attention_varlen(**args)
+
+
+def test_cross_attention_module(device):
+    torch.manual_seed(0)
+    m = embedops.nn.CrossAttention(32, 20, num_heads=4, num_kv_heads=2).to(device)
+    x = torch.randn(3, 7, 32, device=device)
+    ctx = torch.randn(3, 11, 20, device=device)
+    kvl = torch.tensor([11, 5, 1], device=device)
+    pad = torch.arange(11, device=device)[None, :] >= kvl[:, None]
+    y = m(x, ctx, kv_lengths=kvl)
+    assert y.shape == (3, 7, 32)
+    torch.testing.assert_close(m(x, ctx, key_padding_mask=pad), y)
+    # the same block written with plain PyTorch
+    q = m.q_proj(x).view(3, 7, 4, 8)
+    k = m.k_proj(ctx).view(3, 11, 2, 8)
+    v = m.v_proj(ctx).view(3, 11, 2, 8)
+    ref = m.out_proj(reference.cross_attention(q, k, v, kv_lengths=kvl, dtype=torch.float32)[0].reshape(3, 7, 32))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    with pytest.raises(ValueError, match="suffix"):
+        m(x, ctx, key_padding_mask=~pad)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        embedops.nn.CrossAttention(32, 20, num_heads=4, num_kv_heads=3)

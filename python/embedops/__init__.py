@@ -12,6 +12,7 @@ from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
 from .embedding import hash_ids
 from .attention import cross_attention, cross_attention_varlen
+from . import nn  # noqa: F401  (embedops.nn.CrossAttention, ...)
 
 __version__ = _C.build_info()["version"]
 
