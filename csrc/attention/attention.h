@@ -20,10 +20,8 @@
 #include <cstdint>
 #include <limits>
 
-#ifndef __CUDACC__
 #include <ATen/core/Tensor.h>
 #include <optional>
-#endif
 
 namespace embedops {
 namespace attn {
@@ -73,7 +71,6 @@ C10_HOST_DEVICE inline acc_t softmax_grad(acc_t p, acc_t dp, acc_t delta) {
 
 }  // namespace attn
 
-#ifndef __CUDACC__
 // ---- host side: one problem description for padded and varlen layouts ----------------------
 //
 // Every tensor is addressed as  base + b * stride_b + (start[b] + i) * stride_l + h * stride_h
@@ -109,6 +106,5 @@ double resolve_scale(const char* op, std::optional<double> scale, int64_t head_d
 
 // The lse dtype: float32, or float64 for float64 inputs.
 at::ScalarType lse_dtype(at::ScalarType input);
-#endif
 
 }  // namespace embedops

@@ -181,7 +181,9 @@ inline vf16 exp16(vf16 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
-  const vf16 res = p * reinterpret_cast<const vf16&>(e);
+  vf16 pow2n;
+  std::memcpy(&pow2n, &e, sizeof(pow2n));
+  const vf16 res = p * pow2n;
   return x < lo ? vf16{} : res;
 }
 
