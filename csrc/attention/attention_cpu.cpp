@@ -88,9 +88,12 @@ constexpr int64_t kBlockK = 512;
 
 // Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
 // Lk ~ 77) get tall tiles instead of many tiny GEMMs.
-int64_t block_q_for(int64_t max_k) {
+// The height is then evened out over the tiles a sequence needs (Lq = 77: 40 + 37, not 64 + 13).
+int64_t block_q_for(int64_t max_k, int64_t max_q) {
   const int64_t kn = std::clamp<int64_t>(max_k, 1, kBlockK);
-  return std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
+  const int64_t bq = std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
+  const int64_t tiles = std::max<int64_t>(1, (max_q + bq - 1) / bq);
+  return std::clamp<int64_t>(((max_q + tiles - 1) / tiles + 7) / 8 * 8, 8, bq);
 }
 
 // A (.., L, H, X) tensor with a contiguous last dim: element (b, token, h, 0).
@@ -274,7 +277,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
                     const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,
                     int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
-  const int64_t kBlockQ = block_q_for(max_k);
+  const int64_t kBlockQ = block_q_for(max_k, max_q_slot);
   const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
   const int64_t ntasks = B * Hq * nqb;
@@ -316,7 +319,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
           const T sum = exp_row(row, kn, m_new);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          if (alpha != T(1)) {
+          if (alpha != T(1) && j0 > 0) {  // (before the first key tile acc is still 0)
             T* a = acc.data() + r * Dv;
 #pragma omp simd
             for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
@@ -338,11 +341,11 @@ template <typename in_t, typename T>
 void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                      const Rows<const in_t>& O, const Rows<const in_t>& dO, const T* lse, const T* dlse,
                      int64_t lse_sb, int64_t lse_sh, const Rows<in_t>& dQ, const Rows<in_t>& dK, const Rows<in_t>& dV,
-                     const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_k,
-                     T scale) {
+                     const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q,
+                     int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t group = Hq / Hkv;
-  const int64_t kBlockQ = block_q_for(max_k);
+  const int64_t kBlockQ = block_q_for(max_k, max_q);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
     std::vector<T> dk(max_k * D), dv(max_k * Dv);
@@ -456,8 +459,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
         rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen), rows_of<const scalar_t>(vc, varlen),
         rows_of<const scalar_t>(oc, varlen), rows_of<const scalar_t>(doc, varlen), lc.const_data_ptr<T>(),
         dlc.defined() ? dlc.const_data_ptr<T>() : nullptr, lse_sb, lse_sh, rows_of<scalar_t>(dq, varlen),
-        rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_k,
-        static_cast<T>(scale));
+        rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
+        desc.max_k, static_cast<T>(scale));
   });
   return {dq, dk, dv};
 }

@@ -415,7 +415,7 @@ size_t dkdv_smem(int64_t D, int64_t Dv) {
 
 // Head dims, grid size and shared memory the kernels support; raises a clear error otherwise and
 // opts the kernel into more than 48 KiB of shared memory when it needs it.
-void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x);
+void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x, int64_t heads);
 void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Tensor& like);
 
 // The kernels read rows with a contiguous last dim; anything else is copied once.

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
   if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
   const int64_t qtiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t ktiles = (desc.max_k + kRowsPerBlock - 1) / kRowsPerBlock;
-  check_cuda_limits(op, D, Dv, std::max(qtiles, ktiles) * desc.batch);
+  check_cuda_limits(op, D, Dv, std::max(qtiles, ktiles) * desc.batch, Hq);
   if (qtiles == 0 || ktiles == 0) return {dq, dk, dv};
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   const at::Tensor seq = desc.desc.to(q.device());

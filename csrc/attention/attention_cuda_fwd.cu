@@ -9,7 +9,8 @@
 namespace embedops {
 namespace attn_cuda {
 
-void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x) {
+void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x, int64_t heads) {
+  TORCH_CHECK_VALUE(heads <= 65535, op, ": the CUDA kernels support up to 65535 heads, got ", heads);
   TORCH_CHECK_VALUE(D <= kMaxHeadDim && Dv <= kMaxHeadDim, op, ": the CUDA kernels support head dims up to ",
                     kMaxHeadDim, ", got D = ", D, ", Dv = ", Dv);
   TORCH_CHECK_VALUE(blocks_x <= INT32_MAX, op, ": too many (batch, tile) blocks for one launch: ", blocks_x);
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
   if (out.numel() == 0) return {out, lse};
   const int64_t ntiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
-  check_cuda_limits(op, D, Dv, ntiles * desc.batch);
+  check_cuda_limits(op, D, Dv, ntiles * desc.batch, Hq);
   if (ntiles == 0) return {out, lse};
   const at::Tensor seq = desc.desc.to(q.device());
   const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
