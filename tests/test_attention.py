@@ -338,3 +338,33 @@ def test_cross_attention_module(device):
         m(x, ctx, key_padding_mask=~pad)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         embedops.nn.CrossAttention(32, 20, num_heads=4, num_kv_heads=3)
+
+
+def test_backward_is_deterministic(device):
+    q, k, v, kvl, ql = _inputs((2, 70, 90, 4, 1, 32, 32), torch.float32, device, seed=7)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    go = torch.randn(2, 70, 4, 32, generator=torch.Generator().manual_seed(8)).to(device)
+    runs = [torch.autograd.grad(embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql), (q, k, v), go)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_head_dims(device, dtype):
+    shape = (1, 9, 40, 2, 1, 256, 200)
+    q, k, v, kvl, ql = _inputs(shape, dtype, device, seed=9)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    ref, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    low, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, dtype=dtype)
+    _check_close(out.detach(), ref.detach(), low.detach(), dtype, "out")
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    if dtype == torch.float32:
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if device == "cuda":  # the CUDA kernels stop at 256
+        big = torch.randn(1, 3, 1, 264, device=device)
+        with pytest.raises(ValueError, match="head dims up to 256"):
+            embedops.cross_attention(big, big, big)
