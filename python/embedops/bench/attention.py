@@ -54,6 +54,21 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
                     return f(q, k, v)
             return run
 
+    baselines = {"sdpa" + (" (bool mask)" if pad else ""): wrap(sdpa_fwd)}
+    if device == "cuda" and not pad:
+        # the named SDPA backends on the GPU (flash takes no mask); dropped where unavailable
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fwd(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return sdpa_fwd(q, k, v)
+            try:
+                wrap(fwd)()
+                baselines[name] = wrap(fwd)
+            except RuntimeError:
+                pass
+    baselines["eager"] = wrap(eager_fwd)
     tol = _TOL[dtype] * (4 if backward else 1)
 
     def check(ours, theirs):
@@ -66,7 +81,7 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
         name=f"{label} {'fwd+bwd' if backward else 'fwd'}",
         shapes=shapes,
         fn=wrap(ours_fwd),
-        baselines={"sdpa" + (" (bool mask)" if pad else ""): wrap(sdpa_fwd), "eager": wrap(eager_fwd)},
+        baselines=baselines,
         check=check,
         flops=flops,
         bytes=(q.numel() + k.numel() + v.numel() + go.numel()) * q.element_size() * (2 if backward else 1),
