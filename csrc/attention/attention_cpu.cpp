@@ -86,6 +86,10 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
 
 constexpr int64_t kBlockK = 512;
 
+// Score rows are stored with a stride rounded up to the 16-lane vector width; the padding holds
+// -inf, so the row max / exp loops run without a scalar tail (exp(-inf) = 0 adds nothing).
+inline int64_t padded_len(int64_t kn) { return (kn + 15) / 16 * 16; }
+
 // Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
 // Lk ~ 77) get tall tiles instead of many tiny GEMMs.
 // The height is then evened out over the tiles a sequence needs (Lq = 77: 40 + 37, not 64 + 13).
@@ -307,16 +311,18 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
       const int64_t klen = s.k_len[b];
       for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
         const int64_t kn = std::min(kBlockK, klen - j0);
+        const int64_t lds = padded_len(kn);
         const T* kptr = tile(K.at(b, s.k_start[b] + j0, hk), K.sl, kn, D, kbuf.data(), &ldk);
         const T* vptr = tile(V.at(b, s.k_start[b] + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);
         // S (qn x kn, row-major) = scale * Q K^T
         gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
-             S.data(), kn);
+             S.data(), lds);
         for (int64_t r = 0; r < qn; ++r) {
-          T* row = S.data() + r * kn;
-          const T m_new = attn::softmax_new_max(m[r], row_max(row, kn));
+          T* row = S.data() + r * lds;
+          std::fill(row + kn, row + lds, attn::neg_inf<T>());  // vector-width padding: exp -> 0
+          const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
           const T alpha = attn::softmax_rescale(m[r], m_new);
-          const T sum = exp_row(row, kn, m_new);
+          const T sum = exp_row(row, lds, m_new);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != T(1) && j0 > 0) {  // (before the first key tile acc is still 0)
@@ -326,7 +332,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
           }
         }
         // acc (qn x Dv) += P V
-        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), kn, T(1),
+        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), lds, T(1),
              acc.data(), Dv);
       }
       for (int64_t r = 0; r < qn; ++r) {
@@ -380,28 +386,33 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
           std::fill(dq.begin(), dq.begin() + qn * D, T(0));
           for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
             const int64_t kn = std::min(kBlockK, klen - j0);
+            const int64_t lds = padded_len(kn);
             const T* kptr = k_all + j0 * ldk;
             const T* vptr = v_all + j0 * ldv;
             gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
-                 P.data(), kn);
-            for (int64_t r = 0; r < qn; ++r) exp_row(P.data() + r * kn, kn, lrow[r]);  // P = exp(S - lse)
+                 P.data(), lds);
+            for (int64_t r = 0; r < qn; ++r) {  // P = exp(S - lse)
+              T* row = P.data() + r * lds;
+              std::fill(row + kn, row + lds, attn::neg_inf<T>());
+              exp_row(row, lds, lrow[r]);
+            }
             // dV (kn x Dv) += P^T dO
-            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P.data(), lds,
                  T(1), dv.data() + j0 * Dv, Dv);
             // dP (qn x kn) = dO V^T
             gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, doptr, lddo, T(0),
-                 dP.data(), kn);
+                 dP.data(), lds);
             for (int64_t r = 0; r < qn; ++r) {
-              const T* p = P.data() + r * kn;
-              T* ds = dP.data() + r * kn;
+              const T* p = P.data() + r * lds;
+              T* ds = dP.data() + r * lds;
               const T dl = delta[r];
 #pragma omp simd
               for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
             }
             // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
-            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), lds,
                  T(1), dq.data(), D);
-            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), kn,
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), lds,
                  T(1), dk.data() + j0 * D, D);
           }
           for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, tok0 + r, h), dq.data() + r * D, D, T(1));
