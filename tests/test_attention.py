@@ -14,8 +14,10 @@ from embedops import reference
 from conftest import FLOAT_DTYPES, TOL, opcheck
 
 # (B, Lq, Lk, Hq, Hkv, D, Dv): Lq = 1, Lk = 1, odd sizes, D not a power of two, GQA / MQA, Dv != D,
-# and key lengths crossing the CPU kernel's 512-key tile.
+# and key lengths crossing the CPU kernel's key tiles (512..2048 keys, depending on the query tile).
 SHAPES = [
+    (1, 3, 2100, 2, 1, 8, 8),
+    (2, 300, 1300, 2, 2, 16, 8),
     (2, 7, 13, 4, 2, 16, 16),
     (1, 1, 33, 2, 2, 24, 24),
     (3, 19, 1, 4, 1, 8, 8),
@@ -73,8 +75,8 @@ def test_forward_matches_reference(device, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_backward_matches_reference(device, dtype):
-    shape = (2, 21, 45, 4, 2, 24, 16)
+@pytest.mark.parametrize("shape", [(2, 21, 45, 4, 2, 24, 16), (1, 5, 2300, 2, 1, 8, 8)], ids=["small", "long"])
+def test_backward_matches_reference(device, dtype, shape):
     q, k, v, kvl, ql = _inputs(shape, dtype, device, seed=1)
     go = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
 

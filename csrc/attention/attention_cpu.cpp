@@ -84,7 +84,11 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
   fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
 }
 
-constexpr int64_t kBlockK = 512;
+constexpr int64_t kMinBlockK = 512;
+
+// Keys per tile: 512, more for short query tiles (latent queries over long sequences: fewer
+// online-softmax rescales, larger GEMMs). A multiple of 16.
+int64_t block_k_for(int64_t block_q) { return std::clamp<int64_t>((32768 / block_q) / 16 * 16, kMinBlockK, 2048); }
 
 // Score rows are stored with a stride rounded up to the 16-lane vector width; the padding holds
 // -inf, so the row max / exp loops run without a scalar tail (exp(-inf) = 0 adds nothing).
@@ -94,7 +98,7 @@ inline int64_t padded_len(int64_t kn) { return (kn + 15) / 16 * 16; }
 // Lk ~ 77) get tall tiles instead of many tiny GEMMs.
 // The height is then evened out over the tiles a sequence needs (Lq = 77: 40 + 37, not 64 + 13).
 int64_t block_q_for(int64_t max_k, int64_t max_q) {
-  const int64_t kn = std::clamp<int64_t>(max_k, 1, kBlockK);
+  const int64_t kn = std::clamp<int64_t>(max_k, 1, kMinBlockK);
   const int64_t bq = std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
   const int64_t tiles = std::max<int64_t>(1, (max_q + bq - 1) / bq);
   return std::clamp<int64_t>(((max_q + tiles - 1) / tiles + 7) / 8 * 8, 8, bq);
@@ -282,6 +286,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
                     int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t kBlockQ = block_q_for(max_k, max_q_slot);
+  const int64_t kBlockK = block_k_for(kBlockQ);
   const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
   const int64_t ntasks = B * Hq * nqb;
@@ -352,6 +357,7 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t group = Hq / Hkv;
   const int64_t kBlockQ = block_q_for(max_k, max_q);
+  const int64_t kBlockK = block_k_for(kBlockQ);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
     std::vector<T> dk(max_k * D), dv(max_k * Dv);
