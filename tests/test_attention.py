@@ -370,3 +370,11 @@ def test_large_head_dims(device, dtype):
         big = torch.randn(1, 3, 1, 264, device=device)
         with pytest.raises(ValueError, match="head dims up to 256"):
             embedops.cross_attention(big, big, big)
+
+
+def test_double_backward_raises(device):
+    q, k, v, _, _ = _inputs((1, 3, 4, 1, 1, 4, 4), torch.float64, device, lengths=False)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    (gq,) = torch.autograd.grad(embedops.cross_attention(q, k, v).sum(), (q,), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gq.sum().backward()

@@ -103,3 +103,15 @@ def _cross_attention_varlen_backward(ctx, dout, dlse):
 
 torch.library.register_autograd("embedops::cross_attention_varlen", _cross_attention_varlen_backward,
                                 setup_context=_cross_attention_varlen_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("cross_attention: double backward (gradients of gradients) is not supported")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+for _name in ("embedops::cross_attention_backward", "embedops::cross_attention_varlen_backward"):
+    torch.library.register_autograd(_name, _no_double_backward, setup_context=_no_setup)
