@@ -387,3 +387,20 @@ def test_double_backward_raises(device):
     (gq,) = torch.autograd.grad(embedops.cross_attention(q, k, v).sum(), (q,), create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gq.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_forward_cuda(device, dtype, monkeypatch):
+    """The opt-in wmma forward (EMBEDOPS_ATTN_TENSOR_CORES=1) against the reference; on the CPU
+    the variable changes nothing."""
+    monkeypatch.setenv("EMBEDOPS_ATTN_TENSOR_CORES", "1")
+    for shape in [(2, 77, 300, 4, 2, 64, 64), (3, 130, 77, 2, 1, 128, 32), (1, 5, 1, 2, 2, 16, 16)]:
+        q, k, v, kvl, ql = _inputs(shape, dtype, device, seed=11)
+        kvl[-1] = 0
+        out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+        ref, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+        low, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, dtype=dtype)
+        _check_close(out, ref, low, dtype, f"out {shape}")
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        fin = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-2, rtol=1e-2)

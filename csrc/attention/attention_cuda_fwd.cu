@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "attention/attention_cuda.cuh"
+#include "attention/attention_cuda_tc.h"
 #include "common/dispatch.h"
 
 namespace embedops {
@@ -44,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
   at::Tensor out = at::empty(out_shape, q.options());
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
   if (out.numel() == 0) return {out, lse};
+  if (tensor_core_forward_enabled(q, D, Dv)) {  // opt-in, see attention_cuda_tc.cu
+    forward_tensor_cores(op, q, k, v, out, lse, desc, scale, varlen);
+    return {out, lse};
+  }
   const int64_t ntiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
   check_cuda_limits(op, D, Dv, ntiles * desc.batch, Hq);
   if (ntiles == 0) return {out, lse};

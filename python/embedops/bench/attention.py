@@ -8,6 +8,8 @@ counted over the nominal Lk (padding included), as for SDPA.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ _TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dtype, pad: bool,
-          backward: bool, label: str) -> Case:
+          backward: bool, label: str, tensor_cores: bool = False) -> Case:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
     k = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
@@ -40,7 +42,13 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
         return reference.cross_attention(q, k, v, kv_lengths=kvl, dtype=dtype)[0]
 
     def ours_fwd(q, k, v):
-        return embedops.cross_attention(q, k, v, kv_lengths=kvl)
+        if not tensor_cores:
+            return embedops.cross_attention(q, k, v, kv_lengths=kvl)
+        os.environ["EMBEDOPS_ATTN_TENSOR_CORES"] = "1"  # the opt-in wmma forward
+        try:
+            return embedops.cross_attention(q, k, v, kv_lengths=kvl)
+        finally:
+            del os.environ["EMBEDOPS_ATTN_TENSOR_CORES"]
 
     if backward:
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -78,7 +86,7 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
     dt = str(dtype).replace("torch.", "")
     shapes = f"B{B} H{H} Lq{Lq} Lk{Lk} D{D} {dt}" + (" pad30%" if pad else "")
     return Case(
-        name=f"{label} {'fwd+bwd' if backward else 'fwd'}",
+        name=f"{label} {'fwd+bwd' if backward else 'fwd'}" + (" (tensor cores)" if tensor_cores else ""),
         shapes=shapes,
         fn=wrap(ours_fwd),
         baselines=baselines,
@@ -119,4 +127,7 @@ def cases(device: str, quick: bool):
             add(B, 77, 1024, H, 128, torch.float32, True, False, label="text->image")
     else:
         add(B, 77, 1024, H, D, torch.float32, False, False, label="text->image")
+        for pad in (False, True):
+            add(B, 77, 1024, H, D, torch.bfloat16, pad, False, label="text->image", tensor_cores=True)
+            add(B, 1024, 77, H, D, torch.bfloat16, pad, False, label="image->text", tensor_cores=True)
     return out
