@@ -13,4 +13,16 @@ TORCH_LIBRARY(embedops, m) {
   // ---- matryoshka -----------------------------------------------------------------------------
 
   // ---- attention ------------------------------------------------------------------------------
+  // out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32 (float64 for float64 inputs).
+  m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lengths=None, Tensor? q_lengths=None, "
+        "float? scale=None) -> (Tensor out, Tensor lse)", pt2);
+  // varlen: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv); out (Tq, Hq, Dv), lse (Hq, Tq).
+  m.def("cross_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float? scale=None) -> (Tensor out, Tensor lse)", pt2);
+  // Backward (flash-style, recomputes P from lse); dlse is the gradient of the lse output.
+  m.def("cross_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? dlse, Tensor? kv_lengths, Tensor? q_lengths, float scale) -> (Tensor dq, Tensor dk, Tensor dv)", pt2);
+  m.def("cross_attention_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? dlse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)", pt2);
 }

@@ -21,3 +21,97 @@ def _hash_ids_fake(values, feature, probe, num_rows, seed=0):
 # ---- matryoshka --------------------------------------------------------------------------------
 
 # ---- attention ---------------------------------------------------------------------------------
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _default_scale(q, scale):
+    return scale if scale is not None else q.shape[-1] ** -0.5
+
+
+@torch.library.register_fake("embedops::cross_attention")
+def _cross_attention_fake(q, k, v, kv_lengths=None, q_lengths=None, scale=None):
+    B, Lq, Hq, _ = q.shape
+    out = q.new_empty((B, Lq, Hq, v.shape[-1]))
+    lse = q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake("embedops::cross_attention_varlen")
+def _cross_attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
+    Tq, Hq, _ = q.shape
+    out = q.new_empty((Tq, Hq, v.shape[-1]))
+    lse = q.new_empty((Hq, Tq), dtype=_lse_dtype(q))
+    return out, lse
+
+
+def _grads_fake(q, k, v):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("embedops::cross_attention_backward")
+def _cross_attention_backward_fake(dout, q, k, v, out, lse, dlse, kv_lengths, q_lengths, scale):
+    return _grads_fake(q, k, v)
+
+
+@torch.library.register_fake("embedops::cross_attention_varlen_backward")
+def _cross_attention_varlen_backward_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, scale):
+    return _grads_fake(q, k, v)
+
+
+def _cross_attention_setup(ctx, inputs, output):
+    q, k, v, kv_lengths, q_lengths, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, q_lengths)
+    ctx.scale = _default_scale(q, scale)
+
+
+def _cross_attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_lengths, q_lengths = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.embedops.cross_attention_backward(
+        dout, q, k, v, out, lse, dlse, kv_lengths, q_lengths, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("embedops::cross_attention", _cross_attention_backward,
+                                setup_context=_cross_attention_setup)
+
+
+def _cross_attention_varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.scale = _default_scale(q, scale)
+
+
+def _cross_attention_varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.embedops.cross_attention_varlen_backward(
+        dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("embedops::cross_attention_varlen", _cross_attention_varlen_backward,
+                                setup_context=_cross_attention_varlen_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("cross_attention: double backward (gradients of gradients) is not supported")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+for _name in ("embedops::cross_attention_backward", "embedops::cross_attention_varlen_backward"):
+    torch.library.register_autograd(_name, _no_double_backward, setup_context=_no_setup)

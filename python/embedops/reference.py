@@ -103,3 +103,54 @@ def hash_ids_torch(values, *, feature: int, probe: int, num_rows: int, seed: int
 # ---- matryoshka --------------------------------------------------------------------------------
 
 # ---- attention ---------------------------------------------------------------------------------
+
+
+def cross_attention(q, k, v, *, kv_lengths=None, q_lengths=None, scale=None, dtype=None):
+    """Plain PyTorch attention with masks built from lengths; returns (out, lse).
+
+    q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv). Computed in ``dtype`` (default
+    float64; pass the inputs' dtype for "the same computation in that dtype by plain PyTorch").
+    Keys j >= kv_lengths[b] are masked; rows i >= q_lengths[b], and rows without a valid key,
+    give out 0 and lse -inf. out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) in ``dtype``.
+    """
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qh = q.to(dtype).transpose(1, 2)  # (B, Hq, Lq, D)
+    kh = k.to(dtype).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    vh = v.to(dtype).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    valid = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if kv_lengths is not None:
+        valid = valid & (torch.arange(Lk, device=q.device) < kv_lengths.to(q.device).view(B, 1, 1, 1))
+    if q_lengths is not None:
+        valid = valid & (torch.arange(Lq, device=q.device).view(1, 1, Lq, 1) < q_lengths.to(q.device).view(B, 1, 1, 1))
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s.float() if dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(valid.any(-1, keepdim=True), p, torch.zeros((), dtype=dtype, device=q.device))
+    out = (p @ vh).transpose(1, 2)
+    return out, lse.to(dtype if dtype == torch.float64 else lse.dtype)
+
+
+def cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, dtype=None):
+    """The varlen layout by a loop over sequences of :func:`cross_attention`; returns (out, lse).
+
+    q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv); out (Tq, Hq, Dv), lse (Hq, Tq).
+    """
+    import torch
+
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        o, l = cross_attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                               scale=scale, dtype=dtype)
+        outs.append(o[0])
+        lses.append(l[0])
+    dtype = torch.float64 if dtype is None else dtype
+    if not outs:
+        return q.new_zeros((0, q.shape[1], v.shape[2]), dtype=dtype), q.new_zeros((q.shape[1], 0))
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -1,0 +1,534 @@
+// Cross attention on the CPU: flash-style tiles, forward and backward.
+//
+// Forward: parallel over (batch, query head, query block). Per query block, key blocks are
+// visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
+// update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
+// never stored; a query block holds one (BQ x BK) tile of it.
+// Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
+// and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
+// fixed order (deterministic, no atomics). P is recomputed from lse.
+// float16 / bfloat16 tiles are converted to float32 as they are loaded (the backward converts a
+// task's keys/values once), computed in float32 and rounded on store; float64 runs in float64.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "attention/attention.h"
+#include "common/dispatch.h"
+
+namespace embedops {
+namespace {
+
+// ---- GEMM on raw tiles ---------------------------------------------------------------------
+// Column-major BLAS convention (like ATen's cpublas): C (m x n, ldc) = alpha op(A) op(B) + beta C.
+// x86 torch wheels export MKL's Fortran sgemm_/dgemm_ from libtorch_cpu; they are called
+// directly (single-threaded inside our parallel region, no tensor wrapping). Where a torch build
+// does not export them (weak symbols resolve to null), the same product goes through at::addmm
+// on from_blob views.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+enum class TransposeType { NoTranspose, Transpose };
+
+template <typename T>
+void gemm_aten(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const bool an = ta == TransposeType::NoTranspose, bn = tb == TransposeType::NoTranspose;
+  // a stored column-major (rows x cols, ld) is the row-major (cols x rows, strides (ld, 1)) tensor of its transpose
+  at::Tensor At = at::from_blob(const_cast<T*>(a), {an ? k : m, an ? m : k}, {lda, 1}, opts);
+  at::Tensor Bt = at::from_blob(const_cast<T*>(b), {bn ? n : k, bn ? k : n}, {ldb, 1}, opts);
+  at::Tensor Ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  // C^T = op(B)^T op(A)^T
+  const at::Tensor x = bn ? Bt : Bt.t(), y = an ? At : At.t();
+  if (beta == T(0)) Ct.zero_();
+  Ct.addmm_(x, y, beta == T(0) ? T(1) : beta, alpha);
+}
+
+template <typename T>
+void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  auto fn = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemm_;
+    else return dgemm_;
+  }();
+  if (fn == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax) {
+    gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const char tra = ta == TransposeType::NoTranspose ? 'N' : 'T', trb = tb == TransposeType::NoTranspose ? 'N' : 'T';
+  // BLAS wants ld >= the stored row count even for a single column
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ia = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(1, tra == 'N' ? m : k)));
+  const int ib = static_cast<int>(std::max<int64_t>(ldb, std::max<int64_t>(1, trb == 'N' ? k : n)));
+  const int ic = static_cast<int>(std::max<int64_t>(ldc, std::max<int64_t>(1, m)));
+  fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
+}
+
+constexpr int64_t kMinBlockK = 512;
+
+// Keys per tile: 512, more for short query tiles (latent queries over long sequences: fewer
+// online-softmax rescales, larger GEMMs). A multiple of 16.
+int64_t block_k_for(int64_t block_q) { return std::clamp<int64_t>((32768 / block_q) / 16 * 16, kMinBlockK, 2048); }
+
+// Score rows are stored with a stride rounded up to the 16-lane vector width; the padding holds
+// -inf, so the row max / exp loops run without a scalar tail (exp(-inf) = 0 adds nothing).
+inline int64_t padded_len(int64_t kn) { return (kn + 15) / 16 * 16; }
+
+// Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
+// Lk ~ 77) get tall tiles instead of many tiny GEMMs.
+// The height is then evened out over the tiles a sequence needs (Lq = 77: 40 + 37, not 64 + 13).
+int64_t block_q_for(int64_t max_k, int64_t max_q) {
+  const int64_t kn = std::clamp<int64_t>(max_k, 1, kMinBlockK);
+  const int64_t bq = std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
+  const int64_t tiles = std::max<int64_t>(1, (max_q + bq - 1) / bq);
+  return std::clamp<int64_t>(((max_q + tiles - 1) / tiles + 7) / 8 * 8, 8, bq);
+}
+
+// A (.., L, H, X) tensor with a contiguous last dim: element (b, token, h, 0).
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t sb, sl, sh;
+  T* at(int64_t b, int64_t tok, int64_t h) const { return base + b * sb + tok * sl + h * sh; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, bool varlen) {
+  T* p = const_cast<T*>(t.const_data_ptr<T>());
+  if (varlen) return {p, 0, t.stride(0), t.stride(1)};
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The kernels read rows with BLAS: the last dim must be contiguous and the token stride a valid
+// leading dimension. Anything else (e.g. broadcast views) is copied once.
+at::Tensor prepare(const at::Tensor& t, bool varlen) {
+  at::Tensor c = t;
+  const int64_t tok_dim = varlen ? 0 : 1;
+  if (c.stride(-1) != 1 || c.stride(tok_dim) < c.size(-1)) c = c.contiguous();
+  return c;
+}
+
+struct Seqs {
+  const int64_t *q_start, *q_len, *q_slot, *k_start, *k_len;
+  explicit Seqs(const SeqDesc& d) {
+    const int64_t* p = d.desc.const_data_ptr<int64_t>();
+    const int64_t B = d.batch;
+    q_start = p;
+    q_len = p + B;
+    q_slot = p + 2 * B;
+    k_start = p + 3 * B;
+    k_len = p + 4 * B;
+  }
+};
+
+// exp(x) for float, branch-free so the loops below vectorise (-O3 -march=native): 2^n * p(r)
+// with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (rel. error ~2e-7).
+// x below -87 (2^-126) gives 0.
+inline float exp_f32(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = std::bit_cast<float>(e);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline double exp_any(double x) { return std::exp(x); }
+inline float exp_any(float x) { return exp_f32(x); }
+
+// 16-float vectors (GCC/Clang vector extensions: AVX-512, or two AVX2 registers) for the
+// per-row softmax work; the compiler's auto-vectoriser kept the scalar loop inside the kernel.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16;
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf16 splat16(float x) { return vf16{} + x; }
+
+// exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
+inline vf16 exp16(vf16 x) {
+  const vf16 lo = splat16(-87.0f), hi = splat16(88.0f), magic = splat16(12582912.0f);
+  vf16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf16 n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf16 r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  vf16 p = splat16(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  vf16 pow2n;
+  std::memcpy(&pow2n, &e, sizeof(pow2n));
+  const vf16 res = p * pow2n;
+  return x < lo ? vf16{} : res;
+}
+
+inline float hsum16(vf16 v) {
+  float s = 0;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+inline float hmax16(vf16 v) {
+  float m = v[0];
+  for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  T mx = attn::neg_inf<T>();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kVec) {
+      vf16 m = load16(x);
+      for (j = kVec; j + kVec <= n; j += kVec) {
+        const vf16 y = load16(x + j);
+        m = y > m ? y : m;
+      }
+      mx = hmax16(m);
+    }
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// x[j] = exp(x[j] - m) (the softmax_prob of attention.h, vectorised); returns sum_j x[j].
+template <typename T>
+T exp_row(T* x, int64_t n, T m) {
+  if (m == attn::neg_inf<T>()) {  // the row has no valid key: P = 0 (attn::softmax_prob)
+    std::fill(x, x + n, T(0));
+    return T(0);
+  }
+  T sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    vf16 acc{};
+    const vf16 mv = splat16(m);
+    for (; j + kVec <= n; j += kVec) {
+      const vf16 e = exp16(load16(x + j) - mv);
+      store16(x + j, e);
+      acc += e;
+    }
+    sum = hsum16(acc);
+  }
+  for (; j < n; ++j) {
+    const T e = exp_any(x[j] - m);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Rows of a (.., L, H, X) tensor as a GEMM operand in the compute type T: the rows themselves
+// (stride ld) when in_t == T, else converted into `buf` (contiguous, ld = cols).
+template <typename T, typename in_t>
+const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const in_t* s = src + r * ld;
+      T* d = buf + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(s[c]);
+    }
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+template <typename T, typename in_t>
+void store_row(in_t* dst, const T* src, int64_t n, T mul) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<in_t>(src[d] * mul);
+}
+
+// in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
+template <typename in_t, typename T>
+void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                    const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,
+                    int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t kBlockQ = block_q_for(max_k, max_q_slot);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
+  const int64_t group = Hq / Hkv;
+  const int64_t ntasks = B * Hq * nqb;
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), kbuf(kConvert ? kBlockK * D : 0),
+        vbuf(kConvert ? kBlockK * Dv : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.q_slot[b]) continue;
+      const int64_t rows = std::min(kBlockQ, s.q_slot[b] - i0);
+      const int64_t qn = std::clamp<int64_t>(s.q_len[b] - i0, 0, rows);
+      const int64_t tok0 = s.q_start[b] + i0;
+      T* lse_row = lse + b * lse_sb + h * lse_sh + tok0;
+      for (int64_t r = qn; r < rows; ++r) {  // rows i >= q_lengths[b]: output 0, lse = -inf
+        std::fill(O.at(b, tok0 + r, h), O.at(b, tok0 + r, h) + Dv, in_t(0));
+        lse_row[r] = attn::neg_inf<T>();
+      }
+      if (qn == 0) continue;
+      const int64_t hk = h / group;
+      int64_t ldq, ldk, ldv;
+      const T* qptr = tile(Q.at(b, tok0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+      std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
+      std::fill(l.begin(), l.begin() + qn, T(0));
+      std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
+      const int64_t klen = s.k_len[b];
+      for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
+        const int64_t kn = std::min(kBlockK, klen - j0);
+        const int64_t lds = padded_len(kn);
+        const T* kptr = tile(K.at(b, s.k_start[b] + j0, hk), K.sl, kn, D, kbuf.data(), &ldk);
+        const T* vptr = tile(V.at(b, s.k_start[b] + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);
+        // S (qn x kn, row-major) = scale * Q K^T
+        gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+             S.data(), lds);
+        for (int64_t r = 0; r < qn; ++r) {
+          T* row = S.data() + r * lds;
+          std::fill(row + kn, row + lds, attn::neg_inf<T>());  // vector-width padding: exp -> 0
+          const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
+          const T alpha = attn::softmax_rescale(m[r], m_new);
+          const T sum = exp_row(row, lds, m_new);
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != T(1) && j0 > 0) {  // (before the first key tile acc is still 0)
+            T* a = acc.data() + r * Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+          }
+        }
+        // acc (qn x Dv) += P V
+        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), lds, T(1),
+             acc.data(), Dv);
+      }
+      for (int64_t r = 0; r < qn; ++r) {
+        store_row(O.at(b, tok0 + r, h), acc.data() + r * Dv, Dv, attn::softmax_inv_denominator(l[r]));
+        lse_row[r] = attn::softmax_lse(m[r], l[r]);
+      }
+    }
+  });
+}
+
+template <typename in_t, typename T>
+void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                     const Rows<const in_t>& O, const Rows<const in_t>& dO, const T* lse, const T* dlse,
+                     int64_t lse_sb, int64_t lse_sh, const Rows<in_t>& dQ, const Rows<in_t>& dK, const Rows<in_t>& dV,
+                     const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q,
+                     int64_t max_k, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t group = Hq / Hkv;
+  const int64_t kBlockQ = block_q_for(max_k, max_q);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
+    std::vector<T> dk(max_k * D), dv(max_k * Dv);
+    std::vector<T> kall(kConvert ? max_k * D : 0), vall(kConvert ? max_k * Dv : 0);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), dobuf(kConvert ? kBlockQ * Dv : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t % Hkv, b = t / Hkv;
+      const int64_t klen = s.k_len[b], qlen = s.q_len[b];
+      if (klen == 0) continue;  // no valid key: every gradient of this sequence is 0
+      std::fill(dk.begin(), dk.begin() + klen * D, T(0));
+      std::fill(dv.begin(), dv.begin() + klen * Dv, T(0));
+      int64_t ldk, ldv, ldq, lddo;
+      // this (batch, kv head)'s keys and values, converted once for all its query heads
+      const T* k_all = tile(K.at(b, s.k_start[b], hk), K.sl, klen, D, kall.data(), &ldk);
+      const T* v_all = tile(V.at(b, s.k_start[b], hk), V.sl, klen, Dv, vall.data(), &ldv);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < qlen; i0 += kBlockQ) {
+          const int64_t qn = std::min(kBlockQ, qlen - i0);
+          const int64_t tok0 = s.q_start[b] + i0;
+          const T* qptr = tile(Q.at(b, tok0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+          const T* doptr = tile(dO.at(b, tok0, h), dO.sl, qn, Dv, dobuf.data(), &lddo);
+          const int64_t lse_off = b * lse_sb + h * lse_sh + tok0;
+          for (int64_t r = 0; r < qn; ++r) {
+            const in_t* o = O.at(b, tok0 + r, h);
+            const T* g = doptr + r * lddo;
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < Dv; ++d) dot += static_cast<T>(o[d]) * g[d];
+            delta[r] = dot - (dlse ? dlse[lse_off + r] : T(0));
+            lrow[r] = lse[lse_off + r];
+          }
+          std::fill(dq.begin(), dq.begin() + qn * D, T(0));
+          for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
+            const int64_t kn = std::min(kBlockK, klen - j0);
+            const int64_t lds = padded_len(kn);
+            const T* kptr = k_all + j0 * ldk;
+            const T* vptr = v_all + j0 * ldv;
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+                 P.data(), lds);
+            for (int64_t r = 0; r < qn; ++r) {  // P = exp(S - lse)
+              T* row = P.data() + r * lds;
+              std::fill(row + kn, row + lds, attn::neg_inf<T>());
+              exp_row(row, lds, lrow[r]);
+            }
+            // dV (kn x Dv) += P^T dO
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P.data(), lds,
+                 T(1), dv.data() + j0 * Dv, Dv);
+            // dP (qn x kn) = dO V^T
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, doptr, lddo, T(0),
+                 dP.data(), lds);
+            for (int64_t r = 0; r < qn; ++r) {
+              const T* p = P.data() + r * lds;
+              T* ds = dP.data() + r * lds;
+              const T dl = delta[r];
+#pragma omp simd
+              for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
+            }
+            // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
+            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), lds,
+                 T(1), dq.data(), D);
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), lds,
+                 T(1), dk.data() + j0 * D, D);
+          }
+          for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, tok0 + r, h), dq.data() + r * D, D, T(1));
+        }
+      }
+      for (int64_t j = 0; j < klen; ++j) {
+        store_row(dK.at(b, s.k_start[b] + j, hk), dk.data() + j * D, D, T(1));
+        store_row(dV.at(b, s.k_start[b] + j, hk), dv.data() + j * Dv, Dv, T(1));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen) {
+  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = Dv;
+  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
+  if (out.numel() == 0) return {out, lse};
+  const Seqs s(desc);
+  const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
+                                rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
+                                lse.data_ptr<T>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
+                                desc.max_k, static_cast<T>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const std::optional<at::Tensor>& dlse,
+                                                             const SeqDesc& desc, double scale, bool varlen) {
+  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
+  const at::Tensor oc = prepare(out, varlen), doc = prepare(dout, varlen);
+  const at::Tensor lc = lse.contiguous();
+  const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
+  const Seqs s(desc);
+  const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, T>(
+        rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen), rows_of<const scalar_t>(vc, varlen),
+        rows_of<const scalar_t>(oc, varlen), rows_of<const scalar_t>(doc, varlen), lc.const_data_ptr<T>(),
+        dlc.defined() ? dlc.const_data_ptr<T>() : nullptr, lse_sb, lse_sh, rows_of<scalar_t>(dq, varlen),
+        rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
+        desc.max_k, static_cast<T>(scale));
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const std::optional<at::Tensor>& kv_lengths,
+                                                       const std::optional<at::Tensor>& q_lengths,
+                                                       std::optional<double> scale) {
+  const char* op = "cross_attention";
+  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
+  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(3)), false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                              int64_t max_seqlen_k, std::optional<double> scale) {
+  const char* op = "cross_attention_varlen";
+  const SeqDesc desc =
+      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(2)), true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& kv_lengths,
+    const std::optional<at::Tensor>& q_lengths, double scale) {
+  const char* op = "cross_attention_backward";
+  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
+  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, false);
+  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  const char* op = "cross_attention_varlen_backward";
+  const SeqDesc desc =
+      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, true);
+  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("cross_attention", &cross_attention_cpu);
+  m.impl("cross_attention_varlen", &cross_attention_varlen_cpu);
+  m.impl("cross_attention_backward", &cross_attention_backward_cpu);
+  m.impl("cross_attention_varlen_backward", &cross_attention_varlen_backward_cpu);
+}
+
+}  // namespace embedops

@@ -1,0 +1,100 @@
+// cross_attention / cross_attention_varlen forward on CUDA (kernels in attention_cuda.cuh).
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "attention/attention_cuda.cuh"
+#include "attention/attention_cuda_tc.h"
+#include "common/dispatch.h"
+
+namespace embedops {
+namespace attn_cuda {
+
+void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x, int64_t heads) {
+  TORCH_CHECK_VALUE(heads <= 65535, op, ": the CUDA kernels support up to 65535 heads, got ", heads);
+  TORCH_CHECK_VALUE(D <= kMaxHeadDim && Dv <= kMaxHeadDim, op, ": the CUDA kernels support head dims up to ",
+                    kMaxHeadDim, ", got D = ", D, ", Dv = ", Dv);
+  TORCH_CHECK_VALUE(blocks_x <= INT32_MAX, op, ": too many (batch, tile) blocks for one launch: ", blocks_x);
+}
+
+void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Tensor& like) {
+  int dev = like.get_device(), optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK_VALUE(smem <= static_cast<size_t>(optin), op, ": head dims too large for this GPU's shared memory (",
+                    smem, " bytes needed, ", optin, " available); use smaller head dims or float16/bfloat16/float32");
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+}
+
+}  // namespace attn_cuda
+
+namespace {
+
+using namespace attn_cuda;
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
+                                                const at::Tensor& v_in, const SeqDesc& desc, double scale,
+                                                bool varlen) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = Dv;
+  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
+  if (out.numel() == 0) return {out, lse};
+  if (tensor_core_forward_enabled(q, D, Dv)) {  // opt-in, see attention_cuda_tc.cu
+    forward_tensor_cores(op, q, k, v, out, lse, desc, scale, varlen);
+    return {out, lse};
+  }
+  const int64_t ntiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
+  check_cuda_limits(op, D, Dv, ntiles * desc.batch, Hq);
+  if (ntiles == 0) return {out, lse};
+  const at::Tensor seq = desc.desc.to(q.device());
+  const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
+  const Dims dm{desc.batch, Hq, Hkv, D, Dv, ntiles};
+  const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
+  const dim3 grid(static_cast<unsigned>(ntiles * desc.batch), static_cast<unsigned>(Hq));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = forward_smem<acc_t>(D, Dv);
+    auto kernel = forward_kernel<scalar_t, acc_t>;
+    prepare_smem(op, reinterpret_cast<const void*>(kernel), smem, q);
+    kernel<<<grid, kThreads, smem, stream>>>(rows_of<const scalar_t>(q, varlen), rows_of<const scalar_t>(k, varlen),
+                                             rows_of<const scalar_t>(v, varlen), rows_of<scalar_t>(out, varlen),
+                                             lse.data_ptr<acc_t>(), lse_sb, lse_sh, sp, dm, static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& kv_lengths,
+                                                        const std::optional<at::Tensor>& q_lengths,
+                                                        std::optional<double> scale) {
+  const char* op = "cross_attention";
+  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
+  return forward_cuda(op, q, k, v, desc, resolve_scale(op, scale, q.size(3)), false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                               int64_t max_seqlen_k, std::optional<double> scale) {
+  const char* op = "cross_attention_varlen";
+  const SeqDesc desc =
+      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  return forward_cuda(op, q, k, v, desc, resolve_scale(op, scale, q.size(2)), true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
+  m.impl("cross_attention", &cross_attention_cuda);
+  m.impl("cross_attention_varlen", &cross_attention_varlen_cuda);
+}
+
+}  // namespace embedops
