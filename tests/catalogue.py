@@ -111,6 +111,64 @@ SMOKE.append(Smoke(
 ))
 
 
+# ---- attention: cross_attention / cross_attention_varlen -----------------------------------------
+
+_q = torch.randn(2, 5, 4, 8)
+_k = torch.randn(2, 7, 2, 8)
+_v = torch.randn(2, 7, 2, 6)
+_ca = embedops.cross_attention
+_cav = embedops.cross_attention_varlen
+_cu = torch.tensor([0, 3, 5])
+
+bad("attention", "q rank 3", ValueError, "cross_attention: q must have 4 dims")(lambda: _ca(_q[0], _k, _v))
+bad("attention", "k rank 5", ValueError, "cross_attention: k must have 4 dims")(lambda: _ca(_q, _k[None], _v))
+bad("attention", "v rank 2", ValueError, "cross_attention: v must have 4 dims")(lambda: _ca(_q, _k, _v[0, 0]))
+bad("attention", "batch mismatch", ValueError, "cross_attention: k.size\\(0\\) must equal the batch size")(
+    lambda: _ca(_q, _k[:1], _v[:1]))
+bad("attention", "Lk mismatch", ValueError, "cross_attention: v.size\\(1\\)")(lambda: _ca(_q, _k, _v[:, :6]))
+bad("attention", "head dim mismatch", ValueError, "cross_attention: k's head dim")(lambda: _ca(_q, _k[..., :7], _v))
+bad("attention", "Hq % Hkv", ValueError, "cross_attention: the number of query heads")(
+    lambda: _ca(_q[:, :, :3], _k, _v))
+bad("attention", "int q", TypeError, "cross_attention: q must be float")(lambda: _ca(_q.long(), _k.long(), _v.long()))
+bad("attention", "dtype mismatch", TypeError, "cross_attention: k must have the dtype of q")(
+    lambda: _ca(_q, _k.double(), _v))
+bad("attention", "q not a tensor", TypeError, "cross_attention: q must be a torch.Tensor")(
+    lambda: _ca(_q.numpy(), _k, _v))
+bad("attention", "kv_lengths float", TypeError, "cross_attention: kv_lengths must be an integer tensor")(
+    lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([1.0, 2.0])))
+bad("attention", "kv_lengths too long", ValueError, "cross_attention: kv_lengths\\[1\\] must be in \\[0, 7\\]")(
+    lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([3, 8])))
+bad("attention", "kv_lengths negative", ValueError, "cross_attention: kv_lengths\\[0\\] must be in")(
+    lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([-1, 2])))
+bad("attention", "kv_lengths wrong size", ValueError, "cross_attention: kv_lengths")(
+    lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([1, 2, 3])))
+bad("attention", "q_lengths too long", ValueError, "cross_attention: q_lengths\\[0\\] must be in \\[0, 5\\]")(
+    lambda: _ca(_q, _k, _v, q_lengths=torch.tensor([6, 1])))
+bad("attention", "scale nan", ValueError, "cross_attention: scale must be a finite number")(
+    lambda: _ca(_q, _k, _v, scale=float("nan")))
+bad("attention", "scale string", TypeError, "cross_attention: scale must be a float")(
+    lambda: _ca(_q, _k, _v, scale="0.1"))
+bad("attention", "varlen cu_seqlens not starting at 0", ValueError, "cross_attention_varlen: cu_seqlens_q\\[0\\] must be 0")(
+    lambda: _cav(_q[0], _k[0], _v[0], torch.tensor([1, 3, 5]), torch.tensor([0, 4, 7]), 5, 7))
+bad("attention", "varlen cu_seqlens decreasing", ValueError, "cross_attention_varlen: cu_seqlens_k must be non-decreasing")(
+    lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 5, 4]), 5, 7))
+bad("attention", "varlen cu_seqlens wrong end", ValueError, "cross_attention_varlen: cu_seqlens_k must end at")(
+    lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 3, 6]), 5, 7))
+bad("attention", "varlen batch mismatch", ValueError, "cross_attention_varlen: .*cu_seqlens")(
+    lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 7]), 5, 7))
+bad("attention", "varlen max_seqlen too small", ValueError, "cross_attention_varlen: sequence 0 has length 3")(
+    lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 4, 7]), 2, 7))
+bad("attention", "varlen max_seqlen float", TypeError, "cross_attention_varlen: max_seqlen_q must be an int")(
+    lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 4, 7]), 5.0, 7))
+
+SMOKE.append(Smoke(
+    "cross_attention",
+    lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([7, 3])),
+    lambda: reference.cross_attention(_q.double(), _k.double(), _v.double(), kv_lengths=torch.tensor([7, 3]))[0].float(),
+    _close,
+))
+
+
 def run_all() -> int:
     """Runs every bad input; prints one line per failure; returns the number of failures."""
     failures = 0
