@@ -10,7 +10,7 @@ import torch  # noqa: F401  (must be imported before the native extension)
 
 from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
-from .embedding import hash_ids
+from .embedding import hash_ids, lengths_to_offsets, multiplexed_embedding_bag
 
 __version__ = _C.build_info()["version"]
 
@@ -29,4 +29,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "hash_ids", "__version__"]
+__all__ = ["build_info", "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag", "__version__"]
