@@ -26,12 +26,12 @@ def _bag_out_shape(weight, offsets, num_probes, combine):
 
 
 @torch.library.register_fake("embedops::multiplexed_embedding_bag")
-def _meb_fake(weight, values, offsets, num_probes, combine="concat", mode="sum", per_sample_weights=None,
+def _meb_fake(weight, values, offsets, num_probes, combine="concat", pooling="sum", per_sample_weights=None,
               seed=0, validate=True):
     torch._check(len(num_probes) > 0, lambda: "multiplexed_embedding_bag: num_probes must not be empty")
     batch, cols = _bag_out_shape(weight, offsets, num_probes, combine)
     out = weight.new_empty((batch, cols))
-    if mode == "max":
+    if pooling == "max":
         argmax = weight.new_empty((batch, sum(num_probes) * weight.shape[1]), dtype=torch.int64)
     else:
         argmax = weight.new_empty((0,), dtype=torch.int64)
@@ -39,7 +39,7 @@ def _meb_fake(weight, values, offsets, num_probes, combine="concat", mode="sum",
 
 
 @torch.library.register_fake("embedops::multiplexed_embedding_bag_backward")
-def _meb_backward_fake(grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights,
+def _meb_backward_fake(grad_out, weight, values, offsets, argmax, num_probes, combine, pooling, per_sample_weights,
                        seed, weight_grad=True, psw_grad=False):
     gw = weight.new_empty(weight.shape) if weight_grad else weight.new_empty((0,))
     gp = weight.new_empty((values.shape[0],)) if psw_grad else weight.new_empty((0,))
@@ -47,7 +47,7 @@ def _meb_backward_fake(grad_out, weight, values, offsets, argmax, num_probes, co
 
 
 @torch.library.register_fake("embedops::multiplexed_embedding_bag_update")
-def _meb_update_fake(weight, state, grad_out, values, offsets, argmax, num_probes, combine, mode,
+def _meb_update_fake(weight, state, grad_out, values, offsets, argmax, num_probes, combine, pooling,
                      per_sample_weights, seed, optimizer, lr, eps):
     return None
 
