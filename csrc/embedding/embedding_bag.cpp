@@ -36,7 +36,7 @@ constexpr const char* kOp = "multiplexed_embedding_bag";
 
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
@@ -62,23 +62,40 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
   at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
     std::vector<acc_t> acc(L.max_probes * D);
     std::vector<int64_t> arg(kMode == static_cast<int>(PoolMode::kMax) ? L.max_probes * D : 0);
-    std::vector<int64_t> rows_cur(L.max_probes), rows_next(L.max_probes);
+    // Rows are hashed kPrefetch ids ahead of their use (across bag boundaries) into a ring, and
+    // their cache lines prefetched, so the table reads of several ids are in flight at once.
+    constexpr int64_t kPrefetch = 8, kRing = 16;
+    const int64_t maxp = L.max_probes;
+    std::vector<int64_t> ring(kRing * maxp);
+    const int64_t i_end = offs[j1];
+    int64_t pf_i = offs[j0], pf_j = j0;
+    int64_t pf_fend = -1, pf_np = 0;  // end bag of the prefetch cursor's feature, its probe count
+    const uint64_t* pf_salt = nullptr;
+    auto hash_ahead = [&]() {
+      while (offs[pf_j + 1] <= pf_i) ++pf_j;
+      if (pf_j >= pf_fend) {  // entered a new feature (no division per id)
+        const int64_t pf_f = pf_j / B;
+        pf_fend = (pf_f + 1) * B;
+        pf_salt = salts + L.pbase[pf_f];
+        pf_np = L.probes[pf_f];
+      }
+      int64_t* slot = ring.data() + (pf_i & (kRing - 1)) * maxp;
+      const int64_t v = static_cast<int64_t>(vals[pf_i]);
+      for (int64_t p = 0; p < pf_np; ++p) {
+        slot[p] = hash_row(v, pf_salt[p], R);
+        prefetch_row(w + slot[p] * D, row_bytes);
+      }
+      ++pf_i;
+    };
+    for (int64_t k = 0; k < kPrefetch && pf_i < i_end; ++k) hash_ahead();
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t f = j / B, b = j - f * B;
       const int64_t P = L.probes[f], q0 = L.pbase[f];
-      const uint64_t* salt = salts + q0;
       const int64_t start = offs[j], end = offs[j + 1];
       std::fill(acc.begin(), acc.begin() + P * D, acc_t(0));
-      if (start < end) {
-        for (int64_t p = 0; p < P; ++p) rows_cur[p] = hash_row(static_cast<int64_t>(vals[start]), salt[p], R);
-      }
       for (int64_t i = start; i < end; ++i) {
-        if (i + 1 < end) {
-          for (int64_t p = 0; p < P; ++p) {
-            rows_next[p] = hash_row(static_cast<int64_t>(vals[i + 1]), salt[p], R);
-            prefetch_row(w + rows_next[p] * D, row_bytes);
-          }
-        }
+        if (pf_i < i_end) hash_ahead();
+        const int64_t* rows_cur = ring.data() + (i & (kRing - 1)) * maxp;
         const acc_t s = kPsw ? static_cast<acc_t>(psw[i]) : acc_t(1);
         for (int64_t p = 0; p < P; ++p) {
           const int64_t r = rows_cur[p];
@@ -105,7 +122,6 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
             for (int64_t d = 0; d < D; ++d) a[d] += static_cast<acc_t>(wr[d]);
           }
         }
-        std::swap(rows_cur, rows_next);
       }
       const acc_t ps = pool_scale<acc_t>(kMode, end - start);
       scalar_t* o = out + b * L.out_dim;
