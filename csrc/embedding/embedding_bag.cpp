@@ -61,7 +61,10 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D));
   at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
     std::vector<acc_t> acc(L.max_probes * D);
-    std::vector<int64_t> arg(kMode == static_cast<int>(PoolMode::kMax) ? L.max_probes * D : 0);
+    // max pooling tracks the argmax as an int32 position in the bag (vectorises with the float
+    // compare) and maps it to the row through bag_rows at the end of the bag
+    std::vector<int32_t> arg(kMode == static_cast<int>(PoolMode::kMax) ? L.max_probes * D : 0);
+    std::vector<int64_t> bag_rows;
     // Rows are hashed kPrefetch ids ahead of their use (across bag boundaries) into a ring, and
     // their cache lines prefetched, so the table reads of several ids are in flight at once.
     constexpr int64_t kPrefetch = 8, kRing = 16;
@@ -93,6 +96,9 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
       const int64_t P = L.probes[f], q0 = L.pbase[f];
       const int64_t start = offs[j], end = offs[j + 1];
       std::fill(acc.begin(), acc.begin() + P * D, acc_t(0));
+      if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+        if (static_cast<int64_t>(bag_rows.size()) < (end - start) * P) bag_rows.resize((end - start) * P);
+      }
       for (int64_t i = start; i < end; ++i) {
         if (pf_i < i_end) hash_ahead();
         const int64_t* rows_cur = ring.data() + (i & (kRing - 1)) * maxp;
@@ -102,18 +108,20 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
           const scalar_t* __restrict__ wr = w + r * D;
           acc_t* __restrict__ a = acc.data() + p * D;
           if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
-            int64_t* __restrict__ ag = arg.data() + p * D;
+            int32_t* __restrict__ ag = arg.data() + p * D;
+            const int32_t pos = static_cast<int32_t>(i - start);
+            bag_rows[pos * P + p] = r;
             if (i == start) {
               for (int64_t d = 0; d < D; ++d) {
                 a[d] = static_cast<acc_t>(wr[d]);
-                ag[d] = r;
+                ag[d] = 0;
               }
             } else {
               for (int64_t d = 0; d < D; ++d) {
                 const acc_t x = static_cast<acc_t>(wr[d]);
                 const bool gt = x > a[d];
                 a[d] = gt ? x : a[d];
-                ag[d] = gt ? r : ag[d];
+                ag[d] = gt ? pos : ag[d];
               }
             }
           } else if constexpr (kPsw) {
@@ -145,7 +153,8 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
         if (start == end) {
           std::fill(ag_out, ag_out + P * D, int64_t(-1));
         } else {
-          std::copy(arg.begin(), arg.begin() + P * D, ag_out);
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t d = 0; d < D; ++d) ag_out[p * D + d] = bag_rows[arg[p * D + d] * P + p];
         }
       }
     }
@@ -161,6 +170,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const a
   const BagLayout L = check_bag_args(kOp, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
   const at::Tensor offs = offsets.to(at::kLong).contiguous();
   check_offsets_cpu(kOp, offs, values.numel());
+  TORCH_CHECK_VALUE(L.mode != PoolMode::kMax || values.numel() <= std::numeric_limits<int32_t>::max(), kOp,
+                    ": mode=\"max\" supports at most 2^31 - 1 values on the CPU, got ", values.numel());
   const at::Tensor w = weight.contiguous();
   const at::Tensor v = values.contiguous();
   const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();

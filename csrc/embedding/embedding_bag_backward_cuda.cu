@@ -236,7 +236,7 @@ void sorted_row_pass(const BagLayout& L, const DeviceLayout& dl, RowOp op, const
                                                  keys_sorted.data_ptr<int64_t>(), kidx.const_data_ptr<int64_t>(),
                                                  kidx_sorted.data_ptr<int64_t>(), K, 0, end_bit, stream));
   at::Tensor unique_rows = keys;  // reuse: the unsorted keys are no longer needed
-  at::Tensor counts = kidx;  // reuse: the unsorted indices are no longer needed either
+  at::Tensor counts = at::zeros({K}, lopt);  // zeros past num_runs: the scan reads no uninitialised memory
   at::Tensor starts = at::empty({K}, lopt);
   at::Tensor num_runs = at::empty({1}, lopt);
   bytes = 0;

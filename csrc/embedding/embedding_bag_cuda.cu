@@ -61,6 +61,7 @@ __global__ void forward_kernel(DeviceLayout L, const scalar_t* __restrict__ w, c
           acc[v] = acc_t(0);
           arg[v] = -1;
         }
+#pragma unroll 4
         for (int64_t i = start; i < end; ++i) {
           const int64_t r = hash_row(static_cast<int64_t>(vals[i]), salt, static_cast<uint64_t>(L.num_rows));
           const scalar_t* wr = w + r * D;
