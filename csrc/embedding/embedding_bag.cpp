@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -210,13 +211,25 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const a
 // ---- backward: contributions, bucketed and sorted by row -----------------------------------------
 
 // One contribution: `row` receives scale * grad_out[src : src + n] at columns [d0, d0 + n).
-// Sum/mean pooling: one per (id, probe), n = D, d0 = 0. Max pooling: one per argmax element, n = 1.
+// Sum/mean pooling: one per (id, probe), n = D, d0 = 0. Max pooling: one per argmax element, n = 1,
+// d0 = k % D. Arrays are left uninitialised (every slot is written; this machine's page faults
+// on zeroed memory cost as much as the work).
+template <typename T>
+using Buffer = std::unique_ptr<T[]>;
+
 template <typename acc_t>
 struct Contributions {
-  std::vector<int64_t> row;  // -1: none (empty max bag)
-  std::vector<int64_t> src;
-  std::vector<acc_t> scale;
-  bool elementwise = false;  // max pooling: column d0 = k % D
+  int64_t size = 0;
+  Buffer<int64_t> row;  // -1: none (empty max bag)
+  Buffer<int64_t> src;
+  Buffer<acc_t> scale;
+  bool elementwise = false;
+  void resize(int64_t k) {
+    size = k;
+    row.reset(new int64_t[k]);
+    src.reset(new int64_t[k]);
+    scale.reset(new acc_t[k]);
+  }
 };
 
 template <typename scalar_t, typename index_t>
@@ -229,10 +242,7 @@ Contributions<at::opmath_type<scalar_t>> build_contributions(const BagLayout& L,
   const int comb = static_cast<int>(L.combine), mode = static_cast<int>(L.mode);
   if (L.mode == PoolMode::kMax) {
     c.elementwise = true;
-    const int64_t K = B * Q * D;
-    c.row.resize(K);
-    c.src.resize(K);
-    c.scale.resize(K);
+    c.resize(B * Q * D);
     std::vector<int64_t> feat_of_block(Q);
     for (int64_t f = 0; f < F; ++f)
       for (int64_t p = 0; p < L.probes[f]; ++p) feat_of_block[L.pbase[f] + p] = f;
@@ -253,10 +263,7 @@ Contributions<at::opmath_type<scalar_t>> build_contributions(const BagLayout& L,
   // sum / mean: contribution k of (bag j, position i, probe p) = cbase[f] + (i - offs[f*B]) * P_f + p
   std::vector<int64_t> cbase(F + 1, 0);
   for (int64_t f = 0; f < F; ++f) cbase[f + 1] = cbase[f] + (offs[(f + 1) * B] - offs[f * B]) * L.probes[f];
-  const int64_t K = cbase[F];
-  c.row.resize(K);
-  c.src.resize(K);
-  c.scale.resize(K);
+  c.resize(cbase[F]);
   const std::vector<uint64_t> salts = block_salts(L, seed);
   const uint64_t R = static_cast<uint64_t>(L.num_rows);
   at::parallel_for(0, F * B, 256, [&](int64_t j0, int64_t j1) {
@@ -278,19 +285,24 @@ Contributions<at::opmath_type<scalar_t>> build_contributions(const BagLayout& L,
   return c;
 }
 
-// Buckets contribution indices by row range (a stable counting scatter over fixed chunks), then
-// calls visit(bucket_entries, count) for each bucket in parallel, with the entries sorted by
-// (row, k). Buckets own disjoint row ranges.
+// A contribution as the row buckets hold it: sorted by (row, k); k (the contribution's index)
+// fixes the summation order of a row, so the bits never depend on threads.
+template <typename acc_t>
 struct RowEntry {
   int64_t row;
   int64_t k;
-  bool operator<(const RowEntry& o) const { return row < o.row || (row == o.row && k < o.k); }
+  int64_t src;
+  acc_t scale;
 };
 
-template <typename Visit>
-void for_each_row_bucket(const std::vector<int64_t>& rows, int64_t num_rows, const Visit& visit) {
-  const int64_t K = static_cast<int64_t>(rows.size());
+// Buckets the contributions by row range (a stable counting scatter over fixed chunks), then calls
+// visit(bucket_entries, count) for each bucket in parallel, entries sorted by (row, k). Buckets
+// own disjoint row ranges, so visits never touch the same row.
+template <typename acc_t, typename Visit>
+void for_each_row_bucket(const Contributions<acc_t>& c, int64_t num_rows, const Visit& visit) {
+  const int64_t K = c.size;
   if (K == 0) return;
+  const int64_t* rows = c.row.get();
   const int64_t target = std::clamp<int64_t>(K / 256, 1, 4096);
   int shift = 0;
   while (((num_rows - 1) >> shift) + 1 > target) ++shift;
@@ -299,9 +311,9 @@ void for_each_row_bucket(const std::vector<int64_t>& rows, int64_t num_rows, con
   const int64_t nc = (K + chunk - 1) / chunk;
   std::vector<int64_t> counts(nc * nb, 0);  // [chunk][bucket]
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t* cnt = counts.data() + c * nb;
-      for (int64_t k = c * chunk, e = std::min(K, (c + 1) * chunk); k < e; ++k)
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      int64_t* cnt = counts.data() + ch * nb;
+      for (int64_t k = ch * chunk, e = std::min(K, (ch + 1) * chunk); k < e; ++k)
         if (rows[k] >= 0) ++cnt[rows[k] >> shift];
     }
   });
@@ -310,53 +322,65 @@ void for_each_row_bucket(const std::vector<int64_t>& rows, int64_t num_rows, con
   int64_t total = 0;
   for (int64_t bk = 0; bk < nb; ++bk) {
     bucket_start[bk] = total;
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t n = counts[c * nb + bk];
-      counts[c * nb + bk] = total;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      const int64_t n = counts[ch * nb + bk];
+      counts[ch * nb + bk] = total;
       total += n;
     }
   }
   bucket_start[nb] = total;
-  std::vector<RowEntry> entries(total);
+  Buffer<RowEntry<acc_t>> entries(new RowEntry<acc_t>[std::max<int64_t>(total, 1)]);
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t* cur = counts.data() + c * nb;
-      for (int64_t k = c * chunk, e = std::min(K, (c + 1) * chunk); k < e; ++k) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      int64_t* cur = counts.data() + ch * nb;
+      for (int64_t k = ch * chunk, e = std::min(K, (ch + 1) * chunk); k < e; ++k) {
         const int64_t r = rows[k];
-        if (r >= 0) entries[cur[r >> shift]++] = RowEntry{r, k};
+        if (r >= 0) entries[cur[r >> shift]++] = RowEntry<acc_t>{r, k, c.src[k], c.scale[k]};
       }
     }
   });
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bk = b0; bk < b1; ++bk) {
-      RowEntry* first = entries.data() + bucket_start[bk];
+      RowEntry<acc_t>* first = entries.get() + bucket_start[bk];
       const int64_t n = bucket_start[bk + 1] - bucket_start[bk];
       if (n == 0) continue;
-      // entries arrive in ascending k (stable scatter); a stable sort by row keeps that order
-      std::stable_sort(first, first + n, [](const RowEntry& a, const RowEntry& b) { return a.row < b.row; });
+      std::sort(first, first + n, [](const RowEntry<acc_t>& a, const RowEntry<acc_t>& b) {
+        return a.row < b.row || (a.row == b.row && a.k < b.k);
+      });
       visit(first, n);
     }
   });
 }
 
 // Calls on_row(row, acc) for every touched row with acc = that row's summed gradient (opmath, D).
+// dst (the table the rows are written to) is prefetched a few entries ahead, like grad_out's rows.
 template <typename scalar_t, typename OnRow>
 void reduce_rows(const Contributions<at::opmath_type<scalar_t>>& c, const BagLayout& L, const scalar_t* g,
-                 const OnRow& on_row) {
+                 const scalar_t* dst, const OnRow& on_row) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = L.dim;
-  for_each_row_bucket(c.row, L.num_rows, [&](const RowEntry* e, int64_t n) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool elementwise = c.elementwise;
+  for_each_row_bucket(c, L.num_rows, [&](const RowEntry<acc_t>* e, int64_t n) {
+    constexpr int64_t kAhead = 8;
     std::vector<acc_t> acc(D);
+    for (int64_t i = 0; i < std::min(n, kAhead); ++i) {
+      prefetch_row(g + e[i].src, elementwise ? 1 : row_bytes);
+      prefetch_row(dst + e[i].row * D, row_bytes);
+    }
     int64_t i = 0;
     while (i < n) {
       const int64_t r = e[i].row;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (; i < n && e[i].row == r; ++i) {
-        const int64_t k = e[i].k;
-        const acc_t s = c.scale[k];
-        const scalar_t* __restrict__ gs = g + c.src[k];
-        if (c.elementwise) {
-          acc[k % D] += s * static_cast<acc_t>(gs[0]);
+        if (i + kAhead < n) {
+          prefetch_row(g + e[i + kAhead].src, elementwise ? 1 : row_bytes);
+          if (e[i + kAhead].row != e[i + kAhead - 1].row) prefetch_row(dst + e[i + kAhead].row * D, row_bytes);
+        }
+        const acc_t s = e[i].scale;
+        const scalar_t* __restrict__ gs = g + e[i].src;
+        if (elementwise) {
+          acc[e[i].k % D] += s * static_cast<acc_t>(gs[0]);
         } else {
           acc_t* __restrict__ a = acc.data();
           for (int64_t d = 0; d < D; ++d) a[d] += s * static_cast<acc_t>(gs[d]);
@@ -425,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
         const Contributions<acc_t> c = build_contributions<scalar_t, index_t>(
             L, seed, vals, o, psw, L.mode == PoolMode::kMax ? in.argmax.const_data_ptr<int64_t>() : nullptr);
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-        reduce_rows<scalar_t>(c, L, g, [&](int64_t r, const acc_t* acc) {
+        reduce_rows<scalar_t>(c, L, g, gw, [&](int64_t r, const acc_t* acc) {
           scalar_t* __restrict__ dst = gw + r * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
         });
@@ -493,7 +517,7 @@ void update_cpu(const at::Tensor& weight, const at::Tensor& state, const at::Ten
       const index_t* vals = in.v.const_data_ptr<index_t>();
       const Contributions<acc_t> c = build_contributions<scalar_t, index_t>(
           L, seed, vals, o, psw, L.mode == PoolMode::kMax ? in.argmax.const_data_ptr<int64_t>() : nullptr);
-      reduce_rows<scalar_t>(c, L, g, [&](int64_t r, const acc_t* acc) {
+      reduce_rows<scalar_t>(c, L, g, w, [&](int64_t r, const acc_t* acc) {
         scalar_t* __restrict__ wr = w + r * D;
         acc_t mult = alr;
         if (st != nullptr) {
