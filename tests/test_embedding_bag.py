@@ -79,6 +79,24 @@ def test_forward_matches_reference(device, mode, combine, dtype, index_dtype):
     torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_vector_widths(device, dim, mode, dtype):
+    # the CPU kernel has register-accumulator variants for these widths
+    probes = [1, 3]
+    w, v, o, psw = make_bags(probes, 9, num_rows=50, dim=dim, dtype=dtype, device=device, seed=dim, max_len=25)
+    for combine in COMBINES:
+        kw = dict(combine=combine, mode=mode, seed=4)
+        if mode == "sum":
+            kw["per_sample_weights"] = psw
+        out = run(w, v, o, probes, **kw)
+        if mode == "sum":
+            kw["per_sample_weights"] = psw.double().cpu()
+        want = ref(w.double().cpu(), v.cpu(), o.cpu(), probes, **kw)
+        torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
+
+
 def test_empty_bags_give_zeros_and_empty_batch(device):
     w = torch.randn(10, 4, device=device)
     v = torch.tensor([5, 6], device=device)

@@ -162,6 +162,87 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
   });
 }
 
+// Sum/mean pooling at a compile-time D (16, 32, 64, 128): the accumulators live in registers.
+// Bag j + 1's rows are hashed and prefetched while bag j is summed (double-buffered), so every
+// row of a bag is already in flight when the bag is reduced, one probe at a time.
+template <typename scalar_t, typename index_t, int kMode, bool kPsw, int kD>
+void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
+                            const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
+                            const scalar_t* __restrict__ psw, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = L.batch;
+  const uint64_t R = static_cast<uint64_t>(L.num_rows);
+  const int comb = static_cast<int>(L.combine);
+  constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, 4096 / kD);
+  at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
+    std::vector<int64_t> buf[2];
+    auto hash_bag = [&](int64_t j, std::vector<int64_t>& rows) {
+      const int64_t f = j / B, P = L.probes[f];
+      const int64_t start = offs[j], len = offs[j + 1] - start;
+      if (static_cast<int64_t>(rows.size()) < len * P) rows.resize(len * P);
+      const uint64_t* s = salts + L.pbase[f];
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t v = static_cast<int64_t>(vals[start + t]);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t r = hash_row(v, s[p], R);
+          rows[t * P + p] = r;
+          prefetch_row(w + r * kD, kRowBytes);
+        }
+      }
+    };
+    hash_bag(j0, buf[0]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const std::vector<int64_t>& rows = buf[(j - j0) & 1];
+      if (j + 1 < j1) hash_bag(j + 1, buf[(j + 1 - j0) & 1]);
+      const int64_t f = j / B, b = j - f * B;
+      const int64_t P = L.probes[f], q0 = L.pbase[f];
+      const int64_t start = offs[j], len = offs[j + 1] - start;
+      const acc_t ps = pool_scale<acc_t>(kMode, len);
+      scalar_t* o = out + b * L.out_dim;
+      acc_t total[kD];
+      for (int d = 0; d < kD; ++d) total[d] = acc_t(0);
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t acc[kD];
+        for (int d = 0; d < kD; ++d) acc[d] = acc_t(0);
+        for (int64_t t = 0; t < len; ++t) {
+          const scalar_t* __restrict__ wr = w + rows[t * P + p] * kD;
+          if constexpr (kPsw) {
+            const acc_t sw = static_cast<acc_t>(psw[start + t]);
+            for (int d = 0; d < kD; ++d) acc[d] += sw * static_cast<acc_t>(wr[d]);
+          } else {
+            for (int d = 0; d < kD; ++d) acc[d] += static_cast<acc_t>(wr[d]);
+          }
+        }
+        if (comb == static_cast<int>(Combine::kConcat)) {
+          scalar_t* __restrict__ op = o + (q0 + p) * kD;
+          for (int d = 0; d < kD; ++d) op[d] = static_cast<scalar_t>(acc[d] * ps);
+        } else {
+          for (int d = 0; d < kD; ++d) total[d] += acc[d] * ps;
+        }
+      }
+      if (comb != static_cast<int>(Combine::kConcat)) {
+        const acc_t cs = combine_scale<acc_t>(comb, P);
+        scalar_t* __restrict__ op = o + f * kD;
+        for (int d = 0; d < kD; ++d) op[d] = static_cast<scalar_t>(total[d] * cs);
+      }
+    }
+  });
+}
+
+// Runs the fixed-D kernel when D is one of its sizes; returns false otherwise.
+template <typename scalar_t, typename index_t, int kMode, bool kPsw>
+bool forward_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* w, const index_t* vals,
+                     const int64_t* offs, const scalar_t* psw, scalar_t* out) {
+  switch (L.dim) {
+    case 16: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 16>(L, salts, w, vals, offs, psw, out); return true;
+    case 32: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 32>(L, salts, w, vals, offs, psw, out); return true;
+    case 64: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 64>(L, salts, w, vals, offs, psw, out); return true;
+    case 128: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 128>(L, salts, w, vals, offs, psw, out); return true;
+    default: return false;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const at::Tensor& values,
                                                const at::Tensor& offsets, at::IntArrayRef num_probes,
                                                c10::string_view combine, c10::string_view mode,
@@ -193,11 +274,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const a
       switch (L.mode) {
         case PoolMode::kSum:
           EMBEDOPS_BOOL_SWITCH(has_psw, kPsw, [&] {
-            forward_kernel<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
+            if (!forward_fixed_d<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op))
+              forward_kernel<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
           });
           break;
         case PoolMode::kMean:
-          forward_kernel<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          if (!forward_fixed_d<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op))
+            forward_kernel<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op, ap);
           break;
         case PoolMode::kMax:
           forward_kernel<scalar_t, index_t, 2, false>(L, salts.data(), wp, vp, o, pp, op, ap);
