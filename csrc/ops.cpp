@@ -9,6 +9,25 @@ TORCH_LIBRARY(embedops, m) {
 
   // ---- embedding ------------------------------------------------------------------------------
   m.def("hash_ids(Tensor values, int feature, int probe, int num_rows, int seed=0) -> Tensor", pt2);
+  // pooling: the bag reduction ("mode" in the Python API; a schema argument named "mode" clashes
+  // with torch.library internals). -> (out (B, out_dim), argmax (B, Q*D) int64 for mode "max", else (0,))
+  m.def(
+      "multiplexed_embedding_bag(Tensor weight, Tensor values, Tensor offsets, int[] num_probes, "
+      "str combine=\"concat\", str pooling=\"sum\", Tensor? per_sample_weights=None, int seed=0, "
+      "bool validate=True) -> (Tensor, Tensor)",
+      pt2);
+  // -> (grad_weight (R, D) dense or (0,), grad_per_sample_weights (N,) or (0,))
+  m.def(
+      "multiplexed_embedding_bag_backward(Tensor grad_out, Tensor weight, Tensor values, Tensor offsets, "
+      "Tensor argmax, int[] num_probes, str combine, str pooling, Tensor? per_sample_weights, int seed, "
+      "bool weight_grad=True, bool psw_grad=False) -> (Tensor, Tensor)",
+      pt2);
+  // Fused optimizer step on the touched rows only: weight (and state, rowwise_adagrad) in place.
+  m.def(
+      "multiplexed_embedding_bag_update(Tensor(a!) weight, Tensor(b!) state, Tensor grad_out, Tensor values, "
+      "Tensor offsets, Tensor argmax, int[] num_probes, str combine, str pooling, Tensor? per_sample_weights, "
+      "int seed, str optimizer, float lr, float eps) -> ()",
+      pt2);
 
   // ---- matryoshka -----------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ import torch  # noqa: F401  (must be imported before the native extension)
 
 from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
-from .embedding import hash_ids
+from .embedding import hash_ids, lengths_to_offsets, multiplexed_embedding_bag
 from .attention import cross_attention, cross_attention_varlen
-from . import nn  # noqa: F401  (embedops.nn.CrossAttention, ...)
+from . import nn  # noqa: F401  (embedops.nn.CrossAttention, UnifiedEmbedding, ...)
 
 __version__ = _C.build_info()["version"]
 
@@ -31,4 +31,8 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "hash_ids", "cross_attention", "cross_attention_varlen", "__version__"]
+__all__ = [
+    "build_info", "__version__",
+    "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag",
+    "cross_attention", "cross_attention_varlen",
+]

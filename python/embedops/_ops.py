@@ -18,6 +18,64 @@ def _hash_ids_fake(values, feature, probe, num_rows, seed=0):
     return torch.empty_like(values, dtype=torch.int64, memory_format=torch.contiguous_format)
 
 
+def _bag_out_shape(weight, offsets, num_probes, combine):
+    f = len(num_probes)
+    batch = (offsets.shape[0] - 1) // f
+    blocks = sum(num_probes) if combine == "concat" else f
+    return batch, blocks * weight.shape[1]
+
+
+@torch.library.register_fake("embedops::multiplexed_embedding_bag")
+def _meb_fake(weight, values, offsets, num_probes, combine="concat", pooling="sum", per_sample_weights=None,
+              seed=0, validate=True):
+    torch._check(len(num_probes) > 0, lambda: "multiplexed_embedding_bag: num_probes must not be empty")
+    batch, cols = _bag_out_shape(weight, offsets, num_probes, combine)
+    out = weight.new_empty((batch, cols))
+    if pooling == "max":
+        argmax = weight.new_empty((batch, sum(num_probes) * weight.shape[1]), dtype=torch.int64)
+    else:
+        argmax = weight.new_empty((0,), dtype=torch.int64)
+    return out, argmax
+
+
+@torch.library.register_fake("embedops::multiplexed_embedding_bag_backward")
+def _meb_backward_fake(grad_out, weight, values, offsets, argmax, num_probes, combine, pooling, per_sample_weights,
+                       seed, weight_grad=True, psw_grad=False):
+    gw = weight.new_empty(weight.shape) if weight_grad else weight.new_empty((0,))
+    gp = weight.new_empty((values.shape[0],)) if psw_grad else weight.new_empty((0,))
+    return gw, gp
+
+
+@torch.library.register_fake("embedops::multiplexed_embedding_bag_update")
+def _meb_update_fake(weight, state, grad_out, values, offsets, argmax, num_probes, combine, pooling,
+                     per_sample_weights, seed, optimizer, lr, eps):
+    return None
+
+
+def _meb_setup_context(ctx, inputs, output):
+    weight, values, offsets, num_probes, combine, mode, per_sample_weights, seed, validate = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.cfg = (list(num_probes), combine, mode, seed)
+    ctx.psw_needs_grad = per_sample_weights is not None and ctx.needs_input_grad[6]
+    ctx.save_for_backward(weight, values, offsets, output[1], per_sample_weights)
+
+
+def _meb_backward(ctx, grad_out, _grad_argmax):
+    weight, values, offsets, argmax, psw = ctx.saved_tensors
+    num_probes, combine, mode, seed = ctx.cfg
+    need_w = ctx.needs_input_grad[0]
+    need_p = ctx.psw_needs_grad
+    if not (need_w or need_p):
+        return (None,) * 9
+    gw, gp = torch.ops.embedops.multiplexed_embedding_bag_backward(
+        grad_out, weight, values, offsets, argmax, num_probes, combine, mode, psw, seed, need_w, need_p)
+    return (gw if need_w else None, None, None, None, None, None, gp if need_p else None, None, None)
+
+
+torch.library.register_autograd("embedops::multiplexed_embedding_bag", _meb_backward,
+                                setup_context=_meb_setup_context)
+
+
 # ---- matryoshka --------------------------------------------------------------------------------
 
 # ---- attention ---------------------------------------------------------------------------------

@@ -58,4 +58,110 @@ def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0):
     return rows.numpy() if was_numpy else rows
 
 
-__all__ = ["hash_ids"]
+_MODES = ("sum", "mean", "max")
+_COMBINES = ("concat", "sum", "mean")
+
+
+def _probe_list(op: str, num_probes, num_features) -> list[int]:
+    if isinstance(num_probes, (list, tuple)):
+        probes = [check_int(op, "num_probes[i]", p) for p in num_probes]
+        if not probes:
+            raise ValueError(f"{op}: num_probes must not be empty")
+        if num_features is not None and check_int(op, "num_features", num_features) != len(probes):
+            raise ValueError(f"{op}: num_features={num_features} but num_probes lists {len(probes)} features")
+    else:
+        p = check_int(op, "num_probes", num_probes)
+        nf = 1 if num_features is None else check_int(op, "num_features", num_features)
+        if nf <= 0:
+            raise ValueError(f"{op}: num_features must be > 0, got {nf}")
+        probes = [p] * nf
+    for f, p in enumerate(probes):
+        if p <= 0:
+            raise ValueError(f"{op}: num_probes[{f}] (the probe count of feature {f}) must be > 0, got {p}")
+    return probes
+
+
+def lengths_to_offsets(lengths: torch.Tensor, *, validate: bool = True, op: str = "lengths_to_offsets") -> torch.Tensor:
+    """(M,) int bag lengths -> (M + 1,) int64 offsets starting at 0 (a cumulative sum).
+
+    With ``validate`` (default) negative lengths raise ValueError; on CUDA this check reads one
+    value back to the host (a synchronisation).
+    """
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{op}: lengths must be a torch.Tensor, got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: lengths must be an integer tensor of dtype int32 or int64, got {lengths.dtype}")
+    if lengths.dim() != 1:
+        raise ValueError(f"{op}: lengths must have 1 dim (F*B,), got shape {tuple(lengths.shape)}")
+    if validate and lengths.numel() and bool((lengths < 0).any()):
+        raise ValueError(f"{op}: lengths must be >= 0, got a negative length")
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int64), (1, 0))
+
+
+def multiplexed_embedding_bag(weight, values, offsets=None, *, lengths=None, num_probes=1, num_features=None,
+                              combine: str = "concat", mode: str = "sum", per_sample_weights=None, seed: int = 0,
+                              validate: bool = True) -> torch.Tensor:
+    """Embedding bags over one shared table with multiplexed hashing (Unified Embedding), fused.
+
+    F categorical features share the table ``weight``; every raw id ``v`` of feature ``f`` is
+    looked up ``P_f`` times, at rows ``hash_ids(v, feature=f, probe=p, num_rows=R, seed=seed)``
+    for ``p < P_f``. The hash is computed inside the lookup kernel: no hashed index tensor is
+    ever materialised.
+
+    Args:
+        weight: (R, D) float32/float16/bfloat16/float64 table (CPU or CUDA). Differentiable
+            (dense, deterministic gradient: identical bits run to run).
+        values: (N,) int32/int64 raw ids, any 64-bit value (negative ones too).
+        offsets: (F*B + 1,) int32/int64, feature-major bags like TorchRec's KeyedJaggedTensor:
+            bag (f, b) is ``values[offsets[f*B + b] : offsets[f*B + b + 1]]``. Must start at 0,
+            be non-decreasing and end at most at N (ids after ``offsets[-1]`` are ignored).
+        lengths: (F*B,) int32/int64 bag lengths instead of ``offsets`` (exactly one of the two).
+        num_probes: P_f: an int (the same for every feature) or a list with one int per feature.
+            F is ``len(num_probes)`` for a list; for an int, F is ``num_features`` (default 1).
+            B is then ``(len(offsets) - 1) / F``.
+        num_features: F when ``num_probes`` is an int.
+        combine: how a feature's probes combine: ``"concat"`` (feature f gives P_f*D columns,
+            probe p in its p-th D-block), ``"sum"`` or ``"mean"`` (D columns per feature).
+        mode: pooling over a bag: ``"sum"``, ``"mean"`` or ``"max"``. Empty bags give zeros.
+        per_sample_weights: (N,) weights of the ids (dtype of ``weight``), only with mode
+            ``"sum"``; differentiable.
+        seed: int64 hash seed; changes every row assignment.
+        validate: check offsets on the data. On CPU the checks always run (O(F*B)). On CUDA they
+            run on the device inside the kernels and raise a RuntimeError naming the problem
+            afterwards, which costs one device-to-host read of an error flag (a stream
+            synchronisation) per call; ``validate=False`` skips the flag read (bad offsets are
+            then clamped on the device, never read out of bounds, but give wrong results).
+
+    Returns:
+        (B, out_dim) tensor of ``weight``'s dtype, out_dim = ``sum(P_f) * D`` for ``"concat"``,
+        ``F * D`` otherwise; features in order, each its block.
+
+    Raises:
+        TypeError / ValueError / IndexError naming the argument for wrong dtypes, shapes, modes,
+        probe counts, bad offsets or negative lengths.
+    """
+    op = "multiplexed_embedding_bag"
+    for name, t in (("weight", weight), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_device(op, "weight", weight)
+    if (offsets is None) == (lengths is None):
+        raise ValueError(f"{op}: give exactly one of offsets and lengths")
+    if lengths is not None:
+        offsets = lengths_to_offsets(lengths, validate=validate, op=op)
+    elif not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{op}: offsets must be a torch.Tensor, got {type(offsets).__name__}")
+    if combine not in _COMBINES:
+        raise ValueError(f"{op}: combine must be one of {_COMBINES}, got {combine!r}")
+    if mode not in _MODES:
+        raise ValueError(f"{op}: mode must be one of {_MODES}, got {mode!r}")
+    probes = _probe_list(op, num_probes, num_features)
+    seed = check_int(op, "seed", seed)
+    if per_sample_weights is not None and mode != "sum":
+        raise ValueError(f"{op}: per_sample_weights is only supported with mode='sum', got mode={mode!r}")
+    out, _ = torch.ops.embedops.multiplexed_embedding_bag(weight, values, offsets, probes, combine, mode,
+                                                          per_sample_weights, seed, validate)
+    return out
+
+
+__all__ = ["hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag"]

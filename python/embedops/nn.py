@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from ._utils import check_int
 
 # ---- attention ---------------------------------------------------------------------------------
 
@@ -89,3 +94,207 @@ def _lengths_from_padding_mask(mask, shape) -> torch.Tensor:
                              "(valid keys first); use kv_lengths-compatible padding")
     return lengths
 
+
+# ---- embedding ---------------------------------------------------------------------------------
+
+_OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
+
+
+class _FusedUpdate(torch.autograd.Function):
+    """Forward: the lookup. Backward: the optimizer step on the touched rows, in place.
+
+    The weight gets no .grad (there is no dense gradient); per_sample_weights still get theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, state, values, offsets, per_sample_weights, cfg):
+        num_probes, combine, mode, seed, validate, optimizer, lr, eps = cfg
+        with torch.no_grad():
+            out, argmax = torch.ops.embedops.multiplexed_embedding_bag(
+                weight, values, offsets, num_probes, combine, mode, per_sample_weights, seed, validate)
+        ctx.weight = weight.detach()  # updated in the backward; not a saved tensor (no version check)
+        ctx.state = state
+        ctx.cfg = cfg
+        ctx.save_for_backward(values, offsets, argmax, per_sample_weights)
+        ctx.mark_non_differentiable(argmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, offsets, argmax, psw = ctx.saved_tensors
+        num_probes, combine, mode, seed, _validate, optimizer, lr, eps = ctx.cfg
+        grad_psw = None
+        if psw is not None and ctx.needs_input_grad[4]:
+            _, grad_psw = torch.ops.embedops.multiplexed_embedding_bag_backward(
+                grad_out, ctx.weight, values, offsets, argmax, num_probes, combine, mode, psw, seed, False, True)
+        torch.ops.embedops.multiplexed_embedding_bag_update(
+            ctx.weight, ctx.state, grad_out, values, offsets, argmax, num_probes, combine, mode, psw, seed,
+            optimizer, lr, eps)
+        return None, None, None, None, grad_psw, None
+
+
+class UnifiedEmbedding(torch.nn.Module):
+    """Unified Embedding (feature multiplexing): many categorical features in one hashed table.
+
+    Args:
+        num_rows: R, rows of the shared table (> 0).
+        dim: D, embedding width (> 0).
+        features: ordered mapping ``{name: num_probes}`` (P_f >= 1 lookups per id); the output
+            has the features in this order.
+        combine: ``"concat"`` (P_f*D columns per feature), ``"sum"`` or ``"mean"`` (D columns).
+        mode: pooling over a bag: ``"sum"``, ``"mean"`` or ``"max"``.
+        optimizer: ``None`` (default): a normal dense, deterministic gradient in ``weight.grad``
+            for any torch optimizer. ``"sgd"`` or ``"rowwise_adagrad"``: the backward applies the
+            update to the touched rows in place (FBGEMM-style fused optimizer) and ``weight.grad``
+            stays None; no (R, D) gradient is ever made. Row-wise Adagrad keeps one accumulator
+            per row in the buffer ``momentum`` (in ``state_dict``):
+            ``momentum[r] += mean_d(g[r]^2); weight[r] -= lr * g[r] / (sqrt(momentum[r]) + eps)``;
+            SGD: ``weight[r] -= lr * g[r]``. g[r] is the row's gradient summed over the batch.
+        lr, eps: optimizer hyper-parameters (defaults 0.01, 1e-8).
+        seed: hash seed.
+        validate: see :func:`embedops.multiplexed_embedding_bag` (CUDA offsets checks).
+        dtype, device: of the table (default float32, CPU). Initialised U(-1/sqrt(D), 1/sqrt(D)).
+
+    Input of ``forward``: any of
+        - a dict ``{name: (values, offsets)}`` with (N_f,) ids and (B + 1,) offsets per feature,
+        - a dict ``{name: {"values": v, "lengths": l}}`` (or ``"offsets"``) per feature,
+        - a flat ``(values, offsets)`` tuple in the op's feature-major layout ((F*B + 1,) offsets,
+          features in the module's order), or ``{"values": v, "lengths": l}``.
+        Every feature of the module must be present, with the same batch size B.
+    ``per_sample_weights``: optional (N,) weights (mode "sum"), a flat tensor for the flat input,
+    or a dict ``{name: (N_f,)}`` for dict input.
+
+    Returns: (B, out_dim) of the table's dtype.
+    """
+
+    def __init__(self, num_rows: int, dim: int, features: Mapping[str, int], *, combine: str = "concat",
+                 mode: str = "sum", optimizer: str | None = None, lr: float = 0.01, eps: float = 1e-8,
+                 seed: int = 0, validate: bool = True, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        op = "UnifiedEmbedding"
+        num_rows = check_int(op, "num_rows", num_rows)
+        dim = check_int(op, "dim", dim)
+        if num_rows <= 0:
+            raise ValueError(f"{op}: num_rows must be > 0, got {num_rows}")
+        if dim <= 0:
+            raise ValueError(f"{op}: dim must be > 0, got {dim}")
+        if not isinstance(features, Mapping) or not features:
+            raise ValueError(f"{op}: features must be a non-empty mapping {{name: num_probes}}, got {features!r}")
+        probes = {}
+        for name, p in features.items():
+            p = check_int(op, f"features[{name!r}]", p)
+            if p <= 0:
+                raise ValueError(f"{op}: features[{name!r}] (probe count) must be > 0, got {p}")
+            probes[str(name)] = p
+        if combine not in ("concat", "sum", "mean"):
+            raise ValueError(f"{op}: combine must be 'concat', 'sum' or 'mean', got {combine!r}")
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"{op}: mode must be 'sum', 'mean' or 'max', got {mode!r}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"{op}: optimizer must be None, 'sgd' or 'rowwise_adagrad', got {optimizer!r}")
+        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"{op}: lr must be a finite float >= 0, got {lr!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+        self.num_rows, self.dim = num_rows, dim
+        self.features = probes
+        self.combine, self.mode, self.optimizer = combine, mode, optimizer
+        self.lr, self.eps = float(lr), float(eps)
+        self.seed = check_int(op, "seed", seed)
+        self.validate = bool(validate)
+        dtype = dtype or torch.float32
+        bound = 1.0 / math.sqrt(dim)
+        self.weight = torch.nn.Parameter(torch.empty(num_rows, dim, dtype=dtype, device=device).uniform_(-bound, bound))
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if optimizer == "rowwise_adagrad":
+            self.register_buffer("momentum", torch.zeros(num_rows, dtype=state_dtype, device=device))
+        else:
+            self.register_buffer("momentum", torch.zeros(0, dtype=state_dtype, device=device), persistent=False)
+
+    @property
+    def num_probes(self) -> list[int]:
+        return list(self.features.values())
+
+    @property
+    def out_dim(self) -> int:
+        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
+        return blocks * self.dim
+
+    def extra_repr(self) -> str:
+        return (f"num_rows={self.num_rows}, dim={self.dim}, features={self.features}, combine={self.combine!r}, "
+                f"mode={self.mode!r}, optimizer={self.optimizer!r}, lr={self.lr}, seed={self.seed}")
+
+    @staticmethod
+    def _jagged(op: str, name: str, x):
+        """(values, offsets) of one jagged input given as a tuple or a dict."""
+        from .embedding import lengths_to_offsets
+
+        if isinstance(x, Mapping):
+            if "values" not in x or (("offsets" in x) == ("lengths" in x)):
+                raise ValueError(f"{op}: {name} must have 'values' and exactly one of 'offsets' and 'lengths'")
+            values = x["values"]
+            offsets = x["offsets"] if "offsets" in x else lengths_to_offsets(x["lengths"], op=op)
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            values, offsets = x
+        else:
+            raise TypeError(f"{op}: {name} must be a (values, offsets) tuple or a dict with values and "
+                            f"offsets/lengths, got {type(x).__name__}")
+        for what, t in (("values", values), ("offsets", offsets)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} {what} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 1:
+                raise ValueError(f"{op}: {name} {what} must be 1-D, got shape {tuple(t.shape)}")
+        return values, offsets
+
+    def _flatten(self, x, per_sample_weights):
+        op = "UnifiedEmbedding"
+        if isinstance(x, Mapping) and set(x) - {"values", "offsets", "lengths"}:
+            missing = [n for n in self.features if n not in x]
+            extra = [n for n in x if n not in self.features]
+            if missing or extra:
+                raise ValueError(f"{op}: input features must be exactly {list(self.features)}; missing {missing}, "
+                                 f"unknown {extra}")
+            vals, offs, psws = [], [], []
+            batch = None
+            base = 0
+            for name in self.features:
+                v, o = self._jagged(op, f"features[{name!r}]", x[name])
+                if o.numel() < 1:
+                    raise ValueError(f"{op}: features[{name!r}] offsets must have B + 1 >= 1 entries")
+                if batch is None:
+                    batch = o.numel() - 1
+                elif o.numel() - 1 != batch:
+                    raise ValueError(f"{op}: features[{name!r}] has batch size {o.numel() - 1}, but the first "
+                                     f"feature has {batch}")
+                if self.validate and o.numel() and (int(o[0]) != 0 or int(o[-1]) != v.numel()):
+                    raise ValueError(f"{op}: features[{name!r}] offsets must start at 0 and end at len(values) = "
+                                     f"{v.numel()}, got {int(o[0])} .. {int(o[-1])}")
+                # shift this feature's offsets past the previous features' values
+                o = o.to(torch.int64)
+                vals.append(v.to(torch.int64) if v.dtype != torch.int64 else v)
+                offs.append(o[:-1] + base if len(offs) < len(self.features) - 1 else o + base)
+                base = base + v.numel()
+                if per_sample_weights is not None:
+                    if not isinstance(per_sample_weights, Mapping) or name not in per_sample_weights:
+                        raise ValueError(f"{op}: per_sample_weights must be a dict with an entry for every feature "
+                                         f"when the input is a dict (missing {name!r})")
+                    psws.append(per_sample_weights[name])
+            return torch.cat(vals), torch.cat(offs), (torch.cat(psws) if psws else None)
+        values, offsets = self._jagged(op, "input", x)
+        if per_sample_weights is not None and not isinstance(per_sample_weights, torch.Tensor):
+            raise TypeError(f"{op}: per_sample_weights must be a tensor for a flat input")
+        return values, offsets, per_sample_weights
+
+    def forward(self, x, per_sample_weights=None) -> torch.Tensor:
+        values, offsets, psw = self._flatten(x, per_sample_weights)
+        if self.optimizer is None or not torch.is_grad_enabled():
+            out, _ = torch.ops.embedops.multiplexed_embedding_bag(
+                self.weight, values, offsets, self.num_probes, self.combine, self.mode, psw, self.seed,
+                self.validate)
+            return out
+        cfg = (self.num_probes, self.combine, self.mode, self.seed, self.validate, self.optimizer, self.lr,
+               self.eps)
+        return _FusedUpdate.apply(self.weight, self.momentum, values, offsets, psw, cfg)
+
+
+# ---- end embedding -----------------------------------------------------------------------------

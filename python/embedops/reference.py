@@ -100,6 +100,45 @@ def hash_ids_torch(values, *, feature: int, probe: int, num_rows: int, seed: int
     return a_hi * b_hi + _srl(hi_lo, 32) + _srl(cross, 32)
 
 
+def multiplexed_embedding_bag(weight, values, offsets, num_probes, *, combine="concat", mode="sum",
+                              per_sample_weights=None, seed=0):
+    """Reference of embedops.multiplexed_embedding_bag in float64 from hash_ids + plain torch.
+
+    weight (R, D) float tensor (may require grad; the result is differentiable through plain
+    torch ops), values (N,) ints, offsets (F*B + 1,) feature-major, num_probes: one int per
+    feature. Rows come from the numpy hash_ids; pooling from F.embedding_bag in float64.
+    Returns (B, out_dim) float64.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = weight.double() if weight.dtype != torch.float64 else weight
+    psw = None if per_sample_weights is None else per_sample_weights.double()
+    offs = offsets.cpu().long()
+    vals = values.cpu().long().numpy()
+    nf = len(num_probes)
+    batch = (offs.numel() - 1) // nf
+    blocks = []
+    for f in range(nf):
+        lo, hi = int(offs[f * batch]), int(offs[(f + 1) * batch])
+        off_f = (offs[f * batch:(f + 1) * batch + 1] - lo).to(w.device)
+        pooled = []
+        for p in range(num_probes[f]):
+            rows = torch.from_numpy(hash_ids(vals[lo:hi], feature=f, probe=p, num_rows=w.shape[0], seed=seed))
+            pooled.append(F.embedding_bag(rows.to(w.device), w, off_f, mode=mode, include_last_offset=True,
+                                          per_sample_weights=None if psw is None else psw[lo:hi]))
+        if combine == "concat":
+            blocks.extend(pooled)
+        elif combine == "sum":
+            blocks.append(torch.stack(pooled).sum(0))
+        else:
+            blocks.append(torch.stack(pooled).mean(0))
+    if not blocks or batch == 0:
+        width = (sum(num_probes) if combine == "concat" else nf) * w.shape[1]
+        return w.new_zeros((batch, width))
+    return torch.cat(blocks, dim=1)
+
+
 # ---- matryoshka --------------------------------------------------------------------------------
 
 # ---- attention ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import embedops
 from embedops import reference
 
-from .core import Case
+from .core import Case, assert_close
 
 
 def _hash_case(device: str, n: int, dtype: torch.dtype) -> Case:
@@ -29,6 +29,169 @@ def _hash_case(device: str, n: int, dtype: torch.dtype) -> Case:
     )
 
 
+# ---- multiplexed_embedding_bag ---------------------------------------------------------------------
+# Production-like traces: F=26 features, Zipf(1.15) raw ids, bag lengths uniform in [0, 2L]
+# (mean L), one shared table of R = 2^20 rows. Baselines:
+#   (a) "torch hash + F.embedding_bag": reference.hash_ids_torch per (feature, probe), one
+#       F.embedding_bag per probe over all bags, then the concat layout (what users write today);
+#   (b) "EmbeddingBag pre-hashed": one F.embedding_bag on rows hashed beforehand (not timed),
+#       laid out so its output is ours: the lookup alone.
+# Bytes (FBGEMM's convention): every looked-up row once (N * P * D * elem) + the output.
+
+
+class _Bags:
+    def __init__(self, device, batch, dim, mean_len, probes, nf=26, num_rows=1 << 20, seed=0,
+                 dtype=torch.float32):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, 2 * mean_len + 1, (nf * batch,), generator=g)
+        ids = np.minimum(rng.zipf(1.15, int(lengths.sum())), 2**62).astype(np.int64)
+        self.device, self.batch, self.dim, self.nf, self.num_rows = device, batch, dim, nf, num_rows
+        self.probes = [probes] * nf
+        self.values = torch.from_numpy(ids).to(device)
+        self.offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device)
+        self.weight = torch.empty(num_rows, dim, dtype=dtype, device=device).uniform_(-0.05, 0.05)
+        self.seed = 3
+        self.n = int(lengths.sum())
+        self.elem = self.weight.element_size()
+
+    def shapes(self, extra=""):
+        return (f"F={self.nf} B={self.batch} L~{(self.n / (self.nf * self.batch)):.0f} D={self.dim} "
+                f"P={self.probes[0]} R=2^{self.num_rows.bit_length() - 1}{extra}")
+
+    def bytes(self):
+        return self.n * self.probes[0] * self.dim * self.elem + self.batch * sum(self.probes) * self.dim * self.elem
+
+    def ours(self, weight=None, mode="sum"):
+        return embedops.multiplexed_embedding_bag(self.weight if weight is None else weight, self.values,
+                                                  self.offsets, num_probes=self.probes, mode=mode, seed=self.seed)
+
+    def baseline_a(self, weight=None, mode="sum"):
+        """hash with torch int ops per (feature, probe) + one F.embedding_bag per probe + concat."""
+        w = self.weight if weight is None else weight
+        nf, batch = self.nf, self.batch
+        offs = self.offsets
+        bounds = offs[:: batch].tolist()
+        pooled = []
+        for p in range(self.probes[0]):
+            rows = torch.cat([reference.hash_ids_torch(self.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
+                                                       num_rows=self.num_rows, seed=self.seed) for f in range(nf)])
+            pooled.append(torch.nn.functional.embedding_bag(rows, w, offs, mode=mode, include_last_offset=True))
+        out = torch.stack(pooled).view(len(pooled), nf, batch, self.dim)  # (P, F, B, D)
+        return out.permute(2, 1, 0, 3).reshape(batch, -1)
+
+    def prehashed(self):
+        """Rows for (b) in bag order (b, f, p), so one embedding_bag gives our concat layout."""
+        nf, batch, probes = self.nf, self.batch, self.probes[0]
+        bounds = self.offsets[:: batch].tolist()
+        bag = torch.repeat_interleave(torch.arange(nf * batch, device=self.device), self.offsets.diff())
+        f_of, b_of = bag // batch, bag % batch
+        rows, keys = [], []
+        for p in range(probes):
+            rows.append(torch.cat([embedops.hash_ids(self.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
+                                                     num_rows=self.num_rows, seed=self.seed) for f in range(nf)]))
+            keys.append(b_of * (nf * probes) + f_of * probes + p)
+        keys = torch.cat(keys)
+        order = torch.sort(keys, stable=True).indices
+        counts = torch.bincount(keys, minlength=batch * nf * probes)
+        return torch.cat(rows)[order], torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+
+    def baseline_b(self, rows, offs, mode="sum"):
+        out = torch.nn.functional.embedding_bag(rows, self.weight, offs, mode=mode, include_last_offset=True)
+        return out.view(self.batch, -1)
+
+
+def _close(atol):
+    return lambda ours, theirs: assert_close(ours, theirs, atol=atol, rtol=1e-4, what="out")
+
+
+def _forward_case(device, batch, dim, mean_len, probes, mode="sum"):
+    d = _Bags(device, batch, dim, mean_len, probes)
+    rows, offs = d.prehashed()
+    return Case(
+        name=f"embedding_bag fwd {mode}",
+        shapes=d.shapes(),
+        fn=lambda: d.ours(mode=mode),
+        baselines={"(a) torch hash + F.embedding_bag": lambda: d.baseline_a(mode=mode),
+                   "(b) EmbeddingBag pre-hashed": lambda: d.baseline_b(rows, offs, mode=mode)},
+        check=_close(1e-5),
+        bytes=d.bytes(),
+    )
+
+
+def _backward_case(device, batch, dim, mean_len, probes):
+    d = _Bags(device, batch, dim, mean_len, probes)
+    w1 = d.weight.clone().requires_grad_()
+    w2 = d.weight.clone().requires_grad_()
+    out1, out2 = d.ours(weight=w1), d.baseline_a(weight=w2)
+    g = torch.randn_like(out1)
+
+    def bwd(out, w):
+        def fn():
+            w.grad = None
+            out.backward(g, retain_graph=True)
+            return w.grad
+        return fn
+
+    return Case(
+        name="embedding_bag bwd dense",
+        shapes=d.shapes(),
+        fn=bwd(out1, w1),
+        baselines={"(a) autograd backward": bwd(out2, w2)},
+        check=_close(1e-4),
+        bytes=d.bytes(),
+    )
+
+
+def _adagrad_case(device, batch, dim, mean_len, probes):
+    from embedops.nn import UnifiedEmbedding
+
+    d = _Bags(device, batch, dim, mean_len, probes)
+    feats = {f"f{i}": probes for i in range(d.nf)}
+    fused = UnifiedEmbedding(d.num_rows, dim, feats, optimizer="rowwise_adagrad", lr=0.01, seed=d.seed,
+                             device=device)
+    dense = UnifiedEmbedding(d.num_rows, dim, feats, seed=d.seed, device=device)
+    opt = torch.optim.Adagrad(dense.parameters(), lr=0.01)
+    x = (d.values, d.offsets)
+    g = torch.randn(batch, fused.out_dim, device=device)
+
+    def step_fused():
+        fused(x).backward(g)
+
+    def step_dense():
+        opt.zero_grad(set_to_none=True)
+        dense(x).backward(g)
+        opt.step()
+
+    return Case(
+        name="train step rowwise adagrad",
+        shapes=d.shapes(),
+        fn=step_fused,
+        baselines={"fwd + dense grad + optim.Adagrad": step_dense},
+        bytes=d.bytes(),
+    )
+
+
 def cases(device: str, quick: bool):
     n = 1 << (20 if quick else 23)
-    return [lambda dtype=dtype: _hash_case(device, n, dtype) for dtype in (torch.int64, torch.int32)]
+    out = [lambda dtype=dtype: _hash_case(device, n, dtype) for dtype in (torch.int64, torch.int32)]
+    out += [
+        lambda: _forward_case(device, 4096, 64, 5, 2),  # target: >= 2x (a)
+        lambda: _forward_case(device, 4096, 64, 5, 1),  # target: within 1.3x of (b)
+        lambda: _backward_case(device, 4096, 64, 5, 2),  # target: >= 1.5x (a)
+        lambda: _adagrad_case(device, 4096, 64, 5, 2),  # target: >= 2x dense + optim.Adagrad
+    ]
+    if not quick:
+        out += [
+            lambda: _forward_case(device, 4096, 64, 5, 3),
+            lambda: _forward_case(device, 512, 128, 20, 2),
+            lambda: _forward_case(device, 4096, 16, 20, 2),
+            lambda: _forward_case(device, 4096, 128, 5, 2),
+            lambda: _forward_case(device, 4096, 64, 5, 2, mode="mean"),
+            lambda: _forward_case(device, 4096, 64, 5, 2, mode="max"),
+            lambda: _backward_case(device, 512, 128, 20, 2),
+            lambda: _backward_case(device, 4096, 16, 20, 1),
+        ]
+    return out

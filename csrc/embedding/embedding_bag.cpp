@@ -1,0 +1,638 @@
+// multiplexed_embedding_bag on the CPU: forward (hashing inside the lookup), deterministic dense
+// backward, per_sample_weights gradient, and the fused row-wise optimizer update.
+//
+// Forward: parallel over bags (f, b); each id is hashed once per probe with hashing.h, the rows
+// of the next id are prefetched while the current one is accumulated (fp32/opmath, loops over D
+// the compiler vectorises).
+// Backward: every (id, probe) contribution (or, for max pooling, every argmax element) gets its
+// row; contributions are bucketed by row range with a stable counting scatter, then each bucket
+// (a disjoint slice of the table, one thread) sorts its entries by (row, contribution index) and
+// sums each row's contributions in that fixed order. No two threads touch one row and the order
+// of the sums never depends on scheduling or thread count: identical bits run to run.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "embedding/embedding.h"
+#include "embedding/hashing.h"
+
+// GCC's unroll-and-jam (on at -O3) fuses two ids of the id loops below and then runs the loops
+// over D scalar (measured: 3-4x slower); keep it off for this file's kernels.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-loop-unroll-and-jam")
+#endif
+
+namespace embedops {
+namespace {
+
+constexpr const char* kOp = "multiplexed_embedding_bag";
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
+  std::vector<uint64_t> salts(L.num_blocks);
+  for (int64_t f = 0; f < L.num_features; ++f)
+    for (int64_t p = 0; p < L.probes[f]; ++p)
+      salts[L.pbase[f] + p] = hash_salt(seed, static_cast<uint32_t>(f), static_cast<uint32_t>(p));
+  return salts;
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+template <typename scalar_t, typename index_t, int kMode, bool kPsw>
+void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
+                    const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
+                    const scalar_t* __restrict__ psw, scalar_t* __restrict__ out, int64_t* __restrict__ argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = L.dim, B = L.batch, Q = L.num_blocks;
+  const uint64_t R = static_cast<uint64_t>(L.num_rows);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const int comb = static_cast<int>(L.combine);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D));
+  at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
+    std::vector<acc_t> acc(L.max_probes * D);
+    // max pooling tracks the argmax as an int32 position in the bag (vectorises with the float
+    // compare) and maps it to the row through bag_rows at the end of the bag
+    std::vector<int32_t> arg(kMode == static_cast<int>(PoolMode::kMax) ? L.max_probes * D : 0);
+    std::vector<int64_t> bag_rows;
+    // Rows are hashed kPrefetch ids ahead of their use (across bag boundaries) into a ring, and
+    // their cache lines prefetched, so the table reads of several ids are in flight at once.
+    constexpr int64_t kPrefetch = 8, kRing = 16;
+    const int64_t maxp = L.max_probes;
+    std::vector<int64_t> ring(kRing * maxp);
+    const int64_t i_end = offs[j1];
+    int64_t pf_i = offs[j0], pf_j = j0;
+    int64_t pf_fend = -1, pf_np = 0;  // end bag of the prefetch cursor's feature, its probe count
+    const uint64_t* pf_salt = nullptr;
+    auto hash_ahead = [&]() {
+      while (offs[pf_j + 1] <= pf_i) ++pf_j;
+      if (pf_j >= pf_fend) {  // entered a new feature (no division per id)
+        const int64_t pf_f = pf_j / B;
+        pf_fend = (pf_f + 1) * B;
+        pf_salt = salts + L.pbase[pf_f];
+        pf_np = L.probes[pf_f];
+      }
+      int64_t* slot = ring.data() + (pf_i & (kRing - 1)) * maxp;
+      const int64_t v = static_cast<int64_t>(vals[pf_i]);
+      for (int64_t p = 0; p < pf_np; ++p) {
+        slot[p] = hash_row(v, pf_salt[p], R);
+        prefetch_row(w + slot[p] * D, row_bytes);
+      }
+      ++pf_i;
+    };
+    for (int64_t k = 0; k < kPrefetch && pf_i < i_end; ++k) hash_ahead();
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t f = j / B, b = j - f * B;
+      const int64_t P = L.probes[f], q0 = L.pbase[f];
+      const int64_t start = offs[j], end = offs[j + 1];
+      std::fill(acc.begin(), acc.begin() + P * D, acc_t(0));
+      if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+        if (static_cast<int64_t>(bag_rows.size()) < (end - start) * P) bag_rows.resize((end - start) * P);
+      }
+      for (int64_t i = start; i < end; ++i) {
+        if (pf_i < i_end) hash_ahead();
+        const int64_t* rows_cur = ring.data() + (i & (kRing - 1)) * maxp;
+        const acc_t s = kPsw ? static_cast<acc_t>(psw[i]) : acc_t(1);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t r = rows_cur[p];
+          const scalar_t* __restrict__ wr = w + r * D;
+          acc_t* __restrict__ a = acc.data() + p * D;
+          if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+            int32_t* __restrict__ ag = arg.data() + p * D;
+            const int32_t pos = static_cast<int32_t>(i - start);
+            bag_rows[pos * P + p] = r;
+            if (i == start) {
+              for (int64_t d = 0; d < D; ++d) {
+                a[d] = static_cast<acc_t>(wr[d]);
+                ag[d] = 0;
+              }
+            } else {
+              for (int64_t d = 0; d < D; ++d) {
+                const acc_t x = static_cast<acc_t>(wr[d]);
+                const bool gt = x > a[d];
+                a[d] = gt ? x : a[d];
+                ag[d] = gt ? pos : ag[d];
+              }
+            }
+          } else if constexpr (kPsw) {
+            for (int64_t d = 0; d < D; ++d) a[d] += s * static_cast<acc_t>(wr[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) a[d] += static_cast<acc_t>(wr[d]);
+          }
+        }
+      }
+      const acc_t ps = pool_scale<acc_t>(kMode, end - start);
+      scalar_t* o = out + b * L.out_dim;
+      if (comb == static_cast<int>(Combine::kConcat)) {
+        for (int64_t p = 0; p < P; ++p) {
+          scalar_t* __restrict__ op = o + (q0 + p) * D;
+          const acc_t* __restrict__ a = acc.data() + p * D;
+          for (int64_t d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(a[d] * ps);
+        }
+      } else {
+        const acc_t cs = combine_scale<acc_t>(comb, P) * ps;
+        for (int64_t p = 1; p < P; ++p) {
+          const acc_t* __restrict__ ap = acc.data() + p * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += ap[d];
+        }
+        scalar_t* __restrict__ op = o + f * D;
+        for (int64_t d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(acc[d] * cs);
+      }
+      if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+        int64_t* ag_out = argmax + b * Q * D + q0 * D;
+        if (start == end) {
+          std::fill(ag_out, ag_out + P * D, int64_t(-1));
+        } else {
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t d = 0; d < D; ++d) ag_out[p * D + d] = bag_rows[arg[p * D + d] * P + p];
+        }
+      }
+    }
+  });
+}
+
+// Sum/mean pooling at a compile-time D (16, 32, 64, 128): the accumulators live in registers.
+// Bag j + 1's rows are hashed and prefetched while bag j is summed (double-buffered), so every
+// row of a bag is already in flight when the bag is reduced, one probe at a time.
+template <typename scalar_t, typename index_t, int kMode, bool kPsw, int kD>
+void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
+                            const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
+                            const scalar_t* __restrict__ psw, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = L.batch;
+  const uint64_t R = static_cast<uint64_t>(L.num_rows);
+  const int comb = static_cast<int>(L.combine);
+  constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, 4096 / kD);
+  at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
+    std::vector<int64_t> buf[2];
+    auto hash_bag = [&](int64_t j, std::vector<int64_t>& rows) {
+      const int64_t f = j / B, P = L.probes[f];
+      const int64_t start = offs[j], len = offs[j + 1] - start;
+      if (static_cast<int64_t>(rows.size()) < len * P) rows.resize(len * P);
+      const uint64_t* s = salts + L.pbase[f];
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t v = static_cast<int64_t>(vals[start + t]);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t r = hash_row(v, s[p], R);
+          rows[t * P + p] = r;
+          prefetch_row(w + r * kD, kRowBytes);
+        }
+      }
+    };
+    hash_bag(j0, buf[0]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const std::vector<int64_t>& rows = buf[(j - j0) & 1];
+      if (j + 1 < j1) hash_bag(j + 1, buf[(j + 1 - j0) & 1]);
+      const int64_t f = j / B, b = j - f * B;
+      const int64_t P = L.probes[f], q0 = L.pbase[f];
+      const int64_t start = offs[j], len = offs[j + 1] - start;
+      const acc_t ps = pool_scale<acc_t>(kMode, len);
+      scalar_t* o = out + b * L.out_dim;
+      acc_t total[kD];
+      for (int d = 0; d < kD; ++d) total[d] = acc_t(0);
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t acc[kD];
+        for (int d = 0; d < kD; ++d) acc[d] = acc_t(0);
+        for (int64_t t = 0; t < len; ++t) {
+          const scalar_t* __restrict__ wr = w + rows[t * P + p] * kD;
+          if constexpr (kPsw) {
+            const acc_t sw = static_cast<acc_t>(psw[start + t]);
+#pragma omp simd
+            for (int d = 0; d < kD; ++d) acc[d] += sw * static_cast<acc_t>(wr[d]);
+          } else {
+#pragma omp simd
+            for (int d = 0; d < kD; ++d) acc[d] += static_cast<acc_t>(wr[d]);
+          }
+        }
+        if (comb == static_cast<int>(Combine::kConcat)) {
+          scalar_t* __restrict__ op = o + (q0 + p) * kD;
+          for (int d = 0; d < kD; ++d) op[d] = static_cast<scalar_t>(acc[d] * ps);
+        } else {
+          for (int d = 0; d < kD; ++d) total[d] += acc[d] * ps;
+        }
+      }
+      if (comb != static_cast<int>(Combine::kConcat)) {
+        const acc_t cs = combine_scale<acc_t>(comb, P);
+        scalar_t* __restrict__ op = o + f * kD;
+        for (int d = 0; d < kD; ++d) op[d] = static_cast<scalar_t>(total[d] * cs);
+      }
+    }
+  });
+}
+
+// Runs the fixed-D kernel when D is one of its sizes; returns false otherwise.
+template <typename scalar_t, typename index_t, int kMode, bool kPsw>
+bool forward_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* w, const index_t* vals,
+                     const int64_t* offs, const scalar_t* psw, scalar_t* out) {
+  switch (L.dim) {
+    case 16: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 16>(L, salts, w, vals, offs, psw, out); return true;
+    case 32: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 32>(L, salts, w, vals, offs, psw, out); return true;
+    case 64: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 64>(L, salts, w, vals, offs, psw, out); return true;
+    case 128: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 128>(L, salts, w, vals, offs, psw, out); return true;
+    default: return false;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const at::Tensor& values,
+                                               const at::Tensor& offsets, at::IntArrayRef num_probes,
+                                               c10::string_view combine, c10::string_view mode,
+                                               const c10::optional<at::Tensor>& per_sample_weights, int64_t seed,
+                                               bool validate) {
+  (void)validate;  // the CPU checks are O(F*B) and always run
+  const BagLayout L = check_bag_args(kOp, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
+  const at::Tensor offs = offsets.to(at::kLong).contiguous();
+  check_offsets_cpu(kOp, offs, values.numel());
+  TORCH_CHECK_VALUE(L.mode != PoolMode::kMax || values.numel() <= std::numeric_limits<int32_t>::max(), kOp,
+                    ": mode=\"max\" supports at most 2^31 - 1 values on the CPU, got ", values.numel());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor v = values.contiguous();
+  const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
+  const at::Tensor psw = has_psw ? per_sample_weights->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({L.batch, L.out_dim}, weight.options());
+  at::Tensor argmax = L.mode == PoolMode::kMax ? at::empty({L.batch, L.num_blocks * L.dim}, weight.options().dtype(at::kLong))
+                                               : at::empty({0}, weight.options().dtype(at::kLong));
+  if (L.batch == 0) return {out, argmax};
+  const std::vector<uint64_t> salts = block_salts(L, seed);
+  EMBEDOPS_DISPATCH_FLOATING(w.scalar_type(), "multiplexed_embedding_bag_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* pp = has_psw ? psw.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int64_t* ap = L.mode == PoolMode::kMax ? argmax.data_ptr<int64_t>() : nullptr;
+    const int64_t* o = offs.const_data_ptr<int64_t>();
+    EMBEDOPS_DISPATCH_INDEX(v.scalar_type(), "multiplexed_embedding_bag_cpu", [&] {
+      const index_t* vp = v.const_data_ptr<index_t>();
+      switch (L.mode) {
+        case PoolMode::kSum:
+          EMBEDOPS_BOOL_SWITCH(has_psw, kPsw, [&] {
+            if (!forward_fixed_d<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op))
+              forward_kernel<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
+          });
+          break;
+        case PoolMode::kMean:
+          if (!forward_fixed_d<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op))
+            forward_kernel<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          break;
+        case PoolMode::kMax:
+          forward_kernel<scalar_t, index_t, 2, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          break;
+      }
+    });
+  });
+  return {out, argmax};
+}
+
+// ---- backward: contributions, bucketed and sorted by row -----------------------------------------
+
+// One contribution: `row` receives scale * grad_out[src : src + n] at columns [d0, d0 + n).
+// Sum/mean pooling: one per (id, probe), n = D, d0 = 0. Max pooling: one per argmax element, n = 1,
+// d0 = k % D. Arrays are left uninitialised (every slot is written; this machine's page faults
+// on zeroed memory cost as much as the work).
+template <typename T>
+using Buffer = std::unique_ptr<T[]>;
+
+template <typename acc_t>
+struct Contributions {
+  int64_t size = 0;
+  Buffer<int64_t> row;  // -1: none (empty max bag)
+  Buffer<int64_t> src;
+  Buffer<acc_t> scale;
+  bool elementwise = false;
+  void resize(int64_t k) {
+    size = k;
+    row.reset(new int64_t[k]);
+    src.reset(new int64_t[k]);
+    scale.reset(new acc_t[k]);
+  }
+};
+
+template <typename scalar_t, typename index_t>
+Contributions<at::opmath_type<scalar_t>> build_contributions(const BagLayout& L, int64_t seed, const index_t* vals,
+                                                            const int64_t* offs, const scalar_t* psw,
+                                                            const int64_t* argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Contributions<acc_t> c;
+  const int64_t D = L.dim, B = L.batch, Q = L.num_blocks, F = L.num_features;
+  const int comb = static_cast<int>(L.combine), mode = static_cast<int>(L.mode);
+  if (L.mode == PoolMode::kMax) {
+    c.elementwise = true;
+    c.resize(B * Q * D);
+    std::vector<int64_t> feat_of_block(Q);
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t p = 0; p < L.probes[f]; ++p) feat_of_block[L.pbase[f] + p] = f;
+    at::parallel_for(0, B * Q, 64, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t b = e / Q, q = e - b * Q, f = feat_of_block[q];
+        const acc_t cs = combine_scale<acc_t>(comb, L.probes[f]);
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t k = e * D + d;
+          c.row[k] = argmax[k];
+          c.src[k] = b * L.out_dim + out_column(comb, q, f, d, D);
+          c.scale[k] = cs;
+        }
+      }
+    });
+    return c;
+  }
+  // sum / mean: contribution k of (bag j, position i, probe p) = cbase[f] + (i - offs[f*B]) * P_f + p
+  std::vector<int64_t> cbase(F + 1, 0);
+  for (int64_t f = 0; f < F; ++f) cbase[f + 1] = cbase[f] + (offs[(f + 1) * B] - offs[f * B]) * L.probes[f];
+  c.resize(cbase[F]);
+  const std::vector<uint64_t> salts = block_salts(L, seed);
+  const uint64_t R = static_cast<uint64_t>(L.num_rows);
+  at::parallel_for(0, F * B, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t f = j / B, b = j - f * B, P = L.probes[f], q0 = L.pbase[f];
+      const int64_t start = offs[j], end = offs[j + 1];
+      const acc_t base_scale = pool_scale<acc_t>(mode, end - start) * combine_scale<acc_t>(comb, P);
+      int64_t k = cbase[f] + (start - offs[f * B]) * P;
+      for (int64_t i = start; i < end; ++i) {
+        const acc_t s = psw != nullptr ? base_scale * static_cast<acc_t>(psw[i]) : base_scale;
+        for (int64_t p = 0; p < P; ++p, ++k) {
+          c.row[k] = hash_row(static_cast<int64_t>(vals[i]), salts[q0 + p], R);
+          c.src[k] = b * L.out_dim + out_column(comb, q0 + p, f, 0, D);
+          c.scale[k] = s;
+        }
+      }
+    }
+  });
+  return c;
+}
+
+// A contribution as the row buckets hold it: sorted by (row, k); k (the contribution's index)
+// fixes the summation order of a row, so the bits never depend on threads.
+template <typename acc_t>
+struct RowEntry {
+  int64_t row;
+  int64_t k;
+  int64_t src;
+  acc_t scale;
+};
+
+// Buckets the contributions by row range (a stable counting scatter over fixed chunks), then calls
+// visit(bucket_entries, count) for each bucket in parallel, entries sorted by (row, k). Buckets
+// own disjoint row ranges, so visits never touch the same row.
+template <typename acc_t, typename Visit>
+void for_each_row_bucket(const Contributions<acc_t>& c, int64_t num_rows, const Visit& visit) {
+  const int64_t K = c.size;
+  if (K == 0) return;
+  const int64_t* rows = c.row.get();
+  const int64_t target = std::clamp<int64_t>(K / 256, 1, 4096);
+  int shift = 0;
+  while (((num_rows - 1) >> shift) + 1 > target) ++shift;
+  const int64_t nb = ((num_rows - 1) >> shift) + 1;
+  const int64_t chunk = std::max<int64_t>(int64_t(1) << 15, (K + 255) / 256);
+  const int64_t nc = (K + chunk - 1) / chunk;
+  std::vector<int64_t> counts(nc * nb, 0);  // [chunk][bucket]
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      int64_t* cnt = counts.data() + ch * nb;
+      for (int64_t k = ch * chunk, e = std::min(K, (ch + 1) * chunk); k < e; ++k)
+        if (rows[k] >= 0) ++cnt[rows[k] >> shift];
+    }
+  });
+  // bucket-major, chunk-minor exclusive prefix sum -> stable positions
+  std::vector<int64_t> bucket_start(nb + 1, 0);
+  int64_t total = 0;
+  for (int64_t bk = 0; bk < nb; ++bk) {
+    bucket_start[bk] = total;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      const int64_t n = counts[ch * nb + bk];
+      counts[ch * nb + bk] = total;
+      total += n;
+    }
+  }
+  bucket_start[nb] = total;
+  Buffer<RowEntry<acc_t>> entries(new RowEntry<acc_t>[std::max<int64_t>(total, 1)]);
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      int64_t* cur = counts.data() + ch * nb;
+      for (int64_t k = ch * chunk, e = std::min(K, (ch + 1) * chunk); k < e; ++k) {
+        const int64_t r = rows[k];
+        if (r >= 0) entries[cur[r >> shift]++] = RowEntry<acc_t>{r, k, c.src[k], c.scale[k]};
+      }
+    }
+  });
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bk = b0; bk < b1; ++bk) {
+      RowEntry<acc_t>* first = entries.get() + bucket_start[bk];
+      const int64_t n = bucket_start[bk + 1] - bucket_start[bk];
+      if (n == 0) continue;
+      std::sort(first, first + n, [](const RowEntry<acc_t>& a, const RowEntry<acc_t>& b) {
+        return a.row < b.row || (a.row == b.row && a.k < b.k);
+      });
+      visit(first, n);
+    }
+  });
+}
+
+// Calls on_row(row, acc) for every touched row with acc = that row's summed gradient (opmath, D).
+// dst (the table the rows are written to) is prefetched a few entries ahead, like grad_out's rows.
+template <typename scalar_t, typename OnRow>
+void reduce_rows(const Contributions<at::opmath_type<scalar_t>>& c, const BagLayout& L, const scalar_t* g,
+                 const scalar_t* dst, const OnRow& on_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = L.dim;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool elementwise = c.elementwise;
+  for_each_row_bucket(c, L.num_rows, [&](const RowEntry<acc_t>* e, int64_t n) {
+    constexpr int64_t kAhead = 8;
+    std::vector<acc_t> acc(D);
+    for (int64_t i = 0; i < std::min(n, kAhead); ++i) {
+      prefetch_row(g + e[i].src, elementwise ? 1 : row_bytes);
+      prefetch_row(dst + e[i].row * D, row_bytes);
+    }
+    int64_t i = 0;
+    while (i < n) {
+      const int64_t r = e[i].row;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (; i < n && e[i].row == r; ++i) {
+        if (i + kAhead < n) {
+          prefetch_row(g + e[i + kAhead].src, elementwise ? 1 : row_bytes);
+          if (e[i + kAhead].row != e[i + kAhead - 1].row) prefetch_row(dst + e[i + kAhead].row * D, row_bytes);
+        }
+        const acc_t s = e[i].scale;
+        const scalar_t* __restrict__ gs = g + e[i].src;
+        if (elementwise) {
+          acc[e[i].k % D] += s * static_cast<acc_t>(gs[0]);
+        } else {
+          acc_t* __restrict__ a = acc.data();
+          for (int64_t d = 0; d < D; ++d) a[d] += s * static_cast<acc_t>(gs[d]);
+        }
+      }
+      on_row(r, acc.data());
+    }
+  });
+}
+
+struct BackwardInputs {
+  BagLayout L;
+  at::Tensor offs, v, g, psw, argmax;
+  bool has_psw = false;
+};
+
+BackwardInputs prepare_backward(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
+                                const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
+                                at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
+                                const c10::optional<at::Tensor>& per_sample_weights) {
+  BackwardInputs in;
+  in.L = check_bag_args(op, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
+  check_same_dtype(op, "grad_out", grad_out, "weight", weight);
+  check_dim(op, "grad_out", grad_out, 2, "(B, out_dim)");
+  check_size(op, "grad_out", grad_out, 0, in.L.batch, "the batch size B");
+  check_size(op, "grad_out", grad_out, 1, in.L.out_dim, "the output width out_dim");
+  in.offs = offsets.to(at::kLong).contiguous();
+  check_offsets_cpu(op, in.offs, values.numel());
+  in.v = values.contiguous();
+  in.g = grad_out.contiguous();
+  in.has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
+  if (in.has_psw) in.psw = per_sample_weights->contiguous();
+  if (in.L.mode == PoolMode::kMax) {
+    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kLong && argmax.dim() == 2 && argmax.size(0) == in.L.batch &&
+                          argmax.size(1) == in.L.num_blocks * in.L.dim,
+                      op, ": argmax must be the (B, Q*D) int64 tensor the forward returned for mode=\"max\", got ",
+                      argmax.scalar_type(), " of shape ", argmax.sizes());
+    in.argmax = argmax.contiguous();
+  }
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                const at::Tensor& values, const at::Tensor& offsets,
+                                                const at::Tensor& argmax, at::IntArrayRef num_probes,
+                                                c10::string_view combine, c10::string_view mode,
+                                                const c10::optional<at::Tensor>& per_sample_weights, int64_t seed,
+                                                bool weight_grad, bool psw_grad) {
+  constexpr const char* op = "multiplexed_embedding_bag_backward";
+  BackwardInputs in = prepare_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode,
+                                       per_sample_weights);
+  const BagLayout& L = in.L;
+  at::Tensor grad_weight = weight_grad ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  at::Tensor grad_psw = psw_grad ? at::zeros({values.numel()}, weight.options()) : at::empty({0}, weight.options());
+  if (L.batch == 0) return {grad_weight, grad_psw};
+  const at::Tensor w = weight.contiguous();
+  EMBEDOPS_DISPATCH_FLOATING(w.scalar_type(), "multiplexed_embedding_bag_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = in.g.const_data_ptr<scalar_t>();
+    const int64_t* o = in.offs.const_data_ptr<int64_t>();
+    const scalar_t* psw = in.has_psw ? in.psw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t D = L.dim;
+    EMBEDOPS_DISPATCH_INDEX(in.v.scalar_type(), "multiplexed_embedding_bag_backward_cpu", [&] {
+      const index_t* vals = in.v.const_data_ptr<index_t>();
+      if (weight_grad) {
+        const Contributions<acc_t> c = build_contributions<scalar_t, index_t>(
+            L, seed, vals, o, psw, L.mode == PoolMode::kMax ? in.argmax.const_data_ptr<int64_t>() : nullptr);
+        scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+        reduce_rows<scalar_t>(c, L, g, gw, [&](int64_t r, const acc_t* acc) {
+          scalar_t* __restrict__ dst = gw + r * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+        });
+      }
+      if (psw_grad && L.mode == PoolMode::kSum) {
+        // d out / d psw[i] = sum_p combine_scale * <grad_out block, weight[row(i, p)]>
+        const std::vector<uint64_t> salts = block_salts(L, seed);
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        scalar_t* gp = grad_psw.data_ptr<scalar_t>();
+        const uint64_t R = static_cast<uint64_t>(L.num_rows);
+        const int comb = static_cast<int>(L.combine);
+        at::parallel_for(0, L.num_features * L.batch, 64, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t f = j / L.batch, b = j - f * L.batch, P = L.probes[f], q0 = L.pbase[f];
+            const acc_t cs = combine_scale<acc_t>(comb, P);
+            for (int64_t i = o[j]; i < o[j + 1]; ++i) {
+              acc_t total = 0;
+              for (int64_t p = 0; p < P; ++p) {
+                const scalar_t* __restrict__ wr = wp + hash_row(static_cast<int64_t>(vals[i]), salts[q0 + p], R) * D;
+                const scalar_t* __restrict__ gs = g + b * L.out_dim + out_column(comb, q0 + p, f, 0, D);
+                acc_t dot = 0;
+                for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(gs[d]) * static_cast<acc_t>(wr[d]);
+                total += dot;
+              }
+              gp[i] = static_cast<scalar_t>(total * cs);
+            }
+          }
+        });
+      }
+    });
+  });
+  return {grad_weight, grad_psw};
+}
+
+void update_cpu(const at::Tensor& weight, const at::Tensor& state, const at::Tensor& grad_out,
+                const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
+                at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
+                const c10::optional<at::Tensor>& per_sample_weights, int64_t seed, c10::string_view optimizer,
+                double lr, double eps) {
+  constexpr const char* op = "multiplexed_embedding_bag_update";
+  const Optimizer opt = parse_optimizer(op, optimizer);
+  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous (it is updated in place)");
+  BackwardInputs in = prepare_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode,
+                                       per_sample_weights);
+  const BagLayout& L = in.L;
+  const at::ScalarType state_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (opt == Optimizer::kRowwiseAdagrad) {
+    TORCH_CHECK_VALUE(state.scalar_type() == state_dtype && state.dim() == 1 && state.size(0) == L.num_rows &&
+                          state.is_contiguous() && state.device() == weight.device(),
+                      op, ": state must be a contiguous (num_rows,) = (", L.num_rows, ",) ", state_dtype,
+                      " tensor on the weight's device for rowwise_adagrad, got ", state.scalar_type(), " of shape ",
+                      state.sizes(), " on ", state.device());
+  }
+  if (L.batch == 0) return;
+  EMBEDOPS_DISPATCH_FLOATING(weight.scalar_type(), "multiplexed_embedding_bag_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = in.g.const_data_ptr<scalar_t>();
+    const int64_t* o = in.offs.const_data_ptr<int64_t>();
+    const scalar_t* psw = in.has_psw ? in.psw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t D = L.dim;
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    acc_t* st = opt == Optimizer::kRowwiseAdagrad ? state.data_ptr<acc_t>() : nullptr;
+    const acc_t alr = static_cast<acc_t>(lr), aeps = static_cast<acc_t>(eps);
+    EMBEDOPS_DISPATCH_INDEX(in.v.scalar_type(), "multiplexed_embedding_bag_update_cpu", [&] {
+      const index_t* vals = in.v.const_data_ptr<index_t>();
+      const Contributions<acc_t> c = build_contributions<scalar_t, index_t>(
+          L, seed, vals, o, psw, L.mode == PoolMode::kMax ? in.argmax.const_data_ptr<int64_t>() : nullptr);
+      reduce_rows<scalar_t>(c, L, g, w, [&](int64_t r, const acc_t* acc) {
+        scalar_t* __restrict__ wr = w + r * D;
+        acc_t mult = alr;
+        if (st != nullptr) {
+          acc_t sq = 0;
+          for (int64_t d = 0; d < D; ++d) sq += acc[d] * acc[d];
+          mult = rowwise_adagrad_multiplier<acc_t>(st[r], sq / static_cast<acc_t>(D), alr, aeps);
+        }
+        for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<acc_t>(wr[d]) - mult * acc[d]);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("multiplexed_embedding_bag", &forward_cpu);
+  m.impl("multiplexed_embedding_bag_backward", &backward_cpu);
+  m.impl("multiplexed_embedding_bag_update", &update_cpu);
+}
+
+}  // namespace embedops
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,95 @@
+// multiplexed_embedding_bag: argument checks and string parsing shared by the CPU and CUDA kernels.
+
+#include <ATen/core/Tensor.h>
+
+#include <limits>
+
+#include "common/checks.h"
+#include "embedding/embedding.h"
+
+namespace embedops {
+
+PoolMode parse_pool_mode(c10::string_view op, c10::string_view mode) {
+  if (mode == "sum") return PoolMode::kSum;
+  if (mode == "mean") return PoolMode::kMean;
+  if (mode == "max") return PoolMode::kMax;
+  TORCH_CHECK_VALUE(false, op, ": mode must be \"sum\", \"mean\" or \"max\", got \"", mode, "\"");
+}
+
+Combine parse_combine(c10::string_view op, c10::string_view combine) {
+  if (combine == "concat") return Combine::kConcat;
+  if (combine == "sum") return Combine::kSum;
+  if (combine == "mean") return Combine::kMean;
+  TORCH_CHECK_VALUE(false, op, ": combine must be \"concat\", \"sum\" or \"mean\", got \"", combine, "\"");
+}
+
+Optimizer parse_optimizer(c10::string_view op, c10::string_view optimizer) {
+  if (optimizer == "sgd") return Optimizer::kSGD;
+  if (optimizer == "rowwise_adagrad") return Optimizer::kRowwiseAdagrad;
+  TORCH_CHECK_VALUE(false, op, ": optimizer must be \"sgd\" or \"rowwise_adagrad\", got \"", optimizer, "\"");
+}
+
+BagLayout check_bag_args(c10::string_view op, const at::Tensor& weight, const at::Tensor& values,
+                         const at::Tensor& offsets, at::IntArrayRef num_probes, c10::string_view combine,
+                         c10::string_view mode, const c10::optional<at::Tensor>& per_sample_weights) {
+  BagLayout L;
+  L.mode = parse_pool_mode(op, mode);
+  L.combine = parse_combine(op, combine);
+  check_float_dtype(op, "weight", weight);
+  check_dim(op, "weight", weight, 2, "(num_rows, dim)");
+  TORCH_CHECK_VALUE(weight.size(0) > 0, op, ": weight must have num_rows > 0 rows, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) > 0, op, ": weight must have dim > 0 columns, got shape ", weight.sizes());
+  check_index_dtype(op, "values", values);
+  check_dim(op, "values", values, 1, "(N,)");
+  check_index_dtype(op, "offsets", offsets);
+  check_dim(op, "offsets", offsets, 1, "(F*B + 1,)");
+  check_same_device(op, "values", values, "weight", weight);
+  check_same_device(op, "offsets", offsets, "weight", weight);
+  TORCH_CHECK_VALUE(!num_probes.empty(), op, ": num_probes must list one probe count per feature, got an empty list");
+  L.num_features = static_cast<int64_t>(num_probes.size());
+  L.probes.assign(num_probes.begin(), num_probes.end());
+  L.pbase.assign(L.num_features + 1, 0);
+  for (int64_t f = 0; f < L.num_features; ++f) {
+    TORCH_CHECK_VALUE(L.probes[f] > 0, op, ": num_probes[", f, "] (the probe count of feature ", f,
+                      ") must be > 0, got ", L.probes[f]);
+    TORCH_CHECK_VALUE(L.probes[f] <= 1024, op, ": num_probes[", f, "] must be <= 1024, got ", L.probes[f]);
+    L.pbase[f + 1] = L.pbase[f] + L.probes[f];
+    L.max_probes = std::max(L.max_probes, L.probes[f]);
+  }
+  TORCH_CHECK_VALUE(L.num_features <= std::numeric_limits<uint32_t>::max(), op, ": too many features (",
+                    L.num_features, ")");
+  TORCH_CHECK_VALUE(offsets.numel() >= 1 && (offsets.numel() - 1) % L.num_features == 0, op,
+                    ": offsets must have F*B + 1 entries with F = len(num_probes) = ", L.num_features,
+                    " features, got ", offsets.numel(), " entries");
+  L.batch = (offsets.numel() - 1) / L.num_features;
+  L.num_rows = weight.size(0);
+  L.dim = weight.size(1);
+  L.num_blocks = L.pbase[L.num_features];
+  L.out_dim = (L.combine == Combine::kConcat ? L.num_blocks : L.num_features) * L.dim;
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) {
+    const at::Tensor& w = *per_sample_weights;
+    TORCH_CHECK_VALUE(L.mode == PoolMode::kSum, op, ": per_sample_weights is only supported with mode=\"sum\", got mode=\"",
+                      mode, "\"");
+    check_same_dtype(op, "per_sample_weights", w, "weight", weight);
+    check_dim(op, "per_sample_weights", w, 1, "(N,)");
+    check_size(op, "per_sample_weights", w, 0, values.numel(), "the number of values N");
+    check_same_device(op, "per_sample_weights", w, "weight", weight);
+  }
+  return L;
+}
+
+void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t num_values) {
+  const int64_t* o = offsets64.const_data_ptr<int64_t>();
+  const int64_t n = offsets64.numel();
+  TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets[0] must be 0, got ", o[0]);
+  for (int64_t j = 0; j + 1 < n; ++j) {
+    if (C10_UNLIKELY(o[j + 1] < o[j])) {
+      TORCH_CHECK_VALUE(false, op, ": offsets must be non-decreasing, got offsets[", j, "] = ", o[j], " > offsets[",
+                        j + 1, "] = ", o[j + 1]);
+    }
+  }
+  TORCH_CHECK_INDEX(o[n - 1] <= num_values, op, ": offsets[-1] = ", o[n - 1],
+                    " points past the end of values (len(values) = ", num_values, ")");
+}
+
+}  // namespace embedops
