@@ -103,6 +103,64 @@ bad("embedding", "hash_ids op num_rows=0", ValueError, "hash_ids: num_rows must 
 bad("embedding", "hash_ids op probe>=2^32", ValueError, "hash_ids: probe")(
     lambda: torch.ops.embedops.hash_ids(_IDS, 0, 2**32, 10, 0))
 
+# ---- embedding: multiplexed_embedding_bag --------------------------------------------------------
+
+_W = torch.randn(50, 8)
+_V = torch.arange(-6, 6)
+_O = torch.tensor([0, 2, 5, 5, 9, 12])  # F=1, B=5
+_meb = embedops.multiplexed_embedding_bag
+
+bad("embedding", "bag weight 1-D", ValueError, "multiplexed_embedding_bag: weight")(lambda: _meb(_W[0], _V, _O))
+bad("embedding", "bag weight int", TypeError, "multiplexed_embedding_bag: weight")(lambda: _meb(_W.long(), _V, _O))
+bad("embedding", "bag weight 0 rows", ValueError, "multiplexed_embedding_bag: weight must have num_rows > 0")(
+    lambda: _meb(_W[:0], _V, _O))
+bad("embedding", "bag float values", TypeError, "multiplexed_embedding_bag: values")(lambda: _meb(_W, _V.float(), _O))
+bad("embedding", "bag values 2-D", ValueError, "multiplexed_embedding_bag: values")(
+    lambda: _meb(_W, _V.reshape(3, 4), _O))
+bad("embedding", "bag float offsets", TypeError, "multiplexed_embedding_bag: offsets")(
+    lambda: _meb(_W, _V, _O.float()))
+bad("embedding", "bag offsets not from 0", ValueError, "multiplexed_embedding_bag: offsets\\[0\\] must be 0")(
+    lambda: _meb(_W, _V, torch.tensor([1, 2, 5, 5, 9, 12])))
+bad("embedding", "bag offsets decreasing", ValueError, "multiplexed_embedding_bag: offsets must be non-decreasing")(
+    lambda: _meb(_W, _V, torch.tensor([0, 5, 2, 5, 9, 12])))
+bad("embedding", "bag offsets past N", IndexError, "multiplexed_embedding_bag: offsets\\[-1\\]")(
+    lambda: _meb(_W, _V, torch.tensor([0, 2, 5, 5, 9, 13])))
+bad("embedding", "bag offsets wrong length for F", ValueError, "multiplexed_embedding_bag: offsets")(
+    lambda: _meb(_W, _V, _O, num_probes=[1, 1]))
+bad("embedding", "bag offsets empty", ValueError, "multiplexed_embedding_bag: offsets")(
+    lambda: _meb(_W, _V, torch.tensor([], dtype=torch.int64)))
+bad("embedding", "bag negative lengths", ValueError, "multiplexed_embedding_bag: lengths must be >= 0")(
+    lambda: _meb(_W, _V, lengths=torch.tensor([2, 3, -1, 4, 4])))
+bad("embedding", "bag offsets and lengths", ValueError, "multiplexed_embedding_bag: give exactly one of offsets and lengths")(
+    lambda: _meb(_W, _V, _O, lengths=torch.tensor([2, 3, 0, 4, 3])))
+bad("embedding", "bag probes 0", ValueError, "multiplexed_embedding_bag: num_probes\\[0\\]")(
+    lambda: _meb(_W, _V, _O, num_probes=0))
+bad("embedding", "bag probes empty list", ValueError, "multiplexed_embedding_bag: num_probes must not be empty")(
+    lambda: _meb(_W, _V, _O, num_probes=[]))
+bad("embedding", "bag bad combine", ValueError, "multiplexed_embedding_bag: combine must be one of")(
+    lambda: _meb(_W, _V, _O, combine="prod"))
+bad("embedding", "bag bad mode", ValueError, "multiplexed_embedding_bag: mode must be one of")(
+    lambda: _meb(_W, _V, _O, mode="min"))
+bad("embedding", "bag psw with max", ValueError, "multiplexed_embedding_bag: per_sample_weights is only supported with mode='sum'")(
+    lambda: _meb(_W, _V, _O, mode="max", per_sample_weights=torch.ones(12)))
+bad("embedding", "bag psw wrong shape", ValueError, "multiplexed_embedding_bag: per_sample_weights")(
+    lambda: _meb(_W, _V, _O, per_sample_weights=torch.ones(11)))
+bad("embedding", "bag psw wrong dtype", TypeError, "multiplexed_embedding_bag: per_sample_weights")(
+    lambda: _meb(_W, _V, _O, per_sample_weights=torch.ones(12, dtype=torch.float64)))
+bad("embedding", "bag op bad mode string", ValueError, "multiplexed_embedding_bag: mode must be")(
+    lambda: torch.ops.embedops.multiplexed_embedding_bag(_W, _V, _O, [1], "concat", "median", None, 0, True))
+bad("embedding", "UnifiedEmbedding bad optimizer", ValueError, "UnifiedEmbedding: optimizer")(
+    lambda: embedops.nn.UnifiedEmbedding(100, 8, features={"a": 1}, optimizer="adam"))
+bad("embedding", "UnifiedEmbedding num_rows 0", ValueError, "UnifiedEmbedding: num_rows")(
+    lambda: embedops.nn.UnifiedEmbedding(0, 8, features={"a": 1}))
+
+SMOKE.append(Smoke(
+    "multiplexed_embedding_bag",
+    lambda: _meb(_W, _V, _O, num_probes=2, mode="mean"),
+    lambda: reference.multiplexed_embedding_bag(_W.double(), _V, _O, num_probes=[2], mode="mean").float(),
+    _close,
+))
+
 SMOKE.append(Smoke(
     "hash_ids",
     lambda: _h(_IDS, feature=3, probe=1, num_rows=1000, seed=5),
