@@ -108,3 +108,67 @@ def test_callable_from_several_threads(smoke):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+_FLOAT_TOL = {torch.float32: 2e-4, torch.float64: 1e-9}
+
+
+@given(
+    B=st.integers(1, 3), Lq=st.integers(1, 40), Lk=st.integers(1, 70), Hkv=st.integers(1, 3),
+    group=st.integers(1, 3), D=st.integers(1, 40), Dv=st.integers(1, 24),
+    dtype=st.sampled_from([torch.float32, torch.float64]), masked=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_cross_attention_property(B, Lq, Lk, Hkv, group, D, Dv, dtype, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, Hkv * group, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Lk, Hkv, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Lk, Hkv, Dv, generator=g, dtype=dtype)
+    kv_len = torch.randint(0, Lk + 1, (B,), generator=g) if masked else None
+    q_len = torch.randint(0, Lq + 1, (B,), generator=g) if masked else None
+    out, lse = embedops.cross_attention(q, k, v, kv_lengths=kv_len, q_lengths=q_len, return_lse=True)
+    ref_out, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kv_len, q_lengths=q_len)
+    assert not out.isnan().any() and not lse.isnan().any()
+    tol = _FLOAT_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=tol, rtol=tol)
+
+
+@given(
+    R=st.integers(1, 300), D=st.integers(1, 70), B=st.integers(0, 6),
+    probes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    combine=st.sampled_from(["concat", "sum", "mean"]), mode=st.sampled_from(["sum", "mean", "max"]),
+    weighted=st.booleans(), int32=st.booleans(), seed=st.integers(-(2**63), 2**63 - 1), data=st.data(),
+)
+def test_multiplexed_embedding_bag_property(R, D, B, probes, combine, mode, weighted, int32, seed, data):
+    F = len(probes)
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=F * B, max_size=F * B))
+    n = sum(lengths)
+    ids = data.draw(st.lists(_int64, min_size=n, max_size=n))
+    idx_dtype = torch.int32 if int32 else torch.int64
+    values = torch.tensor(ids, dtype=torch.int64)
+    if int32:
+        values = values.to(torch.int32)
+    offsets = torch.tensor([0] + list(np.cumsum(lengths)), dtype=idx_dtype)
+    g = torch.Generator().manual_seed(abs(seed) % 2**31)
+    weight = torch.randn(R, D, generator=g)
+    psw = torch.rand(n, generator=g) if (weighted and mode == "sum") else None
+    out = embedops.multiplexed_embedding_bag(weight, values, offsets, num_probes=probes, combine=combine, mode=mode,
+                                             per_sample_weights=psw, seed=seed)
+    want = reference.multiplexed_embedding_bag(weight, values, offsets, probes, combine=combine, mode=mode,
+                                               per_sample_weights=psw, seed=seed)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_results_do_not_depend_on_thread_count():
+    """Every smoke call gives the same result with 1 thread as with the default count."""
+    n = torch.get_num_threads()
+    try:
+        for smoke in SMOKE:
+            torch.set_num_threads(n)
+            many = smoke.call()
+            torch.set_num_threads(1)
+            one = smoke.call()
+            assert smoke.equal(one, many), smoke.name
+    finally:
+        torch.set_num_threads(n)
