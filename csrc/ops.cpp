@@ -11,6 +11,12 @@ TORCH_LIBRARY(embedops, m) {
   m.def("hash_ids(Tensor values, int feature, int probe, int num_rows, int seed=0) -> Tensor", pt2);
 
   // ---- matryoshka -----------------------------------------------------------------------------
+  m.def("matryoshka_similarity(Tensor queries, Tensor corpus, int[] dims, str metric=\"cosine\") -> Tensor", pt2);
+  m.def("matryoshka_topk(Tensor queries, Tensor corpus, int k, int[] dims, str metric=\"cosine\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  m.def("matryoshka_funnel(Tensor queries, Tensor corpus, int[] dims, int[] ks, str metric=\"cosine\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  m.def("matryoshka_inv_norms(Tensor corpus, int[] dims) -> Tensor", pt2);
 
   // ---- attention ------------------------------------------------------------------------------
 }

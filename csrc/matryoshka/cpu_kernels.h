@@ -1,0 +1,110 @@
+#pragma once
+// CPU building blocks of the matryoshka kernels: segment dot products / sums of squares written
+// as independent lanes so that -O3 -march=native vectorises them (no reassociation needed).
+
+#include <cstdint>
+
+#include "matryoshka/topk.h"
+
+namespace embedops {
+namespace mat {
+
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));  // 16 floats / 8 doubles: two AVX2 vectors
+
+// sq += sum(x[a:e]^2)
+template <typename T>
+inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
+  constexpr int L = kLanes<T>;
+  T acc[L] = {};
+  int64_t j = a;
+  for (; j + L <= e; j += L) {
+    for (int l = 0; l < L; ++l) acc[l] += x[j + l] * x[j + l];
+  }
+  T s = 0;
+  for (; j < e; ++j) s += x[j] * x[j];
+  for (int l = 0; l < L; ++l) s += acc[l];
+  sq += s;
+}
+
+// dots[b] += sum(q[b][a:e] * x[a:e]) for NB query rows, and sq += sum(x[a:e]^2).
+template <typename T, int NB>
+inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, int64_t e, T* dots, T& sq) {
+  constexpr int L = kLanes<T>;
+  T accq[NB][L] = {};
+  T accn[L] = {};
+  int64_t j = a;
+  for (; j + L <= e; j += L) {
+    for (int l = 0; l < L; ++l) accn[l] += x[j + l] * x[j + l];
+    for (int b = 0; b < NB; ++b) {
+      const T* __restrict__ qb = q[b];
+      for (int l = 0; l < L; ++l) accq[b][l] += qb[j + l] * x[j + l];
+    }
+  }
+  T s = 0;
+  T d[NB] = {};
+  for (; j < e; ++j) {
+    s += x[j] * x[j];
+    for (int b = 0; b < NB; ++b) d[b] += q[b][j] * x[j];
+  }
+  for (int l = 0; l < L; ++l) {
+    s += accn[l];
+    for (int b = 0; b < NB; ++b) d[b] += accq[b][l];
+  }
+  sq += s;
+  for (int b = 0; b < NB; ++b) dots[b] += d[b];
+}
+
+}  // namespace mat
+}  // namespace embedops
+
+#include <type_traits>
+#include <vector>
+
+namespace embedops {
+namespace mat {
+
+// Rows [n0, n0+nt) of a (N, ldx)-strided corpus as acc_t rows: the corpus itself when its dtype
+// is acc_t, else the first `width` columns converted into a per-thread buffer.
+template <typename scalar_t, typename acc_t>
+struct TileRows {
+  const scalar_t* x;
+  int64_t ldx;
+  int64_t width;
+  std::vector<acc_t> buf;
+
+  const acc_t* load(int64_t n0, int64_t nt, int64_t& ld) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      ld = ldx;
+      return x + n0 * ldx;
+    } else {
+      buf.resize(static_cast<size_t>(nt * width));
+      for (int64_t r = 0; r < nt; ++r) {
+        const scalar_t* src = x + (n0 + r) * ldx;
+        acc_t* dst = buf.data() + r * width;
+        for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(src[c]);
+      }
+      ld = width;
+      return buf.data();
+    }
+  }
+};
+
+// Per-prefix inverse norms of `rows` contiguous acc_t rows of length >= dims.back():
+// out[p * out_stride + r] = inv_norm(||row_r[:dims[p]]||).
+template <typename acc_t>
+inline void prefix_inv_norms(const acc_t* rows, int64_t ld, int64_t nrows, const std::vector<int64_t>& dims,
+                             acc_t* out, int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    acc_t sq = 0;
+    int64_t a = 0;
+    for (size_t p = 0; p < dims.size(); ++p) {
+      seg_sq(rows + r * ld, a, dims[p], sq);
+      out[static_cast<int64_t>(p) * out_stride + r] = inv_norm_from_sq(sq);
+      a = dims[p];
+    }
+  }
+}
+
+}  // namespace mat
+}  // namespace embedops
