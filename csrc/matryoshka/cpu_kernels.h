@@ -9,6 +9,13 @@
 namespace embedops {
 namespace mat {
 
+// Prefetches the first `bytes` bytes of a row (rows are read a prefix at a time with a large
+// stride, which the hardware prefetchers follow poorly).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+}
+
 template <typename T>
 constexpr int kLanes = 64 / static_cast<int>(sizeof(T));  // 16 floats / 8 doubles: two AVX2 vectors
 
@@ -79,8 +86,10 @@ struct TileRows {
       return x + n0 * ldx;
     } else {
       buf.resize(static_cast<size_t>(nt * width));
+      constexpr int64_t kAhead = 8;
       for (int64_t r = 0; r < nt; ++r) {
         const scalar_t* src = x + (n0 + r) * ldx;
+        if (r + kAhead < nt) prefetch_row(src + kAhead * ldx, width * static_cast<int64_t>(sizeof(scalar_t)));
         acc_t* dst = buf.data() + r * width;
         for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(src[c]);
       }

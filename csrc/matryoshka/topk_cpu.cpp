@@ -62,8 +62,11 @@ void direct_tile(const at::opmath_type<scalar_t>* rows, int64_t ld, int64_t nt, 
   const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
   const acc_t* qr[NB];
   for (int b = 0; b < NB; ++b) qr[b] = q + b * D;
+  const int64_t row_bytes = s.dims.back() * static_cast<int64_t>(sizeof(acc_t));
+  constexpr int64_t kAhead = 8;
   for (int64_t r = 0; r < nt; ++r) {
     const acc_t* xr = rows + r * ld;
+    if (r + kAhead < nt) mat::prefetch_row(xr + kAhead * ld, row_bytes);
     acc_t dots[NB] = {};
     acc_t sq = 0;
     int64_t a = 0;

@@ -11,6 +11,8 @@ import torch  # noqa: F401  (must be imported before the native extension)
 from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
 from .embedding import hash_ids
+from .matryoshka import matryoshka_funnel, matryoshka_inv_norms, matryoshka_similarity, matryoshka_topk
+from .search import MatryoshkaIndex
 
 __version__ = _C.build_info()["version"]
 
@@ -29,4 +31,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "hash_ids", "__version__"]
+__all__ = [
+    "build_info", "hash_ids", "__version__",
+    "MatryoshkaIndex", "matryoshka_funnel", "matryoshka_inv_norms", "matryoshka_similarity", "matryoshka_topk",
+]
