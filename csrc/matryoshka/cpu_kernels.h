@@ -13,24 +13,56 @@ namespace mat {
 // stride, which the hardware prefetchers follow poorly).
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+// 64-byte SIMD vectors via GCC/Clang vector extensions (one AVX-512 register, or two AVX2 ones).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using simd_t = typename Simd<T>::type;
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+
+template <typename T>
+inline simd_t<T> loadu(const T* p) {
+  simd_t<T> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
 }
 
 template <typename T>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(T));  // 16 floats / 8 doubles: two AVX2 vectors
+inline T hsum(simd_t<T> v) {
+  T s = 0;
+  for (int l = 0; l < kLanes<T>; ++l) s += v[l];
+  return s;
+}
 
 // sq += sum(x[a:e]^2)
 template <typename T>
 inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
   constexpr int L = kLanes<T>;
-  T acc[L] = {};
+  simd_t<T> acc0 = {}, acc1 = {};
   int64_t j = a;
-  for (; j + L <= e; j += L) {
-    for (int l = 0; l < L; ++l) acc[l] += x[j + l] * x[j + l];
+  for (; j + 2 * L <= e; j += 2 * L) {
+    const simd_t<T> v0 = loadu(x + j), v1 = loadu(x + j + L);
+    acc0 += v0 * v0;
+    acc1 += v1 * v1;
   }
-  T s = 0;
+  for (; j + L <= e; j += L) {
+    const simd_t<T> v0 = loadu(x + j);
+    acc0 += v0 * v0;
+  }
+  T s = hsum<T>(acc0 + acc1);
   for (; j < e; ++j) s += x[j] * x[j];
-  for (int l = 0; l < L; ++l) s += acc[l];
   sq += s;
 }
 
@@ -38,25 +70,20 @@ inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
 template <typename T, int NB>
 inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, int64_t e, T* dots, T& sq) {
   constexpr int L = kLanes<T>;
-  T accq[NB][L] = {};
-  T accn[L] = {};
+  simd_t<T> accq[NB] = {};
+  simd_t<T> accn = {};
   int64_t j = a;
   for (; j + L <= e; j += L) {
-    for (int l = 0; l < L; ++l) accn[l] += x[j + l] * x[j + l];
-    for (int b = 0; b < NB; ++b) {
-      const T* __restrict__ qb = q[b];
-      for (int l = 0; l < L; ++l) accq[b][l] += qb[j + l] * x[j + l];
-    }
+    const simd_t<T> v = loadu(x + j);
+    accn += v * v;
+    for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
   }
-  T s = 0;
-  T d[NB] = {};
+  T s = hsum<T>(accn);
+  T d[NB];
+  for (int b = 0; b < NB; ++b) d[b] = hsum<T>(accq[b]);
   for (; j < e; ++j) {
     s += x[j] * x[j];
     for (int b = 0; b < NB; ++b) d[b] += q[b][j] * x[j];
-  }
-  for (int l = 0; l < L; ++l) {
-    s += accn[l];
-    for (int b = 0; b < NB; ++b) d[b] += accq[b][l];
   }
   sq += s;
   for (int b = 0; b < NB; ++b) dots[b] += d[b];

@@ -42,6 +42,18 @@ def _matryoshka_funnel_fake(queries, corpus, dims, ks, metric="cosine", corpus_i
     return (queries.new_empty(shape, dtype=_mat_acc_dtype(queries)), queries.new_empty(shape, dtype=torch.int64))
 
 
+@torch.library.register_fake("embedops::matryoshka_topk_blocks")
+def _matryoshka_topk_blocks_fake(queries, blocks, k, dims, metric="cosine", corpus_inv_norms=None):
+    shape = (len(dims), queries.shape[0], k)
+    return (queries.new_empty(shape, dtype=_mat_acc_dtype(queries)), queries.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.register_fake("embedops::matryoshka_funnel_blocks")
+def _matryoshka_funnel_blocks_fake(queries, blocks, dims, ks, metric="cosine", corpus_inv_norms=None):
+    shape = (queries.shape[0], ks[-1])
+    return (queries.new_empty(shape, dtype=_mat_acc_dtype(queries)), queries.new_empty(shape, dtype=torch.int64))
+
+
 @torch.library.register_fake("embedops::matryoshka_inv_norms")
 def _matryoshka_inv_norms_fake(corpus, dims):
     return corpus.new_empty((len(dims), corpus.shape[0]), dtype=_mat_acc_dtype(corpus))

@@ -86,7 +86,12 @@ class MatryoshkaIndex:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}: device must be cpu or cuda, got {self.device}")
         self._n = 0
-        self._vectors = torch.empty((0, dim), dtype=dtype, device=self.device)
+        # CPU: segment-major storage, one contiguous (capacity, d_i - d_{i-1}) block per prefix
+        # segment, so that scanning a prefix reads contiguous memory (as fast as a dedicated
+        # prefix copy, without the copy). CUDA: one row-major (capacity, D) block.
+        bounds = [0] + dims if self.device.type == "cpu" else [0, dim]
+        self._bounds = bounds
+        self._blocks = [torch.empty((0, e - a), dtype=dtype, device=self.device) for a, e in zip(bounds, bounds[1:])]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self._inv = torch.empty((len(dims), 0), dtype=acc, device=self.device)
 
@@ -101,8 +106,12 @@ class MatryoshkaIndex:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """The stored vectors, ``(len(self), D)`` (a view; do not modify)."""
-        return self._vectors[: self._n]
+        """The stored vectors, ``(len(self), D)`` (a copy on CPU, where they are stored per segment)."""
+        blocks = self._views()
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def _views(self) -> list[torch.Tensor]:
+        return [b[: self._n] for b in self._blocks]
 
     def add(self, vectors) -> None:
         """Appends ``(n, D)`` vectors (tensor or numpy, any float dtype; converted to the index's
@@ -118,15 +127,19 @@ class MatryoshkaIndex:
         if n == 0:
             return
         need = self._n + n
-        if need > self._vectors.shape[0]:
-            cap = max(need, 2 * self._vectors.shape[0], 1024)
-            grown = torch.empty((cap, self.dim), dtype=self.dtype, device=self.device)
-            grown[: self._n] = self._vectors[: self._n]
-            self._vectors = grown
+        if need > self._blocks[0].shape[0]:
+            cap = max(need, 2 * self._blocks[0].shape[0], 1024)
+            grown = []
+            for blk in self._blocks:
+                g = torch.empty((cap, blk.shape[1]), dtype=self.dtype, device=self.device)
+                g[: self._n] = blk[: self._n]
+                grown.append(g)
+            self._blocks = grown
             inv = torch.empty((len(self.dims), cap), dtype=self._inv.dtype, device=self.device)
             inv[:, : self._n] = self._inv[:, : self._n]
             self._inv = inv
-        self._vectors[self._n: need] = v
+        for blk, a, e in zip(self._blocks, self._bounds, self._bounds[1:]):
+            blk[self._n: need] = v[:, a:e]
         self._inv[:, self._n: need] = torch.ops.embedops.matryoshka_inv_norms(v, self.dims)
         self._n = need
 
@@ -165,7 +178,11 @@ class MatryoshkaIndex:
         k = check_int(op, "k", k)
         if not 0 <= k <= self._n:
             raise ValueError(f"{op}: k must be in [0, len(index)={self._n}], got {k}")
-        v, i = torch.ops.embedops.matryoshka_topk(q, self.vectors, k, dims, self.metric, self._inv_rows(dims))
+        inv = self._inv_rows(dims)
+        if len(self._blocks) == 1:
+            v, i = torch.ops.embedops.matryoshka_topk(q, self._views()[0], k, dims, self.metric, inv)
+        else:
+            v, i = torch.ops.embedops.matryoshka_topk_blocks(q, self._views(), k, dims, self.metric, inv)
         if single:
             v, i = v[0], i[0]
         return self._result(v, i, was_np)
@@ -184,7 +201,10 @@ class MatryoshkaIndex:
         dim = self.dim if dim is None else check_int(op, "dim", dim)
         dims, ks = _funnel_plan(op, stages, k, dim, self.dim, self._n)
         inv = self._inv_rows(dims[:1])
-        v, i = torch.ops.embedops.matryoshka_funnel(q, self.vectors, dims, ks, self.metric, inv)
+        if len(self._blocks) == 1:
+            v, i = torch.ops.embedops.matryoshka_funnel(q, self._views()[0], dims, ks, self.metric, inv)
+        else:
+            v, i = torch.ops.embedops.matryoshka_funnel_blocks(q, self._views(), dims, ks, self.metric, inv)
         return self._result(v, i, was_np)
 
     @staticmethod
