@@ -445,3 +445,45 @@ def test_index_bad_args():
     index = embedops.MatryoshkaIndex(16)
     with pytest.raises(ValueError, match="vectors must have shape"):
         index.add(torch.randn(3, 15))
+
+
+# ---- column blocks (MatryoshkaIndex's segment-major storage) --------------------------------------
+
+
+def _blocks(x, bounds):
+    return [x[:, a:e].contiguous() for a, e in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B", [1, 6])
+def test_blocks_ops_match_plain_ops(dtype, B):
+    q, x = make(B, 3000, 40, dtype)
+    bl = _blocks(x, [0, 8, 20, 40])
+    for metric in METRICS:
+        for dims in ([5, 8, 30, 40], [20], [9, 21]):  # prefixes inside, on and across block bounds
+            a = torch.ops.embedops.matryoshka_topk_blocks(q, bl, 10, dims, metric)
+            b = torch.ops.embedops.matryoshka_topk(q, x, 10, dims, metric)
+            assert torch.equal(a[1], b[1])
+            torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+        a = torch.ops.embedops.matryoshka_funnel_blocks(q, bl, [5, 10, 40], [100, 20, 5], metric)
+        b = torch.ops.embedops.matryoshka_funnel(q, x, [5, 10, 40], [100, 20, 5], metric)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_ops_opcheck_and_errors():
+    q, x = make(3, 50, 12)
+    bl = _blocks(x, [0, 4, 12])
+    inv = embedops.matryoshka_inv_norms(x, [4, 12])
+    opcheck(torch.ops.embedops.matryoshka_topk_blocks.default, (q, bl, 5, [4, 12], "cosine", inv))
+    opcheck(torch.ops.embedops.matryoshka_funnel_blocks.default, (q, bl, [4, 12], [20, 5], "dot", None))
+    with pytest.raises(ValueError, match="widths must add up to D=12"):
+        torch.ops.embedops.matryoshka_topk_blocks(q, bl[:1], 5, [4])
+    with pytest.raises(ValueError, match="every block must have N=50"):
+        torch.ops.embedops.matryoshka_topk_blocks(q, [bl[0], bl[1][:10]], 5, [4])
+    with pytest.raises(ValueError, match="non-empty list"):
+        torch.ops.embedops.matryoshka_topk_blocks(q, [], 5, [4])
+    with pytest.raises(TypeError, match="blocks must have the dtype of queries"):
+        torch.ops.embedops.matryoshka_topk_blocks(q, [bl[0].double(), bl[1]], 5, [4])
+    with pytest.raises(ValueError, match="k must be <="):
+        torch.ops.embedops.matryoshka_topk_blocks(q, bl, 51, [4])

@@ -39,11 +39,19 @@ inline simd_t<T> loadu(const T* p) {
   return v;
 }
 
-template <typename T>
-inline T hsum(simd_t<T> v) {
-  T s = 0;
-  for (int l = 0; l < kLanes<T>; ++l) s += v[l];
-  return s;
+inline float hsum(simd_t<float> v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline double hsum(simd_t<double> v) {
+  typedef double v4 __attribute__((vector_size(32)));
+  const v4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
 // sq += sum(x[a:e]^2)
@@ -61,7 +69,7 @@ inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
     const simd_t<T> v0 = loadu(x + j);
     acc0 += v0 * v0;
   }
-  T s = hsum<T>(acc0 + acc1);
+  T s = hsum(acc0 + acc1);
   for (; j < e; ++j) s += x[j] * x[j];
   sq += s;
 }
@@ -78,9 +86,9 @@ inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, in
     accn += v * v;
     for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
   }
-  T s = hsum<T>(accn);
+  T s = hsum(accn);
   T d[NB];
-  for (int b = 0; b < NB; ++b) d[b] = hsum<T>(accq[b]);
+  for (int b = 0; b < NB; ++b) d[b] = hsum(accq[b]);
   for (; j < e; ++j) {
     s += x[j] * x[j];
     for (int b = 0; b < NB; ++b) d[b] += q[b][j] * x[j];
