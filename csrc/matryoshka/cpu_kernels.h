@@ -97,6 +97,40 @@ inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, in
   for (int b = 0; b < NB; ++b) dots[b] += d[b];
 }
 
+// out[r] (+)= <q[0:len], x[r][0:len]>, four rows at a time (GEMV over contiguous-ish rows).
+template <typename T>
+inline void rows_dot1(const T* __restrict__ x, int64_t ld, int64_t nrows, const T* __restrict__ q, int64_t len,
+                      T* __restrict__ out, bool accumulate) {
+  constexpr int L = kLanes<T>;
+  int64_t r = 0;
+  for (; r + 4 <= nrows; r += 4) {
+    simd_t<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const T* x0 = x + r * ld;
+    int64_t j = 0;
+    for (; j + L <= len; j += L) {
+      const simd_t<T> qv = loadu(q + j);
+      a0 += loadu(x0 + j) * qv;
+      a1 += loadu(x0 + ld + j) * qv;
+      a2 += loadu(x0 + 2 * ld + j) * qv;
+      a3 += loadu(x0 + 3 * ld + j) * qv;
+    }
+    T d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; j < len; ++j) {
+      for (int i = 0; i < 4; ++i) d[i] += x0[i * ld + j] * q[j];
+    }
+    for (int i = 0; i < 4; ++i) out[r + i] = accumulate ? out[r + i] + d[i] : d[i];
+  }
+  for (; r < nrows; ++r) {
+    const T* xr = x + r * ld;
+    simd_t<T> acc = {};
+    int64_t j = 0;
+    for (; j + L <= len; j += L) acc += loadu(xr + j) * loadu(q + j);
+    T d = hsum(acc);
+    for (; j < len; ++j) d += xr[j] * q[j];
+    out[r] = accumulate ? out[r] + d : d;
+  }
+}
+
 }  // namespace mat
 }  // namespace embedops
 

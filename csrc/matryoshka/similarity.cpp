@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/dispatch.h"
 #include "matryoshka/cpu_kernels.h"
@@ -42,11 +43,15 @@ void similarity_kernel(const at::Tensor& q_acc, const at::Tensor& x, const Matry
   const int64_t T = gemm_tile_rows(B);
   const int64_t ntiles = (N + T - 1) / T;
   const auto acc_opts = q_acc.options();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+  // tiles are handed out dynamically (an atomic counter), so a thread that the OS preempts does
+  // not hold the others up; results do not depend on which thread scored which tile.
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     mat::TileRows<scalar_t, acc_t> tiles{x.const_data_ptr<scalar_t>(), x.stride(0), dmax, {}};
     at::Tensor R = at::empty({B, T}, acc_opts);
     std::vector<acc_t> xinv(P * T);
-    for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       int64_t ld = 0;
       const acc_t* rows = tiles.load(n0, nt, ld);

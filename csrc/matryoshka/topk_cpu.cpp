@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <tuple>
 
@@ -171,7 +172,11 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   const auto acc_opts = q_acc.options();
   const int64_t slots = P * B * k;
 
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+  // tiles are handed out dynamically (an atomic counter), so a thread that the OS preempts does
+  // not hold the others up; results do not depend on which thread scored which tile.
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < nthreads);
     Heaps<acc_t>& h = heaps[tid];
@@ -186,7 +191,7 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
       R = at::empty({B, T}, acc_opts);
       xinv.resize(P * T);
     }
-    for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       tiles.load(n0, nt);
       if (direct) {
@@ -227,6 +232,12 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
       bool first = true;
       for (int64_t p = 0; p < P; ++p) {
         for (const Piece& pc : pieces[p]) {
+          if (B == 1) {  // GEMV: our 4-row kernel streams the rows faster than BLAS' sgemv here
+            mat::rows_dot1<acc_t>(tiles.rows[pc.blk] + pc.lo, tiles.ld[pc.blk], nt, q + pc.qoff + pc.lo,
+                                  pc.hi - pc.lo, R.data_ptr<acc_t>(), !first);
+            first = false;
+            continue;
+          }
           at::Tensor xt = at::from_blob(const_cast<acc_t*>(tiles.rows[pc.blk]) + pc.lo, {nt, pc.hi - pc.lo},
                                         {tiles.ld[pc.blk], 1}, acc_opts);
           Rt.addmm_(q_acc.narrow(1, pc.qoff + pc.lo, pc.hi - pc.lo), xt.t(), first ? 0 : 1, 1);
