@@ -30,6 +30,17 @@ TORCH_LIBRARY(embedops, m) {
       pt2);
 
   // ---- matryoshka -----------------------------------------------------------------------------
+  m.def("matryoshka_similarity(Tensor queries, Tensor corpus, int[] dims, str metric=\"cosine\") -> Tensor", pt2);
+  m.def("matryoshka_topk(Tensor queries, Tensor corpus, int k, int[] dims, str metric=\"cosine\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  m.def("matryoshka_funnel(Tensor queries, Tensor corpus, int[] dims, int[] ks, str metric=\"cosine\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  m.def("matryoshka_inv_norms(Tensor corpus, int[] dims) -> Tensor", pt2);
+  // the corpus as column blocks (N, w_i) side by side (MatryoshkaIndex's segment-major storage)
+  m.def("matryoshka_topk_blocks(Tensor queries, Tensor[] blocks, int k, int[] dims, str metric=\"cosine\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  m.def("matryoshka_funnel_blocks(Tensor queries, Tensor[] blocks, int[] dims, int[] ks, "
+        "str metric=\"cosine\", Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
 
   // ---- attention ------------------------------------------------------------------------------
   // out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32 (float64 for float64 inputs).

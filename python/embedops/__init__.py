@@ -12,6 +12,8 @@ from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
 from .embedding import hash_ids, lengths_to_offsets, multiplexed_embedding_bag
 from .attention import cross_attention, cross_attention_varlen
+from .matryoshka import matryoshka_funnel, matryoshka_inv_norms, matryoshka_similarity, matryoshka_topk
+from .search import MatryoshkaIndex
 from . import nn  # noqa: F401  (embedops.nn.CrossAttention, UnifiedEmbedding, ...)
 
 __version__ = _C.build_info()["version"]
@@ -32,7 +34,10 @@ def build_info() -> dict:
 
 
 __all__ = [
+__all__ = [
     "build_info", "__version__",
     "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag",
     "cross_attention", "cross_attention_varlen",
+    "MatryoshkaIndex", "matryoshka_funnel", "matryoshka_inv_norms", "matryoshka_similarity", "matryoshka_topk",
+]
 ]

@@ -141,6 +141,83 @@ def multiplexed_embedding_bag(weight, values, offsets, num_probes, *, combine="c
 
 # ---- matryoshka --------------------------------------------------------------------------------
 
+
+def _mat_inv_norm(v, d):
+    """float64 1/||v[:, :d]||: 0 for a zero prefix, NaN for a non-finite one (the kernels' rule)."""
+    import torch
+
+    sq = (v[:, :d] * v[:, :d]).sum(1)
+    inv = 1.0 / sq.sqrt()
+    inv = torch.where(sq == 0, torch.zeros_like(inv), inv)
+    return torch.where(torch.isfinite(sq), inv, torch.full_like(inv, float("nan")))
+
+
+def matryoshka_similarity(queries, corpus, dims, *, metric: str = "cosine"):
+    """(len(dims), B, N) float64 scores at each prefix, computed per prefix from the definition.
+
+    cosine at d: <q[:d], x[:d]> / (||q[:d]|| ||x[:d]||); 0 where either prefix is zero; NaN where
+    either prefix holds inf/NaN (and the other is not zero). dot: the raw inner product.
+    """
+    import torch
+
+    q = torch.as_tensor(queries).detach().cpu().double()
+    x = torch.as_tensor(corpus).detach().cpu().double()
+    out = []
+    for d in dims:
+        dot = q[:, :d] @ x[:, :d].T
+        if metric == "cosine":
+            a, b = _mat_inv_norm(q, d), _mat_inv_norm(x, d)
+            zero = (a == 0)[:, None] | (b == 0)[None, :]
+            dot = torch.where(zero, torch.zeros_like(dot), dot * a[:, None] * b[None, :])
+        out.append(dot)
+    return torch.stack(out) if out else q.new_empty((0, q.shape[0], x.shape[0]))
+
+
+def topk_order(scores, k: int):
+    """(values, indices) of the k best entries of each row of a float64 score matrix: score
+    descending, NaN last, ties to the lower index (numpy lexsort, stable)."""
+    s = np.asarray(scores, dtype=np.float64)
+    nan = np.isnan(s)
+    key = np.where(nan, 0.0, -s)
+    idx = np.empty(s.shape[:-1] + (k,), dtype=np.int64)
+    flat_s, flat_nan, flat_key = s.reshape(-1, s.shape[-1]), nan.reshape(-1, s.shape[-1]), key.reshape(-1, s.shape[-1])
+    flat_idx = idx.reshape(-1, k)
+    for r in range(flat_s.shape[0]):
+        order = np.lexsort((np.arange(flat_s.shape[1]), flat_key[r], flat_nan[r]))
+        flat_idx[r] = order[:k]
+    return np.take_along_axis(s, idx, axis=-1), idx
+
+
+def matryoshka_topk(queries, corpus, k: int, dims, *, metric: str = "cosine"):
+    """float64 (values, indices), each (len(dims), B, k), by sorting the reference scores."""
+    return topk_order(matryoshka_similarity(queries, corpus, dims, metric=metric).numpy(), k)
+
+
+def matryoshka_funnel(queries, corpus, dims, ks, *, metric: str = "cosine"):
+    """float64 funnel: top ks[0] at dims[0], then each stage keeps the best ks[s] of the previous
+    survivors rescored at dims[s]. Returns (values, indices), each (B, ks[-1])."""
+    import torch
+
+    q = torch.as_tensor(queries).detach().cpu().double()
+    x = torch.as_tensor(corpus).detach().cpu().double()
+    _, cand = matryoshka_topk(q, x, ks[0], [dims[0]], metric=metric)
+    cand = cand[0]
+    vals = None
+    for d, kk in zip(dims[1:], ks[1:]):
+        scores = np.stack([matryoshka_similarity(q[b:b + 1], x[cand[b]], [d], metric=metric)[0, 0].numpy()
+                           for b in range(q.shape[0])])
+        # rank by (score desc, NaN last, global index asc)
+        new = np.empty((q.shape[0], kk), dtype=np.int64)
+        vals = np.empty((q.shape[0], kk))
+        for b in range(q.shape[0]):
+            order = np.lexsort((cand[b], np.where(np.isnan(scores[b]), 0.0, -scores[b]), np.isnan(scores[b])))[:kk]
+            new[b], vals[b] = cand[b][order], scores[b][order]
+        cand = new
+    if vals is None:
+        vals, _ = matryoshka_topk(q, x, ks[0], [dims[0]], metric=metric)
+        vals = vals[0]
+    return vals, cand
+
 # ---- attention ---------------------------------------------------------------------------------
 
 

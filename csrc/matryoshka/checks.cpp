@@ -1,0 +1,70 @@
+// Argument checks of the matryoshka ops, shared by the CPU and CUDA kernels.
+
+#include <ATen/core/Tensor.h>
+
+#include "common/checks.h"
+#include "matryoshka/matryoshka.h"
+
+namespace embedops {
+
+MatryoshkaShape check_matryoshka_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus,
+                                      at::IntArrayRef dims, c10::string_view metric) {
+  check_dim(op, "queries", queries, 2, "(B, D)");
+  check_dim(op, "corpus", corpus, 2, "(N, D)");
+  check_float_dtype(op, "queries", queries);
+  check_float_dtype(op, "corpus", corpus);
+  check_same_dtype(op, "corpus", corpus, "queries", queries);
+  check_same_device(op, "corpus", corpus, "queries", queries);
+  check_size(op, "corpus", corpus, 1, queries.size(1), "the dimension D of queries");
+  TORCH_CHECK_VALUE(metric == "cosine" || metric == "dot", op, ": metric must be \"cosine\" or \"dot\", got \"",
+                    metric, "\"");
+  MatryoshkaShape s;
+  s.B = queries.size(0);
+  s.N = corpus.size(0);
+  s.D = queries.size(1);
+  s.cosine = metric == "cosine";
+  TORCH_CHECK_VALUE(!dims.empty(), op, ": dims must be a non-empty list of prefix sizes, got []");
+  for (size_t i = 0; i < dims.size(); ++i) {
+    TORCH_CHECK_VALUE(dims[i] >= 1 && dims[i] <= s.D, op, ": dims must be in [1, D=", s.D, "], got dims[", i,
+                      "] = ", dims[i], " (dims ", dims, ")");
+    TORCH_CHECK_VALUE(i == 0 || dims[i] > dims[i - 1], op, ": dims must be strictly ascending, got ", dims);
+  }
+  s.dims.assign(dims.begin(), dims.end());
+  return s;
+}
+
+void check_topk_k(const char* op, int64_t k, int64_t N) {
+  TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k <= N, op, ": k must be <= the number of corpus rows N=", N, ", got k=", k);
+}
+
+void check_inv_norms(const char* op, const std::optional<at::Tensor>& inv_norms, int64_t rows, int64_t N,
+                     const at::Tensor& corpus) {
+  if (!inv_norms.has_value()) return;
+  const at::Tensor& t = *inv_norms;
+  const at::ScalarType want = acc_dtype_of(corpus.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": corpus_inv_norms must have dtype ", want, ", got ",
+                   t.scalar_type());
+  check_same_device(op, "corpus_inv_norms", t, "corpus", corpus);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == N, op,
+                    ": corpus_inv_norms must have shape (", rows, ", ", N, "), got ", t.sizes());
+}
+
+void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, int64_t N) {
+  TORCH_CHECK_VALUE(ks.size() == dims.size(), op, ": ks must have one k per stage dim (", dims.size(),
+                    "), got ", ks.size());
+  for (size_t i = 0; i < ks.size(); ++i) {
+    TORCH_CHECK_VALUE(ks[i] >= 0, op, ": ks must be >= 0, got ks[", i, "] = ", ks[i]);
+    TORCH_CHECK_VALUE(i > 0 || ks[i] <= N, op, ": the first stage keeps ks[0]=", ks[0],
+                      " rows, more than the corpus has (N=", N, ")");
+    TORCH_CHECK_VALUE(i == 0 || ks[i] <= ks[i - 1], op,
+                      ": ks must be non-increasing (a stage reranks the previous stage's survivors), got ", ks);
+  }
+}
+
+at::Tensor rows_unit_stride(const at::Tensor& corpus) {
+  if (corpus.size(0) > 1 && corpus.stride(1) == 1 && corpus.stride(0) >= corpus.size(1)) return corpus;
+  return corpus.contiguous();
+}
+
+}  // namespace embedops

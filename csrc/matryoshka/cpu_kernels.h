@@ -1,0 +1,188 @@
+#pragma once
+// CPU building blocks of the matryoshka kernels: segment dot products / sums of squares written
+// as independent lanes so that -O3 -march=native vectorises them (no reassociation needed).
+
+#include <cstdint>
+
+#include "matryoshka/topk.h"
+
+namespace embedops {
+namespace mat {
+
+// Prefetches the first `bytes` bytes of a row (rows are read a prefix at a time with a large
+// stride, which the hardware prefetchers follow poorly).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+// 64-byte SIMD vectors via GCC/Clang vector extensions (one AVX-512 register, or two AVX2 ones).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using simd_t = typename Simd<T>::type;
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+
+template <typename T>
+inline simd_t<T> loadu(const T* p) {
+  simd_t<T> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(simd_t<float> v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline double hsum(simd_t<double> v) {
+  typedef double v4 __attribute__((vector_size(32)));
+  const v4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+// sq += sum(x[a:e]^2)
+template <typename T>
+inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
+  constexpr int L = kLanes<T>;
+  simd_t<T> acc0 = {}, acc1 = {};
+  int64_t j = a;
+  for (; j + 2 * L <= e; j += 2 * L) {
+    const simd_t<T> v0 = loadu(x + j), v1 = loadu(x + j + L);
+    acc0 += v0 * v0;
+    acc1 += v1 * v1;
+  }
+  for (; j + L <= e; j += L) {
+    const simd_t<T> v0 = loadu(x + j);
+    acc0 += v0 * v0;
+  }
+  T s = hsum(acc0 + acc1);
+  for (; j < e; ++j) s += x[j] * x[j];
+  sq += s;
+}
+
+// dots[b] += sum(q[b][a:e] * x[a:e]) for NB query rows, and sq += sum(x[a:e]^2).
+template <typename T, int NB>
+inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, int64_t e, T* dots, T& sq) {
+  constexpr int L = kLanes<T>;
+  simd_t<T> accq[NB] = {};
+  simd_t<T> accn = {};
+  int64_t j = a;
+  for (; j + L <= e; j += L) {
+    const simd_t<T> v = loadu(x + j);
+    accn += v * v;
+    for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
+  }
+  T s = hsum(accn);
+  T d[NB];
+  for (int b = 0; b < NB; ++b) d[b] = hsum(accq[b]);
+  for (; j < e; ++j) {
+    s += x[j] * x[j];
+    for (int b = 0; b < NB; ++b) d[b] += q[b][j] * x[j];
+  }
+  sq += s;
+  for (int b = 0; b < NB; ++b) dots[b] += d[b];
+}
+
+// out[r] (+)= <q[0:len], x[r][0:len]>, four rows at a time (GEMV over contiguous-ish rows).
+template <typename T>
+inline void rows_dot1(const T* __restrict__ x, int64_t ld, int64_t nrows, const T* __restrict__ q, int64_t len,
+                      T* __restrict__ out, bool accumulate) {
+  constexpr int L = kLanes<T>;
+  int64_t r = 0;
+  for (; r + 4 <= nrows; r += 4) {
+    simd_t<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const T* x0 = x + r * ld;
+    int64_t j = 0;
+    for (; j + L <= len; j += L) {
+      const simd_t<T> qv = loadu(q + j);
+      a0 += loadu(x0 + j) * qv;
+      a1 += loadu(x0 + ld + j) * qv;
+      a2 += loadu(x0 + 2 * ld + j) * qv;
+      a3 += loadu(x0 + 3 * ld + j) * qv;
+    }
+    T d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; j < len; ++j) {
+      for (int i = 0; i < 4; ++i) d[i] += x0[i * ld + j] * q[j];
+    }
+    for (int i = 0; i < 4; ++i) out[r + i] = accumulate ? out[r + i] + d[i] : d[i];
+  }
+  for (; r < nrows; ++r) {
+    const T* xr = x + r * ld;
+    simd_t<T> acc = {};
+    int64_t j = 0;
+    for (; j + L <= len; j += L) acc += loadu(xr + j) * loadu(q + j);
+    T d = hsum(acc);
+    for (; j < len; ++j) d += xr[j] * q[j];
+    out[r] = accumulate ? out[r] + d : d;
+  }
+}
+
+}  // namespace mat
+}  // namespace embedops
+
+#include <type_traits>
+#include <vector>
+
+namespace embedops {
+namespace mat {
+
+// Rows [n0, n0+nt) of a (N, ldx)-strided corpus as acc_t rows: the corpus itself when its dtype
+// is acc_t, else the first `width` columns converted into a per-thread buffer.
+template <typename scalar_t, typename acc_t>
+struct TileRows {
+  const scalar_t* x;
+  int64_t ldx;
+  int64_t width;
+  std::vector<acc_t> buf;
+
+  const acc_t* load(int64_t n0, int64_t nt, int64_t& ld) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      ld = ldx;
+      return x + n0 * ldx;
+    } else {
+      buf.resize(static_cast<size_t>(nt * width));
+      constexpr int64_t kAhead = 8;
+      for (int64_t r = 0; r < nt; ++r) {
+        const scalar_t* src = x + (n0 + r) * ldx;
+        if (r + kAhead < nt) prefetch_row(src + kAhead * ldx, width * static_cast<int64_t>(sizeof(scalar_t)));
+        acc_t* dst = buf.data() + r * width;
+        for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(src[c]);
+      }
+      ld = width;
+      return buf.data();
+    }
+  }
+};
+
+// Per-prefix inverse norms of `rows` contiguous acc_t rows of length >= dims.back():
+// out[p * out_stride + r] = inv_norm(||row_r[:dims[p]]||).
+template <typename acc_t>
+inline void prefix_inv_norms(const acc_t* rows, int64_t ld, int64_t nrows, const std::vector<int64_t>& dims,
+                             acc_t* out, int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    acc_t sq = 0;
+    int64_t a = 0;
+    for (size_t p = 0; p < dims.size(); ++p) {
+      seg_sq(rows + r * ld, a, dims[p], sq);
+      out[static_cast<int64_t>(p) * out_stride + r] = inv_norm_from_sq(sq);
+      a = dims[p];
+    }
+  }
+}
+
+}  // namespace mat
+}  // namespace embedops

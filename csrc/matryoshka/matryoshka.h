@@ -1,0 +1,44 @@
+#pragma once
+// Host-side declarations shared by the matryoshka family's CPU and CUDA files: argument checks
+// (device independent, one implementation for both backends).
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace embedops {
+
+struct MatryoshkaShape {
+  int64_t B = 0;  // queries
+  int64_t N = 0;  // corpus rows
+  int64_t D = 0;  // full dimension
+  std::vector<int64_t> dims;  // strictly ascending prefix sizes in [1, D]
+  bool cosine = true;
+};
+
+// queries (B, D), corpus (N, D): same float dtype and device; dims strictly ascending in [1, D];
+// metric "cosine" or "dot". Raises ValueError/TypeError naming `op` and the argument.
+MatryoshkaShape check_matryoshka_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus,
+                                      at::IntArrayRef dims, c10::string_view metric);
+
+// k in [0, N].
+void check_topk_k(const char* op, int64_t k, int64_t N);
+
+// Optional precomputed corpus inverse norms: shape (rows, N), dtype float64 for a float64 corpus
+// else float32, on the corpus' device.
+void check_inv_norms(const char* op, const std::optional<at::Tensor>& inv_norms, int64_t rows, int64_t N,
+                     const at::Tensor& corpus);
+
+// funnel stages: ks non-increasing, ks[0] <= N, one k per dim.
+void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, int64_t N);
+
+// corpus rows must have unit stride along D; returns corpus or a contiguous copy.
+at::Tensor rows_unit_stride(const at::Tensor& corpus);
+
+// The dtype scores are computed and returned in: float64 for float64 inputs, else float32.
+inline at::ScalarType acc_dtype_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace embedops

@@ -1,0 +1,129 @@
+// matryoshka_similarity and matryoshka_inv_norms on CPU.
+//
+// similarity: the corpus is streamed in row tiles (parallel over tiles). Per tile, the raw dot
+// products of every query with every row are accumulated segment by segment
+// (R += Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T, ATen BLAS), and after segment p the tile's scores
+// at prefix d_p are written out (scaled by the per-prefix inverse norms for cosine). The GEMM work
+// is that of ONE full-dims.back() GEMM, whatever the number of prefixes.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "common/dispatch.h"
+#include "matryoshka/cpu_kernels.h"
+#include "matryoshka/matryoshka.h"
+#include "matryoshka/topk.h"
+
+namespace embedops {
+namespace {
+
+int64_t gemm_tile_rows(int64_t B) {
+  const int64_t t = (65536 / std::max<int64_t>(B, 1) + 63) / 64 * 64;
+  return std::clamp<int64_t>(t, 256, 4096);
+}
+
+template <typename scalar_t>
+void similarity_kernel(const at::Tensor& q_acc, const at::Tensor& x, const MatryoshkaShape& s,
+                       at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
+  const int64_t dmax = s.dims.back();
+  const acc_t* q = q_acc.const_data_ptr<acc_t>();
+  const int64_t D = q_acc.size(1);
+  std::vector<acc_t> qinv(P * B);
+  mat::prefix_inv_norms(q, D, B, s.dims, qinv.data(), B);
+  acc_t* o = out.data_ptr<acc_t>();
+  const int64_t T = gemm_tile_rows(B);
+  const int64_t ntiles = (N + T - 1) / T;
+  const auto acc_opts = q_acc.options();
+  // tiles are handed out dynamically (an atomic counter), so a thread that the OS preempts does
+  // not hold the others up; results do not depend on which thread scored which tile.
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    mat::TileRows<scalar_t, acc_t> tiles{x.const_data_ptr<scalar_t>(), x.stride(0), dmax, {}};
+    at::Tensor R = at::empty({B, T}, acc_opts);
+    std::vector<acc_t> xinv(P * T);
+    for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      int64_t ld = 0;
+      const acc_t* rows = tiles.load(n0, nt, ld);
+      if (s.cosine) mat::prefix_inv_norms(rows, ld, nt, s.dims, xinv.data(), T);
+      at::Tensor xt = at::from_blob(const_cast<acc_t*>(rows), {nt, dmax}, {ld, 1}, acc_opts);
+      at::Tensor Rt = R.narrow(1, 0, nt);
+      int64_t a = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t e = s.dims[p];
+        Rt.addmm_(q_acc.narrow(1, a, e - a), xt.narrow(1, a, e - a).t(), p == 0 ? 0 : 1, 1);
+        a = e;
+        const acc_t* r = R.const_data_ptr<acc_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          acc_t* dst = o + (p * B + b) * N + n0;
+          const acc_t* src = r + b * T;
+          if (s.cosine) {
+            const acc_t iq = qinv[p * B + b];
+            const acc_t* ix = xinv.data() + p * T;
+            for (int64_t j = 0; j < nt; ++j) dst[j] = mat::cosine_from_dot(src[j], iq, ix[j]);
+          } else {
+            std::copy(src, src + nt, dst);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor matryoshka_similarity_cpu(const at::Tensor& queries, const at::Tensor& corpus, at::IntArrayRef dims,
+                                     c10::string_view metric) {
+  const MatryoshkaShape s = check_matryoshka_args("matryoshka_similarity", queries, corpus, dims, metric);
+  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const int64_t P = static_cast<int64_t>(s.dims.size());
+  at::Tensor out = at::empty({P, s.B, s.N}, queries.options().dtype(acc));
+  if (s.B == 0 || s.N == 0) return out;
+  const at::Tensor q = queries.to(acc).contiguous();
+  const at::Tensor x = rows_unit_stride(corpus);
+  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_similarity_cpu",
+                             [&] { similarity_kernel<scalar_t>(q, x, s, out); });
+  return out;
+}
+
+at::Tensor matryoshka_inv_norms_cpu(const at::Tensor& corpus, at::IntArrayRef dims) {
+  const char* op = "matryoshka_inv_norms";
+  const MatryoshkaShape s = check_matryoshka_args(op, corpus.narrow(0, 0, 0), corpus, dims, "cosine");
+  const at::ScalarType acc = acc_dtype_of(corpus.scalar_type());
+  const int64_t P = static_cast<int64_t>(s.dims.size());
+  at::Tensor out = at::empty({P, s.N}, corpus.options().dtype(acc));
+  if (s.N == 0) return out;
+  const at::Tensor x = rows_unit_stride(corpus);
+  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_inv_norms_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* o = out.data_ptr<acc_t>();
+    constexpr int64_t T = 1024;
+    at::parallel_for(0, (s.N + T - 1) / T, 1, [&](int64_t t0, int64_t t1) {
+      mat::TileRows<scalar_t, acc_t> tiles{x.const_data_ptr<scalar_t>(), x.stride(0), s.dims.back(), {}};
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t n0 = tile * T, nt = std::min(T, s.N - n0);
+        int64_t ld = 0;
+        const acc_t* rows = tiles.load(n0, nt, ld);
+        mat::prefix_inv_norms(rows, ld, nt, s.dims, o + n0, s.N);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("matryoshka_similarity", &matryoshka_similarity_cpu);
+  m.impl("matryoshka_inv_norms", &matryoshka_inv_norms_cpu);
+}
+
+}  // namespace embedops

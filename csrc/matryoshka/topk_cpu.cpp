@@ -1,0 +1,487 @@
+// matryoshka_topk and matryoshka_funnel on CPU.
+//
+// topk streams the corpus in row tiles, parallel over tiles (one contiguous run of tiles per
+// thread). Per tile the raw dot products are accumulated segment by segment (prefix d_{p-1}..d_p):
+//   - B <= 4 (GEMV-shaped): one fused pass per row computes the dots of every query and the row's
+//     sums of squares for every prefix (vectorised lanes), no score matrix at all;
+//   - B > 4: R(B x T) += Q_seg X_seg^T with ATen BLAS, one GEMM per segment.
+// After segment p each score goes through threshold-first admission into the thread's top-k heap
+// of (p, query): one compare against the heap's worst entry rejects almost every candidate.
+// At the end the per-thread heaps are merged per (p, query) by the total order of topk.h
+// (score desc, NaN last, ties to the lower index), so the result does not depend on threads.
+// Extra memory: threads x (P*B*k + B*T), never B x N.
+//
+// funnel: stage 0 is a topk at dims[0]; every later stage extends the survivors' dot products
+// (and sums of squares) from the previous prefix to the next one by reading only the new segment
+// of each survivor's row, rescoring, and keeping the best ks[s].
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "matryoshka/cpu_kernels.h"
+#include "matryoshka/matryoshka.h"
+#include "matryoshka/topk.h"
+
+namespace embedops {
+namespace {
+
+constexpr int64_t kDirectMaxB = 4;
+
+// The corpus as column blocks: block i holds columns [c0[i], c1[i]) of every row, row stride ld[i]
+// (a plain (N, D) corpus is one block; MatryoshkaIndex stores one contiguous block per segment so
+// that a prefix scan reads contiguous memory).
+template <typename scalar_t>
+struct Blocks {
+  std::vector<const scalar_t*> ptr;
+  std::vector<int64_t> ld, c0, c1;
+};
+
+// The part of global columns [a, e) that lies in one block, in the block's local columns.
+struct Piece {
+  int blk;
+  int64_t lo, hi;  // local columns
+  int64_t qoff;    // global column of local column 0
+};
+
+template <typename scalar_t>
+std::vector<std::vector<Piece>> make_pieces(const Blocks<scalar_t>& bl, const std::vector<int64_t>& dims) {
+  std::vector<std::vector<Piece>> out(dims.size());
+  int64_t a = 0;
+  for (size_t p = 0; p < dims.size(); ++p) {
+    const int64_t e = dims[p];
+    for (size_t i = 0; i < bl.ptr.size(); ++i) {
+      const int64_t lo = std::max(a, bl.c0[i]), hi = std::min(e, bl.c1[i]);
+      if (lo < hi) out[p].push_back({static_cast<int>(i), lo - bl.c0[i], hi - bl.c0[i], bl.c0[i]});
+    }
+    a = e;
+  }
+  return out;
+}
+
+// Rows [n0, n0+nt) of every block as acc_t (converted into per-thread buffers when needed),
+// only the columns below dmax.
+template <typename scalar_t, typename acc_t>
+struct BlockTiles {
+  const Blocks<scalar_t>& bl;
+  int64_t dmax;
+  std::vector<mat::TileRows<scalar_t, acc_t>> tiles;
+  std::vector<const acc_t*> rows;
+  std::vector<int64_t> ld;
+
+  BlockTiles(const Blocks<scalar_t>& b, int64_t dm) : bl(b), dmax(dm) {
+    for (size_t i = 0; i < b.ptr.size(); ++i) {
+      const int64_t w = std::max<int64_t>(0, std::min(dm, b.c1[i]) - b.c0[i]);
+      tiles.push_back({b.ptr[i], b.ld[i], w, {}});
+    }
+    rows.resize(b.ptr.size());
+    ld.resize(b.ptr.size());
+  }
+  void load(int64_t n0, int64_t nt) {
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      if (tiles[i].width > 0) rows[i] = tiles[i].load(n0, nt, ld[i]);
+    }
+  }
+};
+
+template <typename acc_t>
+struct Heaps {
+  std::vector<acc_t> s;
+  std::vector<int64_t> id;
+};
+
+template <typename acc_t>
+inline void admit_row(const acc_t* __restrict__ dots, int64_t nt, int64_t n0, bool cosine, acc_t iq,
+                      const acc_t* __restrict__ ix, acc_t* hs, int64_t* hi, int64_t k) {
+  acc_t thr = hs[0];
+  for (int64_t j = 0; j < nt; ++j) {
+    const acc_t sc = cosine ? mat::cosine_from_dot(dots[j], iq, ix[j]) : dots[j];
+    if (sc < thr) continue;  // the common case: one compare (false for NaN: full rule below)
+    if (mat::heap_push(hs, hi, k, sc, n0 + j)) thr = hs[0];
+  }
+}
+
+template <typename acc_t, int NB>
+void direct_tile(const std::vector<const acc_t*>& rows, const std::vector<int64_t>& ld, int64_t nt, int64_t n0,
+                 const acc_t* q, int64_t D, const MatryoshkaShape& s, const std::vector<std::vector<Piece>>& pieces,
+                 const std::vector<int64_t>& row_bytes, const acc_t* qinv, const acc_t* given_inv, acc_t* hs,
+                 int64_t* hi, int64_t k) {
+  const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
+  constexpr int64_t kAhead = 8;
+  for (int64_t r = 0; r < nt; ++r) {
+    if (r + kAhead < nt) {
+      for (size_t i = 0; i < rows.size(); ++i) {
+        if (row_bytes[i] > 0) mat::prefetch_row(rows[i] + (r + kAhead) * ld[i], row_bytes[i]);
+      }
+    }
+    acc_t dots[NB] = {};
+    acc_t sq = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      for (const Piece& pc : pieces[p]) {
+        const acc_t* qr[NB];
+        for (int b = 0; b < NB; ++b) qr[b] = q + b * D + pc.qoff;
+        mat::seg_dot_sq<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, dots, sq);
+      }
+      const acc_t ix = !s.cosine ? acc_t(1) : given_inv ? given_inv[p * N + n0 + r] : mat::inv_norm_from_sq(sq);
+      for (int b = 0; b < NB; ++b) {
+        const int64_t pb = p * B + b;
+        const acc_t sc = s.cosine ? mat::cosine_from_dot(dots[b], qinv[pb], ix) : dots[b];
+        acc_t* h = hs + pb * k;
+        if (sc < h[0]) continue;
+        mat::heap_push(h, hi + pb * k, k, sc, n0 + r);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s, int64_t k,
+                 const at::opmath_type<scalar_t>* given_inv, at::Tensor& values, at::Tensor& indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size()), D = q_acc.size(1);
+  const int64_t dmax = s.dims.back();
+  const acc_t* q = q_acc.const_data_ptr<acc_t>();
+  std::vector<acc_t> qinv(P * B);
+  mat::prefix_inv_norms(q, D, B, s.dims, qinv.data(), B);
+  const auto pieces = make_pieces(bl, s.dims);
+  std::vector<int64_t> row_bytes(bl.ptr.size());
+  for (size_t i = 0; i < bl.ptr.size(); ++i) {
+    // software prefetch only for strided rows (a prefix of a wide row); contiguous blocks stream fine
+    const int64_t bytes = std::max<int64_t>(0, std::min(dmax, bl.c1[i]) - bl.c0[i]) * static_cast<int64_t>(sizeof(acc_t));
+    row_bytes[i] = bl.ld[i] * static_cast<int64_t>(sizeof(scalar_t)) >= 2 * bytes + 256 ? bytes : 0;
+  }
+  // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
+  // row; otherwise (dot metric, or norms given) BLAS streams the tile at full bandwidth.
+  // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
+  // row; otherwise (dot metric, or norms given) BLAS streams the tile (faster than our loops).
+  const bool direct = B <= kDirectMaxB && s.cosine && given_inv == nullptr;
+  const int64_t T = direct ? 2048 : std::clamp<int64_t>((65536 / B + 63) / 64 * 64, 256, 16384);
+  const int64_t ntiles = (N + T - 1) / T;
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  std::vector<Heaps<acc_t>> heaps(nthreads);
+  const auto acc_opts = q_acc.options();
+  const int64_t slots = P * B * k;
+
+  // tiles are handed out dynamically (an atomic counter), so a thread that the OS preempts does
+  // not hold the others up; results do not depend on which thread scored which tile.
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < nthreads);
+    Heaps<acc_t>& h = heaps[tid];
+    if (h.s.empty()) {
+      h.s.assign(slots, mat::sentinel_score<acc_t>());
+      h.id.assign(slots, mat::kSentinelIndex);
+    }
+    BlockTiles<scalar_t, acc_t> tiles(bl, dmax);
+    at::Tensor R;
+    std::vector<acc_t> xinv;
+    if (!direct) {
+      R = at::empty({B, T}, acc_opts);
+      xinv.resize(P * T);
+    }
+    for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      tiles.load(n0, nt);
+      if (direct) {
+        switch (B) {
+#define EMBEDOPS_DIRECT(NB)                                                                                   \
+  case NB:                                                                                                    \
+    direct_tile<acc_t, NB>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes, qinv.data(), given_inv, \
+                           h.s.data(), h.id.data(), k);                                                       \
+    break;
+          EMBEDOPS_DIRECT(1)
+          EMBEDOPS_DIRECT(2)
+          EMBEDOPS_DIRECT(3)
+          EMBEDOPS_DIRECT(4)
+#undef EMBEDOPS_DIRECT
+          default: TORCH_INTERNAL_ASSERT(false);
+        }
+        continue;
+      }
+      const acc_t* ix_base = nullptr;
+      int64_t ix_stride = 0;
+      if (s.cosine) {
+        if (given_inv) {
+          ix_base = given_inv + n0;
+          ix_stride = N;
+        } else {
+          for (int64_t r = 0; r < nt; ++r) {
+            acc_t sq = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              for (const Piece& pc : pieces[p]) mat::seg_sq(tiles.rows[pc.blk] + r * tiles.ld[pc.blk], pc.lo, pc.hi, sq);
+              xinv[p * T + r] = mat::inv_norm_from_sq(sq);
+            }
+          }
+          ix_base = xinv.data();
+          ix_stride = T;
+        }
+      }
+      at::Tensor Rt = R.narrow(1, 0, nt);
+      bool first = true;
+      for (int64_t p = 0; p < P; ++p) {
+        for (const Piece& pc : pieces[p]) {
+          if (B == 1) {  // GEMV: our 4-row kernel streams the rows faster than BLAS' sgemv here
+            mat::rows_dot1<acc_t>(tiles.rows[pc.blk] + pc.lo, tiles.ld[pc.blk], nt, q + pc.qoff + pc.lo,
+                                  pc.hi - pc.lo, R.data_ptr<acc_t>(), !first);
+            first = false;
+            continue;
+          }
+          at::Tensor xt = at::from_blob(const_cast<acc_t*>(tiles.rows[pc.blk]) + pc.lo, {nt, pc.hi - pc.lo},
+                                        {tiles.ld[pc.blk], 1}, acc_opts);
+          Rt.addmm_(q_acc.narrow(1, pc.qoff + pc.lo, pc.hi - pc.lo), xt.t(), first ? 0 : 1, 1);
+          first = false;
+        }
+        const acc_t* r = R.const_data_ptr<acc_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t pb = p * B + b;
+          admit_row(r + b * T, nt, n0, s.cosine, qinv[pb], ix_base ? ix_base + p * ix_stride : nullptr,
+                    h.s.data() + pb * k, h.id.data() + pb * k, k);
+        }
+      }
+    }
+  });
+
+  // deterministic merge of the per-thread heaps
+  acc_t* vo = values.data_ptr<acc_t>();
+  int64_t* io = indices.data_ptr<int64_t>();
+  at::parallel_for(0, P * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<acc_t, int64_t>> cand;
+    for (int64_t pb = begin; pb < end; ++pb) {
+      cand.clear();
+      for (const auto& h : heaps) {
+        if (h.s.empty()) continue;
+        for (int64_t j = 0; j < k; ++j) {
+          if (h.id[pb * k + j] != mat::kSentinelIndex) cand.emplace_back(h.s[pb * k + j], h.id[pb * k + j]);
+        }
+      }
+      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(cand.size()) >= k);
+      std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& u, const auto& v) {
+        return mat::ranks_before(u.first, u.second, v.first, v.second);
+      });
+      for (int64_t j = 0; j < k; ++j) {
+        vo[pb * k + j] = cand[j].first;
+        io[pb * k + j] = cand[j].second;
+      }
+    }
+  });
+}
+
+// A plain corpus or a list of column blocks, validated, with unit column stride.
+std::vector<at::Tensor> corpus_blocks(const char* op, const at::Tensor& queries, at::TensorList blocks,
+                                      MatryoshkaShape& s) {
+  TORCH_CHECK_VALUE(!blocks.empty(), op, ": blocks must be a non-empty list of (N, w) tensors");
+  std::vector<at::Tensor> out;
+  int64_t D = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const at::Tensor& b = blocks[i];
+    TORCH_CHECK_VALUE(b.dim() == 2, op, ": blocks[", i, "] must have 2 dims (N, w), got ", b.dim());
+    check_same_dtype(op, "blocks", b, "queries", queries);
+    check_same_device(op, "blocks", b, "queries", queries);
+    TORCH_CHECK_VALUE(b.size(0) == blocks[0].size(0), op, ": every block must have N=", blocks[0].size(0),
+                      " rows, blocks[", i, "] has ", b.size(0));
+    TORCH_CHECK_VALUE(b.size(1) >= 1, op, ": blocks[", i, "] has no columns");
+    D += b.size(1);
+    out.push_back(rows_unit_stride(b));
+  }
+  TORCH_CHECK_VALUE(D == s.D, op, ": the blocks' widths must add up to D=", s.D, ", got ", D);
+  s.N = blocks[0].size(0);
+  return out;
+}
+
+template <typename scalar_t>
+Blocks<scalar_t> make_blocks(const std::vector<at::Tensor>& ts) {
+  Blocks<scalar_t> bl;
+  int64_t c = 0;
+  for (const auto& t : ts) {
+    bl.ptr.push_back(t.const_data_ptr<scalar_t>());
+    bl.ld.push_back(t.stride(0));
+    bl.c0.push_back(c);
+    c += t.size(1);
+    bl.c1.push_back(c);
+  }
+  return bl;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& queries, const std::vector<at::Tensor>& blocks,
+                                             int64_t k, const MatryoshkaShape& s,
+                                             const std::optional<at::Tensor>& corpus_inv_norms) {
+  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const int64_t P = static_cast<int64_t>(s.dims.size());
+  at::Tensor values = at::empty({P, s.B, k}, queries.options().dtype(acc));
+  at::Tensor indices = at::empty({P, s.B, k}, queries.options().dtype(at::kLong));
+  if (s.B == 0 || k == 0) return {values, indices};
+  const at::Tensor q = queries.to(acc).contiguous();
+  at::Tensor inv;
+  if (corpus_inv_norms.has_value() && s.cosine) inv = corpus_inv_norms->contiguous();
+  EMBEDOPS_DISPATCH_FLOATING(queries.scalar_type(), "matryoshka_topk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    topk_kernel<scalar_t>(q, make_blocks<scalar_t>(blocks), s, k,
+                          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, values, indices);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cpu(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
+                                                       at::IntArrayRef dims, c10::string_view metric,
+                                                       const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_topk";
+  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
+  check_topk_k(op, k, s.N);
+  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, corpus);
+  return topk_impl(queries, {rows_unit_stride(corpus)}, k, s, corpus_inv_norms);
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_topk_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
+                                                              int64_t k, at::IntArrayRef dims, c10::string_view metric,
+                                                              const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_topk_blocks";
+  MatryoshkaShape s = check_matryoshka_args(op, queries, queries, dims, metric);
+  const auto bl = corpus_blocks(op, queries, blocks, s);
+  check_topk_k(op, k, s.N);
+  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, bl[0]);
+  return topk_impl(queries, bl, k, s, corpus_inv_norms);
+}
+
+template <typename scalar_t>
+void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s,
+                   at::IntArrayRef ks, const at::Tensor& v0, const at::Tensor& i0, at::Tensor& values,
+                   at::Tensor& indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = s.B, D = q_acc.size(1), S = static_cast<int64_t>(s.dims.size());
+  const int64_t k0 = ks[0], kl = ks[S - 1];
+  const acc_t* q = q_acc.const_data_ptr<acc_t>();
+  const acc_t* vin = v0.const_data_ptr<acc_t>();
+  const int64_t* iin = i0.const_data_ptr<int64_t>();
+  acc_t* vo = values.data_ptr<acc_t>();
+  int64_t* io = indices.data_ptr<int64_t>();
+  // global columns [a, e) of row `row` into seg[a, e) as acc_t
+  auto gather = [&](int64_t row, int64_t a, int64_t e, acc_t* seg) {
+    for (size_t i = 0; i < bl.ptr.size(); ++i) {
+      const int64_t lo = std::max(a, bl.c0[i]), hi = std::min(e, bl.c1[i]);
+      const scalar_t* src = bl.ptr[i] + row * bl.ld[i] - bl.c0[i];
+      for (int64_t j = lo; j < hi; ++j) seg[j] = static_cast<acc_t>(src[j]);
+    }
+  };
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> dot(k0), sq(k0), score(k0), dot2(k0), sq2(k0), score2(k0), seg(D);
+    std::vector<int64_t> idx(k0), idx2(k0), order(k0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t* qb = q + b * D;
+      acc_t qsq = 0;
+      mat::seg_sq(qb, 0, s.dims[0], qsq);
+      const acc_t iq0 = mat::inv_norm_from_sq(qsq);
+      // stage 0 survivors: their raw dot products at dims[0], recovered from the scores
+      for (int64_t c = 0; c < k0; ++c) {
+        idx[c] = iin[b * k0 + c];
+        gather(idx[c], 0, s.dims[0], seg.data());
+        acc_t xsq = 0;
+        mat::seg_sq(seg.data(), 0, s.dims[0], xsq);
+        sq[c] = xsq;
+        const acc_t sc = vin[b * k0 + c];
+        if (!s.cosine) {
+          dot[c] = sc;
+        } else {
+          const acc_t ix = mat::inv_norm_from_sq(xsq);
+          dot[c] = (iq0 == acc_t(0) || ix == acc_t(0)) ? acc_t(0) : sc / (iq0 * ix);
+        }
+        score[c] = sc;
+      }
+      int64_t kc = k0;
+      for (int64_t st = 1; st < S; ++st) {
+        const int64_t a = s.dims[st - 1], e = s.dims[st];
+        mat::seg_sq(qb, a, e, qsq);
+        const acc_t iq = mat::inv_norm_from_sq(qsq);
+        const acc_t* qrow[1] = {qb};
+        for (int64_t c = 0; c < kc; ++c) {
+          gather(idx[c], a, e, seg.data());  // only the new segment of the survivor's row
+          mat::seg_dot_sq<acc_t, 1>(seg.data(), qrow, a, e, &dot[c], sq[c]);
+          score[c] = s.cosine ? mat::cosine_from_dot(dot[c], iq, mat::inv_norm_from_sq(sq[c])) : dot[c];
+        }
+        const int64_t kn = ks[st];
+        std::iota(order.begin(), order.begin() + kc, 0);
+        std::partial_sort(order.begin(), order.begin() + kn, order.begin() + kc, [&](int64_t u, int64_t v) {
+          return mat::ranks_before(score[u], idx[u], score[v], idx[v]);
+        });
+        for (int64_t c = 0; c < kn; ++c) {
+          dot2[c] = dot[order[c]];
+          sq2[c] = sq[order[c]];
+          idx2[c] = idx[order[c]];
+          score2[c] = score[order[c]];
+        }
+        std::swap(dot, dot2);
+        std::swap(sq, sq2);
+        std::swap(idx, idx2);
+        std::swap(score, score2);
+        kc = kn;
+      }
+      for (int64_t c = 0; c < kl; ++c) {
+        vo[b * kl + c] = score[c];
+        io[b * kl + c] = idx[c];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> funnel_impl(const char* op, const at::Tensor& queries,
+                                               const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
+                                               at::IntArrayRef ks, const std::optional<at::Tensor>& corpus_inv_norms) {
+  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const int64_t kl = ks.back();
+  at::Tensor values = at::empty({s.B, kl}, queries.options().dtype(acc));
+  at::Tensor indices = at::empty({s.B, kl}, queries.options().dtype(at::kLong));
+  if (s.B == 0 || kl == 0) return {values, indices};
+  MatryoshkaShape s0 = s;
+  s0.dims = {s.dims[0]};
+  auto [v0, i0] = topk_impl(queries, blocks, ks[0], s0, corpus_inv_norms);
+  const at::Tensor q = queries.to(acc).contiguous();
+  EMBEDOPS_DISPATCH_FLOATING(queries.scalar_type(), "matryoshka_funnel_cpu", [&] {
+    funnel_rerank<scalar_t>(q, make_blocks<scalar_t>(blocks), s, ks, v0, i0, values, indices);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cpu(const at::Tensor& queries, const at::Tensor& corpus,
+                                                         at::IntArrayRef dims, at::IntArrayRef ks,
+                                                         c10::string_view metric,
+                                                         const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_funnel";
+  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
+  check_funnel_ks(op, dims, ks, s.N);
+  check_inv_norms(op, corpus_inv_norms, 1, s.N, corpus);
+  return funnel_impl(op, queries, {rows_unit_stride(corpus)}, s, ks, corpus_inv_norms);
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
+                                                                at::IntArrayRef dims, at::IntArrayRef ks,
+                                                                c10::string_view metric,
+                                                                const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_funnel_blocks";
+  MatryoshkaShape s = check_matryoshka_args(op, queries, queries, dims, metric);
+  const auto bl = corpus_blocks(op, queries, blocks, s);
+  check_funnel_ks(op, dims, ks, s.N);
+  check_inv_norms(op, corpus_inv_norms, 1, s.N, bl[0]);
+  return funnel_impl(op, queries, bl, s, ks, corpus_inv_norms);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("matryoshka_topk", &matryoshka_topk_cpu);
+  m.impl("matryoshka_funnel", &matryoshka_funnel_cpu);
+  m.impl("matryoshka_topk_blocks", &matryoshka_topk_blocks_cpu);
+  m.impl("matryoshka_funnel_blocks", &matryoshka_funnel_blocks_cpu);
+}
+
+}  // namespace embedops

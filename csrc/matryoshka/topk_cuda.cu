@@ -1,0 +1,357 @@
+// matryoshka_topk and matryoshka_funnel on CUDA.
+//
+// topk: the corpus is processed in chunks of T rows (B*T bounded, so extra memory is
+// O(P*B*S*k + B*T), never B x N). Per chunk the raw dot products of all prefixes are accumulated
+// segment by segment into R (B x T) with cuBLAS (ATen addmm), and after segment p a selection
+// kernel offers R's scores (cosine rule applied on the fly) to a running top-k per
+// (prefix, query, slice): grid (S slices, B queries), one block each, the block top-k of
+// select_cuda.cuh in shared memory. Small B gets many slices so the GPU stays busy. A final
+// kernel merges the S partial lists of each (prefix, query). k <= 1024 on CUDA.
+//
+// funnel: stage 0 is the topk above; then one block per query extends its survivors' dot products
+// (one warp per survivor reads only the new segment of the row), rescores, and keeps the best of
+// each stage by a bitonic sort in shared memory. ks[0] <= 1024 (512 for float64), at most 32
+// stages on CUDA.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "common/dispatch.h"
+#include "matryoshka/matryoshka.h"
+#include "matryoshka/select_cuda.cuh"
+#include "matryoshka/topk.h"
+
+namespace embedops {
+
+void launch_inv_norms(const at::Tensor& x, int64_t ld, int64_t rows, const std::vector<int64_t>& dims,
+                      const at::Tensor& out, int64_t out_offset, int64_t out_ld);
+mat::DimList make_dim_list(const char* op, const std::vector<int64_t>& dims);
+
+namespace {
+
+constexpr int64_t kMaxKCuda = 1024;
+
+template <typename acc_t>
+__global__ void fill_sentinel_kernel(acc_t* __restrict__ s, int64_t* __restrict__ id, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    s[i] = mat::sentinel_score<acc_t>();
+    id[i] = mat::kSentinelIndex;
+  }
+}
+
+// grid (S, B): block (slice, b) offers columns [slice*chunk, ...) of R's row b (prefix p) to the
+// running top-k state[p, b, slice, :].
+template <typename acc_t, int KP>
+__global__ void __launch_bounds__(mat::kThreads) select_tile_kernel(
+    const acc_t* __restrict__ R, int64_t ldr, int64_t nt, int64_t n0, int64_t B, int64_t p, int k, bool cosine,
+    const acc_t* __restrict__ qinv, const acc_t* __restrict__ xinv, acc_t* __restrict__ state_s,
+    int64_t* __restrict__ state_i) {
+  __shared__ mat::BlockTopK<acc_t, KP> t;
+  const int64_t S = gridDim.x, slice = blockIdx.x, b = blockIdx.y;
+  const int64_t chunk = (nt + S - 1) / S;
+  const int64_t begin = std::min(nt, slice * chunk), end = std::min(nt, begin + chunk);
+  acc_t* ss = state_s + ((p * B + b) * S + slice) * k;
+  int64_t* si = state_i + ((p * B + b) * S + slice) * k;
+  if (begin >= end) return;  // uniform per block
+  mat::block_topk_load(t, ss, si, k);
+  const acc_t* r = R + b * ldr;
+  const acc_t iq = cosine ? qinv[p * B + b] : acc_t(1);
+  mat::block_topk_offer(t, k, begin, end, [&](int64_t n, acc_t& sc, int64_t& ix) {
+    const acc_t d = r[n];
+    sc = cosine ? mat::cosine_from_dot(d, iq, xinv[n]) : d;
+    ix = n0 + n;
+  });
+  mat::block_topk_finish(t);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    ss[i] = t.s[i];
+    si[i] = t.id[i];
+  }
+}
+
+// grid (B, P): merges the S partial lists of (p, b) into the sorted output.
+template <typename acc_t, int KP>
+__global__ void __launch_bounds__(mat::kThreads) merge_slices_kernel(
+    const acc_t* __restrict__ state_s, const int64_t* __restrict__ state_i, int64_t B, int64_t S, int k,
+    acc_t* __restrict__ values, int64_t* __restrict__ indices) {
+  __shared__ mat::BlockTopK<acc_t, KP> t;
+  const int64_t b = blockIdx.x, p = blockIdx.y;
+  const acc_t* ss = state_s + (p * B + b) * S * k;
+  const int64_t* si = state_i + (p * B + b) * S * k;
+  mat::block_topk_load(t, ss, si, 0);
+  mat::block_topk_offer(t, k, 0, S * k, [&](int64_t n, acc_t& sc, int64_t& ix) {
+    sc = ss[n];
+    ix = si[n];
+  });
+  mat::block_topk_finish(t);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    values[(p * B + b) * k + i] = t.s[i];
+    indices[(p * B + b) * k + i] = t.id[i];
+  }
+}
+
+int sm_count(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return std::max(n, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_cuda_impl(const char* op, const at::Tensor& queries,
+                                                  const at::Tensor& corpus, int64_t k, const MatryoshkaShape& s,
+                                                  const std::optional<at::Tensor>& corpus_inv_norms) {
+  TORCH_CHECK_VALUE(k <= kMaxKCuda, op, ": k must be <= ", kMaxKCuda, " on CUDA, got ", k,
+                    " (use the CPU, or several calls over corpus shards)");
+  make_dim_list(op, s.dims);
+  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const int64_t P = static_cast<int64_t>(s.dims.size()), B = s.B, N = s.N;
+  at::Tensor values = at::empty({P, B, k}, queries.options().dtype(acc));
+  at::Tensor indices = at::empty({P, B, k}, queries.options().dtype(at::kLong));
+  if (B == 0 || k == 0) return {values, indices};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor q = queries.to(acc).contiguous();
+  const at::Tensor x = rows_unit_stride(corpus);
+  const int64_t dmax = s.dims.back();
+  const auto acc_opts = q.options();
+
+  at::Tensor qinv = at::empty({P, B}, acc_opts);
+  if (s.cosine) launch_inv_norms(q, q.stride(0), B, s.dims, qinv, 0, B);
+
+  // chunk width: B*T <= 2^24 scores, and a bounded converted copy for low-precision corpora
+  int64_t T = std::max<int64_t>(1024, (int64_t{1} << 24) / B);
+  if (x.scalar_type() != acc) T = std::min<int64_t>(T, std::max<int64_t>(1024, (int64_t{1} << 25) / dmax));
+  T = std::min(T, N);
+  const int sms = sm_count(q.get_device());
+  int64_t S = std::max<int64_t>(1, (2 * sms + B - 1) / B);
+  S = std::min<int64_t>({S, 64, std::max<int64_t>(1, T / 2048)});
+  TORCH_CHECK(B <= 65535, op, ": at most 65535 queries per call on CUDA, got ", B);
+
+  at::Tensor state_s = at::empty({P, B, S, k}, acc_opts);
+  at::Tensor state_i = at::empty({P, B, S, k}, acc_opts.dtype(at::kLong));
+  at::Tensor R = at::empty({B, T}, acc_opts);
+  at::Tensor xinv_buf;
+  const bool given = s.cosine && corpus_inv_norms.has_value();
+  at::Tensor given_inv = given ? corpus_inv_norms->contiguous() : at::Tensor();
+  if (s.cosine && !given) xinv_buf = at::empty({P, T}, acc_opts);
+
+  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_topk_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    {
+      const int64_t n = state_s.numel();
+      fill_sentinel_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(
+          state_s.data_ptr<acc_t>(), state_i.data_ptr<int64_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    mat::dispatch_kp(k, [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      for (int64_t n0 = 0; n0 < N; n0 += T) {
+        const int64_t nt = std::min(T, N - n0);
+        at::Tensor xc = x.narrow(0, n0, nt).narrow(1, 0, dmax);
+        if (xc.scalar_type() != acc) xc = xc.to(acc);
+        const acc_t* xinv = nullptr;
+        int64_t xinv_ld = 0;
+        if (s.cosine) {
+          if (given) {
+            xinv = given_inv.const_data_ptr<acc_t>() + n0;
+            xinv_ld = N;
+          } else {
+            launch_inv_norms(xc, xc.stride(0), nt, s.dims, xinv_buf, 0, T);
+            xinv = xinv_buf.const_data_ptr<acc_t>();
+            xinv_ld = T;
+          }
+        }
+        at::Tensor Rt = R.narrow(1, 0, nt);
+        int64_t a = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t e = s.dims[p];
+          Rt.addmm_(q.narrow(1, a, e - a), xc.narrow(1, a, e - a).t(), p == 0 ? 0 : 1, 1);
+          a = e;
+          const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(B));
+          select_tile_kernel<acc_t, KP><<<grid, mat::kThreads, 0, stream>>>(
+              R.const_data_ptr<acc_t>(), T, nt, n0, B, p, static_cast<int>(k), s.cosine,
+              qinv.const_data_ptr<acc_t>(), xinv ? xinv + p * xinv_ld : nullptr, state_s.data_ptr<acc_t>(),
+              state_i.data_ptr<int64_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(P));
+      merge_slices_kernel<acc_t, KP><<<grid, mat::kThreads, 0, stream>>>(
+          state_s.const_data_ptr<acc_t>(), state_i.const_data_ptr<int64_t>(), B, S, static_cast<int>(k),
+          values.data_ptr<acc_t>(), indices.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cuda(const at::Tensor& queries, const at::Tensor& corpus,
+                                                        int64_t k, at::IntArrayRef dims, c10::string_view metric,
+                                                        const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_topk";
+  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
+  check_topk_k(op, k, s.N);
+  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, corpus);
+  const c10::cuda::CUDAGuard guard(queries.device());
+  return topk_cuda_impl(op, queries, corpus, k, s, corpus_inv_norms);
+}
+
+// ---- funnel ------------------------------------------------------------------------------------
+
+template <typename acc_t, int KP>
+struct FunnelSmem {
+  acc_t dot[KP], sq[KP], score[KP], dot2[KP], sq2[KP];
+  int64_t idx[KP];
+  acc_t key_s[KP];
+  int64_t key_i[KP];
+  int slot[KP];
+  acc_t qinv[mat::kMaxDimsCuda];
+};
+
+// One block per query. v0/i0: stage-0 top ks[0] (scores at dims[0], best first).
+template <typename scalar_t, typename acc_t, int KP>
+__global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
+    const acc_t* __restrict__ q, int64_t D, const scalar_t* __restrict__ x, int64_t ldx, mat::DimList dims,
+    mat::DimList ks, bool cosine, const acc_t* __restrict__ v0, const int64_t* __restrict__ i0,
+    acc_t* __restrict__ values, int64_t* __restrict__ indices) {
+  __shared__ FunnelSmem<acc_t, KP> m;
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const acc_t* qb = q + b * D;
+  const int k0 = static_cast<int>(ks.d[0]);
+  if (threadIdx.x == 0) {  // query inverse norms at every stage prefix
+    acc_t qs = 0;
+    int64_t a = 0;
+    for (int st = 0; st < dims.n; ++st) {
+      for (int64_t j = a; j < dims.d[st]; ++j) qs += qb[j] * qb[j];
+      m.qinv[st] = mat::inv_norm_from_sq(qs);
+      a = dims.d[st];
+    }
+  }
+  __syncthreads();
+  // stage 0 survivors: their sums of squares at dims[0], and their raw dots recovered from the scores
+  for (int c = warp; c < k0; c += nwarps) {
+    const int64_t row = i0[b * k0 + c];
+    const scalar_t* xr = x + row * ldx;
+    acc_t sq = 0;
+    for (int64_t j = lane; j < dims.d[0]; j += 32) {
+      const acc_t v = static_cast<acc_t>(xr[j]);
+      sq += v * v;
+    }
+    sq = mat::warp_sum(sq);
+    if (lane == 0) {
+      const acc_t sc = v0[b * k0 + c];
+      const acc_t ix = mat::inv_norm_from_sq(sq), iq = m.qinv[0];
+      m.sq[c] = sq;
+      m.idx[c] = row;
+      m.score[c] = sc;
+      m.dot[c] = !cosine ? sc : (iq == acc_t(0) || ix == acc_t(0)) ? acc_t(0) : sc / (iq * ix);
+    }
+  }
+  __syncthreads();
+  int kc = k0;
+  for (int st = 1; st < dims.n; ++st) {
+    const int64_t a = dims.d[st - 1], e = dims.d[st];
+    for (int c = warp; c < kc; c += nwarps) {
+      const scalar_t* xr = x + m.idx[c] * ldx;
+      acc_t d = 0, sq = 0;
+      for (int64_t j = a + lane; j < e; j += 32) {
+        const acc_t v = static_cast<acc_t>(xr[j]);
+        d += qb[j] * v;
+        sq += v * v;
+      }
+      d = mat::warp_sum(d);
+      sq = mat::warp_sum(sq);
+      if (lane == 0) {
+        const acc_t dot = m.dot[c] + d, s2 = m.sq[c] + sq;
+        m.dot[c] = dot;
+        m.sq[c] = s2;
+        m.score[c] = cosine ? mat::cosine_from_dot(dot, m.qinv[st], mat::inv_norm_from_sq(s2)) : dot;
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < KP; i += blockDim.x) {
+      m.key_s[i] = i < kc ? m.score[i] : mat::sentinel_score<acc_t>();
+      m.key_i[i] = i < kc ? m.idx[i] : mat::kSentinelIndex;
+      m.slot[i] = i;
+    }
+    __syncthreads();
+    mat::bitonic_sort<acc_t, true>(m.key_s, m.key_i, m.slot, KP);
+    const int kn = static_cast<int>(ks.d[st]);
+    for (int i = threadIdx.x; i < kn; i += blockDim.x) {
+      m.dot2[i] = m.dot[m.slot[i]];
+      m.sq2[i] = m.sq[m.slot[i]];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kn; i += blockDim.x) {
+      m.dot[i] = m.dot2[i];
+      m.sq[i] = m.sq2[i];
+      m.score[i] = m.key_s[i];
+      m.idx[i] = m.key_i[i];
+    }
+    __syncthreads();
+    kc = kn;
+  }
+  for (int i = threadIdx.x; i < kc; i += blockDim.x) {
+    values[b * kc + i] = m.score[i];
+    indices[b * kc + i] = m.idx[i];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cuda(const at::Tensor& queries, const at::Tensor& corpus,
+                                                          at::IntArrayRef dims, at::IntArrayRef ks,
+                                                          c10::string_view metric,
+                                                          const std::optional<at::Tensor>& corpus_inv_norms) {
+  const char* op = "matryoshka_funnel";
+  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
+  check_funnel_ks(op, dims, ks, s.N);
+  check_inv_norms(op, corpus_inv_norms, 1, s.N, corpus);
+  TORCH_CHECK_VALUE(ks[0] <= kMaxKCuda, op, ": the first stage's k must be <= ", kMaxKCuda, " on CUDA, got ", ks[0]);
+  const mat::DimList dl = make_dim_list(op, s.dims);
+  const mat::DimList kl = make_dim_list(op, std::vector<int64_t>(ks.begin(), ks.end()));
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const int64_t klast = ks.back();
+  at::Tensor values = at::empty({s.B, klast}, queries.options().dtype(acc));
+  at::Tensor indices = at::empty({s.B, klast}, queries.options().dtype(at::kLong));
+  if (s.B == 0 || klast == 0) return {values, indices};
+  MatryoshkaShape s0 = s;
+  s0.dims = {s.dims[0]};
+  auto [v0, i0] = topk_cuda_impl(op, queries, corpus, ks[0], s0, corpus_inv_norms);
+  const at::Tensor q = queries.to(acc).contiguous();
+  const at::Tensor x = rows_unit_stride(corpus);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(s.B <= std::numeric_limits<int>::max(), op, ": too many queries");
+  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_funnel_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mat::dispatch_kp(ks[0], [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      if constexpr (sizeof(acc_t) == 8 && KP > 512) {  // shared memory: 48 KiB per block
+        TORCH_CHECK_VALUE(false, op, ": the first stage's k must be <= 512 for float64 on CUDA, got ", ks[0]);
+      } else {
+      funnel_kernel<scalar_t, acc_t, KP><<<static_cast<unsigned>(s.B), mat::kThreads, 0, stream>>>(
+          q.const_data_ptr<acc_t>(), s.D, x.const_data_ptr<scalar_t>(), x.stride(0), dl, kl, s.cosine,
+          v0.const_data_ptr<acc_t>(), i0.const_data_ptr<int64_t>(), values.data_ptr<acc_t>(),
+          indices.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return {values, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
+  m.impl("matryoshka_topk", &matryoshka_topk_cuda);
+  m.impl("matryoshka_funnel", &matryoshka_funnel_cuda);
+}
+
+}  // namespace embedops
