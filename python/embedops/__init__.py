@@ -34,10 +34,8 @@ def build_info() -> dict:
 
 
 __all__ = [
-__all__ = [
     "build_info", "__version__",
     "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag",
     "cross_attention", "cross_attention_varlen",
     "MatryoshkaIndex", "matryoshka_funnel", "matryoshka_inv_norms", "matryoshka_similarity", "matryoshka_topk",
-]
 ]
