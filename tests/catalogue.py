@@ -227,6 +227,94 @@ SMOKE.append(Smoke(
 ))
 
 
+# ---- matryoshka ------------------------------------------------------------------------------------
+
+_Q = torch.randn(3, 16)
+_X = torch.randn(40, 16)
+_ms = embedops.matryoshka_similarity
+_mt = embedops.matryoshka_topk
+_mf = embedops.matryoshka_funnel
+
+
+def _bad_index_file():
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.idx")
+        with open(path, "wb") as f:
+            f.write(b"not an index at all, just some bytes" * 4)
+        embedops.MatryoshkaIndex.load(path)
+
+
+def _truncated_index_file():
+    import os
+    import tempfile
+
+    index = embedops.MatryoshkaIndex(16, dims=[4, 16])
+    index.add(_X)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.idx")
+        index.save(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:-100])
+        embedops.MatryoshkaIndex.load(path)
+
+
+bad("matryoshka", "similarity queries 1-D", ValueError, "matryoshka_similarity: queries must have 2 dims")(
+    lambda: _ms(_Q[0], _X, [4, 16]))
+bad("matryoshka", "similarity corpus 3-D", ValueError, "matryoshka_similarity: corpus must have 2 dims")(
+    lambda: _ms(_Q, _X[None], [4, 16]))
+bad("matryoshka", "similarity D mismatch", ValueError, "matryoshka_similarity: .*D")(lambda: _ms(_Q, _X[:, :8], [4, 8]))
+bad("matryoshka", "similarity dims empty", ValueError, "matryoshka_similarity: dims must be a non-empty")(
+    lambda: _ms(_Q, _X, []))
+bad("matryoshka", "similarity dims descending", ValueError, "matryoshka_similarity: dims must be strictly ascending")(
+    lambda: _ms(_Q, _X, [8, 4]))
+bad("matryoshka", "similarity dims repeated", ValueError, "matryoshka_similarity: dims must be strictly ascending")(
+    lambda: _ms(_Q, _X, [4, 4]))
+bad("matryoshka", "similarity dims > D", ValueError, "matryoshka_similarity: dims must be in \\[1, D=16\\]")(
+    lambda: _ms(_Q, _X, [4, 17]))
+bad("matryoshka", "similarity dims 0", ValueError, "matryoshka_similarity: dims must be in")(lambda: _ms(_Q, _X, [0, 4]))
+bad("matryoshka", "similarity dims not a list", TypeError, "matryoshka_similarity: dims")(lambda: _ms(_Q, _X, [4.5]))
+bad("matryoshka", "similarity bad metric", ValueError, "matryoshka_similarity: metric must be")(
+    lambda: _ms(_Q, _X, [4], metric="l2"))
+bad("matryoshka", "similarity int corpus", TypeError, "matryoshka_similarity: .*corpus")(
+    lambda: _ms(_Q, _X.long(), [4]))
+bad("matryoshka", "similarity dtype mismatch", TypeError, "matryoshka_similarity: corpus")(
+    lambda: _ms(_Q, _X.double(), [4]))
+bad("matryoshka", "similarity list input", TypeError, "matryoshka_similarity: queries must be a torch.Tensor or a numpy")(
+    lambda: _ms([[1.0] * 16], _X, [4]))
+bad("matryoshka", "topk k > N", ValueError, "matryoshka_topk: k must be in \\[0, N=40\\]")(
+    lambda: _mt(_Q, _X, 41, [4, 16]))
+bad("matryoshka", "topk k < 0", ValueError, "matryoshka_topk: k must be in")(lambda: _mt(_Q, _X, -1, [4]))
+bad("matryoshka", "topk k float", TypeError, "matryoshka_topk: k must be an int")(lambda: _mt(_Q, _X, 2.0, [4]))
+bad("matryoshka", "topk inv norms wrong shape", ValueError, "matryoshka_topk: corpus_inv_norms")(
+    lambda: _mt(_Q, _X, 3, [4, 16], corpus_inv_norms=torch.ones(1, 40)))
+bad("matryoshka", "funnel no stages", ValueError, "matryoshka_funnel: stages must hold at least one")(
+    lambda: _mf(_Q, _X, 5, []))
+bad("matryoshka", "funnel stage k > N", ValueError, "matryoshka_funnel: stages\\[0\\] keeps 50 rows")(
+    lambda: _mf(_Q, _X, 5, [(4, 50)]))
+bad("matryoshka", "funnel k increasing", ValueError, "matryoshka_funnel: the k of each stage must be non-increasing")(
+    lambda: _mf(_Q, _X, 5, [(4, 10), (8, 20)]))
+bad("matryoshka", "index dim 0", ValueError, "MatryoshkaIndex: dim must be >= 1")(lambda: embedops.MatryoshkaIndex(0))
+bad("matryoshka", "index add wrong D", ValueError, "MatryoshkaIndex.add: vectors must have shape \\(n, D=16\\)")(
+    lambda: embedops.MatryoshkaIndex(16, dims=[4, 16]).add(torch.randn(3, 8)))
+bad("matryoshka", "index corrupt file", ValueError, "MatryoshkaIndex.load: .*not an embedops MatryoshkaIndex file")(
+    _bad_index_file)
+bad("matryoshka", "index truncated file", ValueError, "MatryoshkaIndex.load: .*(size mismatch|corrupt)")(
+    _truncated_index_file)
+
+SMOKE.append(Smoke(
+    "matryoshka_topk",
+    lambda: _mt(_Q, _X, 5, [4, 16])[1],
+    lambda: torch.stack([reference.matryoshka_similarity(_Q.double(), _X.double(), [d])[0].topk(5, dim=1).indices
+                         for d in (4, 16)]),
+    _eq,
+))
+
+
 def run_all() -> int:
     """Runs every bad input; prints one line per failure; returns the number of failures."""
     failures = 0

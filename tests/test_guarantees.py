@@ -172,3 +172,33 @@ def test_results_do_not_depend_on_thread_count():
             assert smoke.equal(one, many), smoke.name
     finally:
         torch.set_num_threads(n)
+
+
+@given(
+    B=st.integers(1, 5), N=st.integers(1, 300), D=st.integers(1, 48), data=st.data(),
+    metric=st.sampled_from(["cosine", "dot"]), dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31), zero_rows=st.booleans(),
+)
+def test_matryoshka_similarity_and_topk_property(B, N, D, data, metric, dtype, seed, zero_rows):
+    dims = sorted(data.draw(st.sets(st.integers(1, D), min_size=1, max_size=min(4, D))))
+    k = data.draw(st.integers(0, N))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g, dtype=dtype)
+    x = torch.randn(N, D, generator=g, dtype=dtype)
+    if zero_rows:
+        x[::3, : dims[0]] = 0  # zero prefixes score 0 under cosine, never NaN
+    sim = embedops.matryoshka_similarity(q, x, dims, metric=metric)
+    ref = reference.matryoshka_similarity(q, x, dims, metric=metric)
+    tol = _FLOAT_TOL[dtype] * max(1.0, D**0.5 if metric == "dot" else 1.0)
+    assert not sim.isnan().any()
+    torch.testing.assert_close(sim.double(), ref, atol=tol, rtol=tol)
+    values, indices = embedops.matryoshka_topk(q, x, k, dims, metric=metric)
+    assert values.shape == indices.shape == (len(dims), B, k)
+    if k:
+        # the returned rows really have the returned scores, sorted best first, and they are the
+        # best k (up to ties within tolerance)
+        picked = torch.gather(ref, 2, indices)
+        torch.testing.assert_close(values.double(), picked, atol=tol, rtol=tol)
+        assert (values[..., :-1] >= values[..., 1:]).all()
+        kth_best = ref.topk(k, dim=2).values[..., -1]
+        assert (picked[..., -1] >= kth_best - 2 * tol).all()
