@@ -34,7 +34,7 @@ def test_bad_input_raises_clear_error(entry):
 def test_catalogue_size_per_family():
     counts = collections.Counter(e.family for e in BAD_INPUTS)
     for family, n in counts.items():
-        assert n >= 15, f"{family}: only {n} bad inputs in the catalogue"
+        assert n >= 20, f"{family}: only {n} bad inputs in the catalogue"
 
 
 def test_catalogue_in_subprocess_never_crashes():
