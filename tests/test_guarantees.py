@@ -75,6 +75,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.skipif(bool(os.environ.get("EMBEDOPS_SANITIZER")),
+                    reason="under AddressSanitizer freed memory sits in ASan's quarantine, so RSS says nothing")
 @pytest.mark.parametrize("smoke", SMOKE, ids=[s.name for s in SMOKE])
 def test_no_leak_over_10000_calls(smoke):
     expected = smoke.expected()

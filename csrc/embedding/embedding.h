@@ -58,6 +58,18 @@ BagLayout check_bag_args(c10::string_view op, const at::Tensor& weight, const at
                          const at::Tensor& offsets, at::IntArrayRef num_probes, c10::string_view combine,
                          c10::string_view mode, const c10::optional<at::Tensor>& per_sample_weights);
 
+// The backward / fused-update inputs both backends use: arguments checked (as check_bag_args,
+// plus grad_out's and argmax's dtype, device and shape), tensors made contiguous, offsets as int64.
+struct BagBackwardInputs {
+  BagLayout L;
+  at::Tensor offs, v, g, psw, argmax;
+  bool has_psw = false;
+};
+BagBackwardInputs prepare_bag_backward(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
+                                       const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
+                                       at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
+                                       const c10::optional<at::Tensor>& per_sample_weights);
+
 // Host-side offsets check (CPU tensors): offsets[0] == 0, non-decreasing, offsets[-1] <= N.
 void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t num_values);
 

@@ -283,38 +283,6 @@ void sorted_row_pass(const BagLayout& L, const DeviceLayout& dl, RowOp op, const
   });
 }
 
-struct CudaBackwardInputs {
-  BagLayout L;
-  at::Tensor offs, v, g, psw, argmax;
-  bool has_psw = false;
-};
-
-CudaBackwardInputs prepare(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
-                           const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
-                           at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
-                           const c10::optional<at::Tensor>& per_sample_weights) {
-  CudaBackwardInputs in;
-  in.L = check_bag_args(op, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
-  check_same_dtype(op, "grad_out", grad_out, "weight", weight);
-  check_same_device(op, "grad_out", grad_out, "weight", weight);
-  check_dim(op, "grad_out", grad_out, 2, "(B, out_dim)");
-  check_size(op, "grad_out", grad_out, 0, in.L.batch, "the batch size B");
-  check_size(op, "grad_out", grad_out, 1, in.L.out_dim, "the output width out_dim");
-  in.offs = offsets.to(at::kLong).contiguous();
-  in.v = values.contiguous();
-  in.g = grad_out.contiguous();
-  in.has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
-  if (in.has_psw) in.psw = per_sample_weights->contiguous();
-  if (in.L.mode == PoolMode::kMax) {
-    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kLong && argmax.dim() == 2 && argmax.size(0) == in.L.batch &&
-                          argmax.size(1) == in.L.num_blocks * in.L.dim && argmax.device() == weight.device(),
-                      op, ": argmax must be the (B, Q*D) int64 tensor the forward returned for mode=\"max\", got ",
-                      argmax.scalar_type(), " of shape ", argmax.sizes());
-    in.argmax = argmax.contiguous();
-  }
-  return in;
-}
-
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
                                                  const at::Tensor& values, const at::Tensor& offsets,
                                                  const at::Tensor& argmax, at::IntArrayRef num_probes,
@@ -323,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, con
                                                  bool weight_grad, bool psw_grad) {
   constexpr const char* op = "multiplexed_embedding_bag_backward";
   const c10::cuda::CUDAGuard guard(weight.device());
-  CudaBackwardInputs in =
-      prepare(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
+  BagBackwardInputs in =
+      prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
   const BagLayout& L = in.L;
   at::Tensor grad_weight = weight_grad ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
   at::Tensor grad_psw = psw_grad ? at::zeros({values.numel()}, weight.options()) : at::empty({0}, weight.options());
@@ -361,8 +329,8 @@ void update_cuda(const at::Tensor& weight, const at::Tensor& state, const at::Te
   const Optimizer opt = parse_optimizer(op, optimizer);
   const c10::cuda::CUDAGuard guard(weight.device());
   TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous (it is updated in place)");
-  CudaBackwardInputs in =
-      prepare(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
+  BagBackwardInputs in =
+      prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
   const BagLayout& L = in.L;
   const at::ScalarType state_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (opt == Optimizer::kRowwiseAdagrad) {

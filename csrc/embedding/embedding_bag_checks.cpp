@@ -92,4 +92,30 @@ void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t
                     " points past the end of values (len(values) = ", num_values, ")");
 }
 
+BagBackwardInputs prepare_bag_backward(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
+                                       const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
+                                       at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
+                                       const c10::optional<at::Tensor>& per_sample_weights) {
+  BagBackwardInputs in;
+  in.L = check_bag_args(op, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
+  check_same_dtype(op, "grad_out", grad_out, "weight", weight);
+  check_same_device(op, "grad_out", grad_out, "weight", weight);
+  check_dim(op, "grad_out", grad_out, 2, "(B, out_dim)");
+  check_size(op, "grad_out", grad_out, 0, in.L.batch, "the batch size B");
+  check_size(op, "grad_out", grad_out, 1, in.L.out_dim, "the output width out_dim");
+  in.offs = offsets.to(at::kLong).contiguous();
+  in.v = values.contiguous();
+  in.g = grad_out.contiguous();
+  in.has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
+  if (in.has_psw) in.psw = per_sample_weights->contiguous();
+  if (in.L.mode == PoolMode::kMax) {
+    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kLong && argmax.dim() == 2 && argmax.size(0) == in.L.batch &&
+                          argmax.size(1) == in.L.num_blocks * in.L.dim && argmax.device() == weight.device(),
+                      op, ": argmax must be the (B, Q*D) int64 tensor the forward returned for mode=\"max\", got ",
+                      argmax.scalar_type(), " of shape ", argmax.sizes(), " on ", argmax.device());
+    in.argmax = argmax.contiguous();
+  }
+  return in;
+}
+
 }  // namespace embedops
