@@ -11,7 +11,7 @@ import torch  # noqa: F401  (must be imported before the native extension)
 from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
 from .embedding import hash_ids
-from .attention import cross_attention, cross_attention_varlen
+from .attention import co_attention, cross_attention, cross_attention_varlen, mixture_attention
 from . import nn  # noqa: F401  (embedops.nn.CrossAttention, ...)
 
 __version__ = _C.build_info()["version"]
@@ -31,4 +31,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "hash_ids", "cross_attention", "cross_attention_varlen", "__version__"]
+__all__ = ["build_info", "hash_ids", "cross_attention", "cross_attention_varlen", "co_attention", "mixture_attention", "__version__"]
