@@ -96,6 +96,108 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
     )
 
 
+def _co_case(device: str, B: int, Lx: int, Ly: int, H: int, D: int, dtype: torch.dtype, backward: bool) -> Case:
+    """co_attention (x = text, y = image) vs two cross_attention calls and two SDPA calls."""
+    g = torch.Generator().manual_seed(0)
+    qx, vx = (torch.randn(B, Lx, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    ky, vy = (torch.randn(B, Ly, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    gx, gy = torch.randn(B, Lx, H, D, generator=g).to(qx), torch.randn(B, Ly, H, D, generator=g).to(qx)
+
+    def ours(qx, ky, vx, vy):
+        return embedops.co_attention(qx, ky, vx, vy)
+
+    def two_cross(qx, ky, vx, vy):
+        return embedops.cross_attention(qx, ky, vy), embedops.cross_attention(ky, qx, vx)
+
+    def two_sdpa(qx, ky, vx, vy):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return (t(F.scaled_dot_product_attention(t(qx), t(ky), t(vy))),
+                t(F.scaled_dot_product_attention(t(ky), t(qx), t(vx))))
+
+    if backward:
+        leaves = [t.detach().clone().requires_grad_() for t in (qx, ky, vx, vy)]
+
+        def wrap(f):
+            def run():
+                ox, oy = f(*leaves)
+                return torch.autograd.grad((ox, oy), leaves, (gx, gy))
+            return run
+    else:
+        def wrap(f):
+            def run():
+                with torch.no_grad():
+                    return f(qx, ky, vx, vy)
+            return run
+
+    tol = _TOL[dtype] * (4 if backward else 1)
+
+    def check(a, b):
+        assert_close(a, b, atol=tol, rtol=tol, what="grads" if backward else "(ox, oy)")
+
+    dt = str(dtype).replace("torch.", "")
+    return Case(
+        name=f"co_attention text<->image {'fwd+bwd' if backward else 'fwd'}",
+        shapes=f"B{B} H{H} Lx{Lx} Ly{Ly} D{D} {dt}",
+        fn=wrap(ours),
+        baselines={"2x cross_attention": wrap(two_cross), "2x sdpa": wrap(two_sdpa)},
+        check=check,
+        flops=6.0 * B * H * Lx * Ly * D * (3.0 if backward else 1.0),  # 3 GEMMs forward
+        bytes=2 * (qx.numel() + ky.numel()) * qx.element_size() * (2 if backward else 1),
+    )
+
+
+def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int, dtype: torch.dtype,
+                  backward: bool) -> Case:
+    """mixture_attention over M equal modalities vs M SDPA calls + weighted sum."""
+    g = torch.Generator().manual_seed(0)
+    Lk = seg * M
+    q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
+    w = torch.softmax(torch.randn(B, Lq, M, generator=g), -1).to(device=device, dtype=dtype)
+    lengths = torch.full((B, M), seg, dtype=torch.int64, device=device)
+    go = torch.randn(B, Lq, H, D, generator=g).to(q)
+
+    def ours(q, k, v, w):
+        return embedops.mixture_attention(q, k, v, lengths, w)
+
+    def sdpa_sum(q, k, v, w):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        out = 0
+        for m in range(M):
+            om = F.scaled_dot_product_attention(t(q), t(k[:, m * seg:(m + 1) * seg]), t(v[:, m * seg:(m + 1) * seg]))
+            out = out + t(om) * w[..., m, None, None]
+        return out
+
+    if backward:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w)]
+
+        def wrap(f):
+            return lambda: torch.autograd.grad(f(*leaves), leaves, go)
+    else:
+        def wrap(f):
+            def run():
+                with torch.no_grad():
+                    return f(q, k, v, w)
+            return run
+
+    tol = _TOL[dtype] * (4 if backward else 1)
+
+    def check(a, b):
+        assert_close(a, b, atol=tol, rtol=tol, what="grads" if backward else "out")
+
+    dt = str(dtype).replace("torch.", "")
+    return Case(
+        name=f"mixture_attention M={M} {'fwd+bwd' if backward else 'fwd'}",
+        shapes=f"B{B} H{H} Lq{Lq} Lk{M}x{seg} D{D} {dt}",
+        fn=wrap(ours),
+        baselines={f"{M}x sdpa + sum": wrap(sdpa_sum)},
+        check=check,
+        flops=4.0 * B * H * Lq * Lk * D * (3.5 if backward else 1.0),
+        bytes=(q.numel() + k.numel() + v.numel()) * q.element_size() * (2 if backward else 1),
+    )
+
+
 def cases(device: str, quick: bool):
     out = []
 
@@ -130,4 +232,14 @@ def cases(device: str, quick: bool):
         for pad in (False, True):
             add(B, 77, 1024, H, D, torch.bfloat16, pad, False, label="text->image", tensor_cores=True)
             add(B, 1024, 77, H, D, torch.bfloat16, pad, False, label="image->text", tensor_cores=True)
+    if device == "cpu":  # co_attention / mixture_attention: CPU kernels only (issue 6)
+        for backward in (False, True):
+            out.append(lambda backward=backward: _co_case(device, B, 77, 1024, H, D, torch.float32, backward))
+        if not quick:
+            out.append(lambda: _co_case(device, B, 77, 4096, H, D, torch.float32, False))
+        seg = 512 if quick else 1024
+        out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, torch.float32, False))
+        out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, torch.float32, True))
+        if not quick:
+            out.append(lambda: _mixture_case(device, B, 77, seg, 2, H, D, torch.float32, False))
     return out
