@@ -727,3 +727,51 @@ def test_beyond_double_backward_raises():
     (g,) = torch.autograd.grad(ox.sum(), qx, create_graph=True)
     with pytest.raises(NotImplementedError, match="co_attention: double backward"):
         g.sum().backward()
+
+
+def test_co_attention_module():
+    torch.manual_seed(0)
+    mod = embedops.nn.CoAttention(32, 24, 4).double()
+    x, y = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 11, 24, dtype=torch.float64)
+    xl, yl = torch.tensor([7, 5]), torch.tensor([9, 11])
+    xo, yo = mod(x, y, x_lengths=xl, y_lengths=yl)
+    assert xo.shape == x.shape and yo.shape == y.shape
+    H, D = 4, 8
+    qx = mod.qx_proj(x).view(2, 7, H, D)
+    ky = mod.ky_proj(y).view(2, 11, H, D)
+    rx, ry, _, _ = reference.co_attention(qx, ky, mod.vx_proj(x).view(2, 7, H, D), mod.vy_proj(y).view(2, 11, H, D),
+                                          x_lengths=xl, y_lengths=yl)
+    torch.testing.assert_close(xo, mod.out_x(rx.reshape(2, 7, H * D)), **TOL[torch.float64])
+    torch.testing.assert_close(yo, mod.out_y(ry.reshape(2, 11, H * D)), **TOL[torch.float64])
+    (xo.sum() + yo.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mod.parameters())
+    with pytest.raises(ValueError, match="CoAttention: y must be a"):
+        mod(x, x)
+
+
+def test_modality_mixture_attention_module():
+    torch.manual_seed(0)
+    mod = embedops.nn.ModalityMixtureAttention(32, 16, 4, 3, num_kv_heads=2, text_dim=12).double()
+    x, ctx = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 20, 16, dtype=torch.float64)
+    seg = torch.tensor([[6, 0, 10], [5, 5, 10]])
+    text = torch.randn(2, 12, dtype=torch.float64)
+    out = mod(x, ctx, seg, text=text)
+    assert out.shape == x.shape
+    w = mod.modality_weights(x, text)
+    # SACF by hand: softmax_m(gamma * cos(phi_m(x_i), t))
+    feats = mod.phi(x).view(2, 5, 3, 12)
+    cos = (feats * text[:, None, None]).sum(-1) / (feats.norm(dim=-1) * text.norm(dim=-1)[:, None, None])
+    torch.testing.assert_close(w, torch.softmax(mod.gamma * cos, -1))
+    q = mod.q_proj(x).view(2, 5, 4, 8)
+    k, v = mod.k_proj(ctx).view(2, 20, 2, 8), mod.v_proj(ctx).view(2, 20, 2, 8)
+    ref, _ = reference.mixture_attention(q, k, v, seg, w)
+    torch.testing.assert_close(out, mod.out_proj(ref.reshape(2, 5, 32)), **TOL[torch.float64])
+    out.sum().backward()
+    assert mod.gamma.grad is not None and mod.phi.weight.grad is not None
+    uniform = mod(x, ctx, seg)
+    ref_u, _ = reference.mixture_attention(q, k, v, seg, torch.full((2, 5, 3), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(uniform, mod.out_proj(ref_u.reshape(2, 5, 32)), **TOL[torch.float64])
+    with pytest.raises(ValueError, match="text must be"):
+        mod(x, ctx, seg, text=torch.randn(2, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not both"):
+        mod(x, ctx, seg, weights=w, text=text)
