@@ -406,7 +406,7 @@ def test_tensor_core_forward_cuda(device, dtype, monkeypatch):
         torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-2, rtol=1e-2)
 
 
-# ---- co_attention / mixture_attention (issue 6; CPU kernels, CUDA raises NotImplementedError) ----
+# ---- co_attention / mixture_attention (issue 6) --------------------------------------------------
 
 # (B, Lx, Ly, H, D, Dvx, Dvy): text 77 <-> image-ish lengths crossing the key tiles, Lx = 1, odd dims
 CO_SHAPES = [(2, 77, 1100, 2, 16, 8, 12), (1, 1, 5, 3, 8, 8, 8), (3, 130, 77, 2, 24, 17, 9), (2, 600, 40, 1, 8, 4, 4)]
@@ -426,15 +426,6 @@ def _co_inputs(shape, dtype, device, seed=0, lengths=True):
     return (*t, xl, yl)
 
 
-def _cpu_only(device, fn):
-    """The new ops have CPU kernels only: on CUDA the public functions raise NotImplementedError."""
-    if device == "cuda":
-        with pytest.raises(NotImplementedError, match="no CUDA kernel"):
-            fn()
-        return None
-    return fn()
-
-
 def _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype):
     """Plain PyTorch in the inputs' dtype: two cross attentions (rows; columns through transposes)."""
     ox, _ = reference.cross_attention(qx, ky, vy, kv_lengths=yl, q_lengths=xl, dtype=dtype)
@@ -446,10 +437,7 @@ def _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype):
 @pytest.mark.parametrize("shape", CO_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_co_attention_matches_reference(device, dtype, shape):
     qx, ky, vx, vy, xl, yl = _co_inputs(shape, dtype, device)
-    res = _cpu_only(device, lambda: embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl))
-    if res is None:
-        return
-    ox, oy = res
+    ox, oy = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
     assert ox.dtype == dtype and ox.shape == (*qx.shape[:3], vy.shape[-1]) and oy.shape == (*ky.shape[:3], vx.shape[-1])
     rx, ry, _, _ = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
     lx, ly = _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype)
@@ -457,8 +445,8 @@ def test_co_attention_matches_reference(device, dtype, shape):
     _check_close(oy, ry, ly, dtype, "oy")
 
 
-def test_co_attention_lse_and_symmetry():
-    qx, ky, vx, vy, xl, yl = _co_inputs((2, 33, 70, 2, 8, 5, 6), torch.float64, "cpu")
+def test_co_attention_lse_and_symmetry(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 33, 70, 2, 8, 5, 6), torch.float64, device)
     ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, 0.7)
     rx, ry, rlx, rly = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl, scale=0.7)
     for a, b in ((ox, rx), (oy, ry), (lse_x, rlx), (lse_y, rly)):
@@ -472,14 +460,14 @@ def test_co_attention_lse_and_symmetry():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_co_attention_backward_matches_reference(dtype):
-    qx, ky, vx, vy, xl, yl = _co_inputs((2, 45, 1100, 2, 16, 8, 12), dtype, "cpu")
+def test_co_attention_backward_matches_reference(device, dtype):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 45, 1100, 2, 16, 8, 12), dtype, device)
     ins = [t.detach().requires_grad_() for t in (qx, ky, vx, vy)]
     ref = [t.detach().double().requires_grad_() for t in (qx, ky, vx, vy)]
     low = [t.detach().clone().requires_grad_() for t in (qx, ky, vx, vy)]
     g = torch.Generator().manual_seed(1)
-    gx = torch.randn(*qx.shape[:3], vy.shape[-1], generator=g)
-    gy = torch.randn(*ky.shape[:3], vx.shape[-1], generator=g)
+    gx = torch.randn(*qx.shape[:3], vy.shape[-1], generator=g).to(device)
+    gy = torch.randn(*ky.shape[:3], vx.shape[-1], generator=g).to(device)
     ox, oy = embedops.co_attention(*ins, x_lengths=xl, y_lengths=yl)
     ((ox.float() * gx).sum() + (oy.float() * gy).sum()).backward()
     rx, ry, _, _ = reference.co_attention(*ref, x_lengths=xl, y_lengths=yl)
@@ -493,18 +481,18 @@ def test_co_attention_backward_matches_reference(dtype):
             _check_close(a.grad, r.grad, lo.grad, dtype, name)
 
 
-def test_co_attention_gradcheck_float64():
-    qx, ky, vx, vy, _, _ = _co_inputs((2, 5, 7, 2, 4, 3, 6), torch.float64, "cpu")
-    xl, yl = torch.tensor([5, 3]), torch.tensor([6, 7])
+def test_co_attention_gradcheck_float64(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((2, 5, 7, 2, 4, 3, 6), torch.float64, device)
+    xl, yl = torch.tensor([5, 3], device=device), torch.tensor([6, 7], device=device)
     ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
     assert torch.autograd.gradcheck(lambda *a: embedops.co_attention(*a, x_lengths=xl, y_lengths=yl), ins)
     # through the lse outputs of the op as well (no padding: a masked row's lse is -inf)
     assert torch.autograd.gradcheck(lambda *a: torch.ops.embedops.co_attention(*a, None, None, 0.6), ins)
 
 
-def test_co_attention_fully_masked_is_zero_never_nan():
-    qx, ky, vx, vy, _, _ = _co_inputs((3, 6, 9, 2, 8, 4, 5), torch.float32, "cpu")
-    xl, yl = torch.tensor([0, 6, 4]), torch.tensor([9, 0, 3])
+def test_co_attention_fully_masked_is_zero_never_nan(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((3, 6, 9, 2, 8, 4, 5), torch.float32, device)
+    xl, yl = torch.tensor([0, 6, 4], device=device), torch.tensor([9, 0, 3], device=device)
     ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
     ox, oy = embedops.co_attention(*ins, x_lengths=xl, y_lengths=yl)
     assert not torch.isnan(ox).any() and not torch.isnan(oy).any()
@@ -518,8 +506,8 @@ def test_co_attention_fully_masked_is_zero_never_nan():
     torch.testing.assert_close(oy.double(), ry, **TOL[torch.float32])
 
 
-def test_co_attention_non_contiguous_and_deterministic():
-    qx, ky, vx, vy, xl, yl = _co_inputs((2, 40, 600, 2, 8, 8, 8), torch.float32, "cpu")
+def test_co_attention_non_contiguous_and_deterministic(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 40, 600, 2, 8, 8, 8), torch.float32, device)
     qt = qx.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, L, D) storage
     a = embedops.co_attention(qt, ky, vx, vy, x_lengths=xl, y_lengths=yl)
     b = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
@@ -579,16 +567,14 @@ def _mix_lowp(q, k, v, seg, w, dtype):
 @pytest.mark.parametrize("case", MIX_CASES, ids=lambda c: "x".join(map(str, c[:7])))
 def test_mixture_attention_matches_reference(device, dtype, case, per_head):
     q, k, v, seg, w = _mix_inputs(case, dtype, device, per_head)
-    out = _cpu_only(device, lambda: embedops.mixture_attention(q, k, v, seg, w))
-    if out is None:
-        return
+    out = embedops.mixture_attention(q, k, v, seg, w)
     assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
     ref, _ = reference.mixture_attention(q, k, v, seg, w)
     _check_close(out, ref, _mix_lowp(q, k, v, seg, w, dtype), dtype, "out")
 
 
-def test_mixture_attention_lse_and_single_modality_equals_cross_attention():
-    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], torch.float64, "cpu")
+def test_mixture_attention_lse_and_single_modality_equals_cross_attention(device):
+    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], torch.float64, device)
     _, lse, seg_out = torch.ops.embedops.mixture_attention(q, k, v, seg, w, None)
     _, rlse = reference.mixture_attention(q, k, v, seg, w)
     assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
@@ -596,18 +582,18 @@ def test_mixture_attention_lse_and_single_modality_equals_cross_attention():
     torch.testing.assert_close(lse[fin], rlse[fin], **TOL[torch.float64])
     assert (seg_out[0, :, :, 1] == 0).all()  # the empty modality
     # M = 1 with weight 1 is cross_attention with kv_lengths
-    kvl = torch.tensor([900, 1300])
-    one = embedops.mixture_attention(q, k, v, kvl[:, None], torch.ones(q.shape[0], q.shape[1], 1, dtype=q.dtype))
+    kvl = torch.tensor([900, 1300], device=device)
+    one = embedops.mixture_attention(q, k, v, kvl[:, None], torch.ones(q.shape[0], q.shape[1], 1, dtype=q.dtype, device=device))
     torch.testing.assert_close(one, embedops.cross_attention(q, k, v, kv_lengths=kvl), **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixture_attention_backward_matches_reference(dtype):
-    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], dtype, "cpu", per_head=True)
+def test_mixture_attention_backward_matches_reference(device, dtype):
+    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], dtype, device, per_head=True)
     ins = [t.detach().requires_grad_() for t in (q, k, v, w)]
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, w)]
     low = [t.detach().clone().requires_grad_() for t in (q, k, v, w)]
-    g = torch.randn(*q.shape[:3], v.shape[-1], generator=torch.Generator().manual_seed(3))
+    g = torch.randn(*q.shape[:3], v.shape[-1], generator=torch.Generator().manual_seed(3)).to(device)
     (embedops.mixture_attention(ins[0], ins[1], ins[2], seg, ins[3]).float() * g).sum().backward()
     (reference.mixture_attention(ref[0], ref[1], ref[2], seg, ref[3])[0] * g.double()).sum().backward()
     (_mix_lowp(low[0], low[1], low[2], seg, low[3], dtype).float() * g).sum().backward()
@@ -618,23 +604,23 @@ def test_mixture_attention_backward_matches_reference(dtype):
             _check_close(a.grad, r.grad, lo.grad, dtype, name)
 
 
-def test_mixture_attention_gradcheck_float64():
+def test_mixture_attention_gradcheck_float64(device):
     f = torch.float64
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 2, 4, dtype=f, generator=g).requires_grad_()
-    k = torch.randn(2, 9, 1, 4, dtype=f, generator=g).requires_grad_()
-    v = torch.randn(2, 9, 1, 3, dtype=f, generator=g).requires_grad_()
-    seg = torch.tensor([[3, 0, 4], [2, 5, 2]])
+    q = torch.randn(2, 3, 2, 4, dtype=f, generator=g).to(device).requires_grad_()
+    k = torch.randn(2, 9, 1, 4, dtype=f, generator=g).to(device).requires_grad_()
+    v = torch.randn(2, 9, 1, 3, dtype=f, generator=g).to(device).requires_grad_()
+    seg = torch.tensor([[3, 0, 4], [2, 5, 2]], device=device)
     for wshape in ((2, 3, 3), (2, 3, 2, 3)):
-        w = torch.rand(*wshape, dtype=f, generator=g).requires_grad_()
+        w = torch.rand(*wshape, dtype=f, generator=g).to(device).requires_grad_()
         assert torch.autograd.gradcheck(lambda q, k, v, w: embedops.mixture_attention(q, k, v, seg, w, scale=0.8),
                                         (q, k, v, w))
 
 
-def test_beyond_opcheck():
+def test_beyond_opcheck(device):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-        qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, "cpu")
+        qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, device)
         ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
         opcheck(torch.ops.embedops.co_attention.default, (*ins, xl, yl, None))
         opcheck(torch.ops.embedops.co_attention.default, (*ins, None, None, 0.5))
@@ -643,7 +629,7 @@ def test_beyond_opcheck():
         opcheck(torch.ops.embedops.co_attention_backward.default,
                 (torch.randn_like(ox), torch.randn_like(oy), *[t.detach() for t in ins], ox, oy, lx, ly,
                  torch.randn_like(lx), None, xl, yl, 0.35))
-        q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, "cpu")
+        q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
         q, k, v, w = (t.requires_grad_() for t in (q, k, v, w))
         opcheck(torch.ops.embedops.mixture_attention.default, (q, k, v, seg, w, None))
         with torch.no_grad():
@@ -652,9 +638,9 @@ def test_beyond_opcheck():
                 (torch.randn_like(out), q.detach(), k.detach(), v.detach(), seg, w.detach(), so, lse, 0.3))
 
 
-def test_beyond_torch_compile_fullgraph():
-    qx, ky, vx, vy, xl, yl = _co_inputs((2, 6, 10, 2, 8, 8, 8), torch.float32, "cpu")
-    q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, "cpu")
+def test_beyond_torch_compile_fullgraph(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 6, 10, 2, 8, 8, 8), torch.float32, device)
+    q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
 
     def fn(qx, ky, vx, vy, q, k, v, w):
         ox, oy = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
@@ -720,8 +706,8 @@ def test_mixture_attention_bad_inputs():
                                        args.pop("weights"), **args)
 
 
-def test_beyond_double_backward_raises():
-    qx, ky, vx, vy, _, _ = _co_inputs((1, 3, 4, 1, 4, 4, 4), torch.float64, "cpu")
+def test_beyond_double_backward_raises(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((1, 3, 4, 1, 4, 4, 4), torch.float64, device)
     ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
     ox, _ = embedops.co_attention(*ins)
     (g,) = torch.autograd.grad(ox.sum(), qx, create_graph=True)

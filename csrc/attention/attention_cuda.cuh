@@ -418,6 +418,18 @@ size_t dkdv_smem(int64_t D, int64_t Dv) {
 void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x, int64_t heads);
 void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Tensor& like);
 
+// The whole forward / backward of one attention problem described by a SeqDesc (any k_start per
+// batch in the padded layout too: mixture_attention runs one per modality, co_attention one per
+// direction). Defined in attention_cuda_fwd.cu / attention_cuda_bwd.cu.
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& dout,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& out,
+                                                             const at::Tensor& lse,
+                                                             const std::optional<at::Tensor>& dlse,
+                                                             const SeqDesc& desc, double scale, bool varlen);
+
 // The kernels read rows with a contiguous last dim; anything else is copied once.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 

@@ -27,12 +27,6 @@ void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Ten
   }
 }
 
-}  // namespace attn_cuda
-
-namespace {
-
-using namespace attn_cuda;
-
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, const SeqDesc& desc, double scale,
                                                 bool varlen) {
@@ -70,6 +64,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
   });
   return {out, lse};
 }
+
+}  // namespace attn_cuda
+
+namespace {
+
+using namespace attn_cuda;
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& kv_lengths,

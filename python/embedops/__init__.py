@@ -31,4 +31,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "hash_ids", "cross_attention", "cross_attention_varlen", "co_attention", "mixture_attention", "__version__"]
+__all__ = ["build_info", "hash_ids", "cross_attention", "cross_attention_varlen", "co_attention", "mixture_attention",
+           "__version__"]

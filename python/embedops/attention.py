@@ -114,11 +114,6 @@ def cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse) if return_lse else out
 
 
-def _no_cuda_yet(op: str, t: torch.Tensor):
-    if t.device.type == "cuda":
-        raise NotImplementedError(f"{op}: no CUDA kernel yet (CPU only in this release); move the inputs to the CPU")
-
-
 def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
     """Bidirectional co-attention with ONE shared affinity: ``S = scale * qx ky^T`` per (batch, head),
     ``ox = softmax_y(S) vy`` and ``oy = softmax_x(S)^T vx``.
@@ -128,7 +123,8 @@ def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
     uses one shared ``dS = Pr (dPr - Dr) + Pc (dPc - Dc)``. Neither (Lx x Ly) matrix is stored.
 
     Args:
-        qx: queries of modality x, ``(B, Lx, H, D)``, float32 / float16 / bfloat16 / float64 (CPU).
+        qx: queries of modality x, ``(B, Lx, H, D)``, float32 / float16 / bfloat16 / float64, CPU or
+            CUDA (CUDA: head dims up to 256).
         ky: keys of modality y, ``(B, Ly, H, D)``, qx's dtype and device.
         vx: values of x (attended to by y), ``(B, Lx, H, Dvx)``.
         vy: values of y (attended to by x), ``(B, Ly, H, Dvy)``.
@@ -144,7 +140,8 @@ def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
 
     Differentiable in qx, ky, vx, vy. Errors (ValueError / TypeError naming the argument): ranks,
     mismatched sizes or heads, lengths out of range or not integer, dtype/device mismatches.
-    CUDA tensors raise NotImplementedError (no CUDA kernel yet).
+    On CUDA the affinity is computed once per direction (two passes of the cross_attention
+    kernels); the single-pass shared-tile kernel is CPU-only so far.
     """
     op = "co_attention"
     qx = _check_tensor(op, "qx", qx)
@@ -154,7 +151,6 @@ def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
     x_lengths = _check_optional_tensor(op, "x_lengths", x_lengths)
     y_lengths = _check_optional_tensor(op, "y_lengths", y_lengths)
     scale = _check_scale(op, scale)
-    _no_cuda_yet(op, qx)
     ox, oy, _, _ = torch.ops.embedops.co_attention(qx, ky, vx, vy, x_lengths, y_lengths, scale)
     return ox, oy
 
@@ -167,7 +163,7 @@ def mixture_attention(q, k, v, segment_lengths, weights, *, scale=None):
     One pass over the keys with a per-modality online-softmax state (no (Lq x Lk) matrix).
 
     Args:
-        q: ``(B, Lq, Hq, D)``, float32 / float16 / bfloat16 / float64 (CPU).
+        q: ``(B, Lq, Hq, D)``, float32 / float16 / bfloat16 / float64, CPU or CUDA.
         k: ``(B, Lk, Hkv, D)``, q's dtype and device, ``Hq % Hkv == 0`` (GQA/MQA).
         v: ``(B, Lk, Hkv, Dv)``, q's dtype and device.
         segment_lengths: ``(B, M)`` int32/int64, each >= 0, each row summing to at most Lk:
@@ -181,8 +177,8 @@ def mixture_attention(q, k, v, segment_lengths, weights, *, scale=None):
         ``out`` ``(B, Lq, Hq, Dv)`` in q's dtype.
 
     Differentiable in q, k, v and weights (``dweights[b,i,(h,)m] = dO_i . O_{i,m}``). Errors
-    (ValueError / TypeError naming the argument) for bad shapes, dtypes, devices and lengths;
-    CUDA tensors raise NotImplementedError (no CUDA kernel yet).
+    (ValueError / TypeError naming the argument) for bad shapes, dtypes, devices and lengths.
+    On CUDA: one cross_attention kernel pass per modality (not a single pass over the keys).
     """
     op = "mixture_attention"
     q = _check_tensor(op, "q", q)
@@ -191,6 +187,5 @@ def mixture_attention(q, k, v, segment_lengths, weights, *, scale=None):
     segment_lengths = _check_tensor(op, "segment_lengths", segment_lengths)
     weights = _check_tensor(op, "weights", weights)
     scale = _check_scale(op, scale)
-    _no_cuda_yet(op, q)
     out, _, _ = torch.ops.embedops.mixture_attention(q, k, v, segment_lengths, weights, scale)
     return out
