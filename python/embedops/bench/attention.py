@@ -232,14 +232,15 @@ def cases(device: str, quick: bool):
         for pad in (False, True):
             add(B, 77, 1024, H, D, torch.bfloat16, pad, False, label="text->image", tensor_cores=True)
             add(B, 1024, 77, H, D, torch.bfloat16, pad, False, label="image->text", tensor_cores=True)
-    if device == "cpu":  # co_attention / mixture_attention: CPU kernels only (issue 6)
-        for backward in (False, True):
-            out.append(lambda backward=backward: _co_case(device, B, 77, 1024, H, D, torch.float32, backward))
-        if not quick:
-            out.append(lambda: _co_case(device, B, 77, 4096, H, D, torch.float32, False))
-        seg = 512 if quick else 1024
-        out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, torch.float32, False))
-        out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, torch.float32, True))
-        if not quick:
-            out.append(lambda: _mixture_case(device, B, 77, seg, 2, H, D, torch.float32, False))
+    # co_attention (text 77 <-> image) and mixture_attention (M modalities), issue 6
+    bdt = torch.float32 if device == "cpu" else torch.bfloat16
+    for backward in (False, True):
+        out.append(lambda backward=backward: _co_case(device, B, 77, 1024, H, D, bdt, backward))
+    if not quick:
+        out.append(lambda: _co_case(device, B, 77, 4096, H, D, bdt, False))
+    seg = 512 if quick else 1024
+    out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, False))
+    out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, True))
+    if not quick:
+        out.append(lambda: _mixture_case(device, B, 77, seg, 2, H, D, bdt, False))
     return out
