@@ -229,6 +229,8 @@ class ModalityMixtureAttention(nn.Module):
                 weights = x.new_full((B, Lq, self.num_modalities), 1.0 / self.num_modalities)
         elif text is not None:
             raise ValueError(f"{cls}: give weights or text, not both")
+        elif not isinstance(weights, torch.Tensor):
+            raise TypeError(f"{cls}: weights must be a torch.Tensor, got {type(weights).__name__}")
         q = self.q_proj(x).view(B, Lq, self.num_heads, self.head_dim)
         k = self.k_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim)
