@@ -50,6 +50,21 @@ void exp_sub_cols(const T* x, const T* c, T* y, int64_t n) {
   for (; j < n; ++j) y[j] = exp_any(x[j] - c[j]);
 }
 
+// Query tile height: short query sides (text ~77 tokens) in ONE tile when there are enough
+// (batch, head) tasks for the threads: each key tile is then read once, and (co_attention) the
+// column state of y is built in one sweep; otherwise the cross_attention heuristic.
+int64_t short_side_block_q(int64_t max_k, int64_t max_q, int64_t tasks) {
+  if (max_q <= 256 && tasks >= 2 * at::get_num_threads()) return std::max<int64_t>(8, (max_q + 7) / 8 * 8);
+  return block_q_for(max_k, max_q);
+}
+
+// Keys per tile for a range of n keys: at most kBlockK, evened out over the tiles it needs
+// (1024 keys -> 512 + 512, not 816 + 208). A multiple of 16.
+int64_t even_block_k(int64_t n, int64_t block_k) {
+  const int64_t tiles = std::max<int64_t>(1, (n + block_k - 1) / block_k);
+  return std::min(block_k, ((n + tiles - 1) / tiles + 15) / 16 * 16);
+}
+
 // ---- co_attention -----------------------------------------------------------------------------
 
 template <typename in_t, typename T>
@@ -58,7 +73,7 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
                        const CoDesc& cd, int64_t B, int64_t H, int64_t Lx, int64_t Ly, int64_t D, int64_t Dvx,
                        int64_t Dvy, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
-  const int64_t kBlockQ = block_q_for(Ly, Lx);
+  const int64_t kBlockQ = short_side_block_q(Ly, Lx, B * H);
   const int64_t kBlockK = block_k_for(kBlockQ);
   const int64_t ly_pad = padded_len(std::max<int64_t>(Ly, 1));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -88,6 +103,7 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
       std::fill(cm.begin(), cm.begin() + yl, attn::neg_inf<T>());
       std::fill(cl.begin(), cl.begin() + yl, T(0));
       std::fill(accc.begin(), accc.begin() + yl * Dvx, T(0));
+      const int64_t bk = even_block_k(yl, kBlockK);
       for (int64_t i0 = 0; i0 < xl; i0 += kBlockQ) {
         const int64_t qn = std::min(kBlockQ, xl - i0);
         const T* qptr = tile(QX.at(b, i0, h), QX.sl, qn, D, qbuf.data(), &ldq);
@@ -95,8 +111,8 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
         std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
         std::fill(l.begin(), l.begin() + qn, T(0));
         std::fill(accr.begin(), accr.begin() + qn * Dvy, T(0));
-        for (int64_t j0 = 0; j0 < yl; j0 += kBlockK) {
-          const int64_t kn = std::min(kBlockK, yl - j0);
+        for (int64_t j0 = 0; j0 < yl; j0 += bk) {
+          const int64_t kn = std::min(bk, yl - j0);
           const int64_t lds = padded_len(kn);
           const T* kptr = k_all + j0 * ldk;
           const T* vyptr = vy_all + j0 * ldvy;
@@ -364,7 +380,7 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
                         int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_seg, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
   const int64_t M = md.M;
-  const int64_t kBlockQ = block_q_for(max_seg, Lq);
+  const int64_t kBlockQ = short_side_block_q(max_seg, Lq, B * Hq);
   const int64_t kBlockK = block_k_for(kBlockQ);
   const int64_t nqb = (Lq + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
@@ -385,8 +401,9 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
         std::fill(mx.begin(), mx.begin() + qn, attn::neg_inf<T>());
         std::fill(l.begin(), l.begin() + qn, T(0));
         std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
-        for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {  // this modality's keys: its own online state
-          const int64_t kn = std::min(kBlockK, klen - j0);
+        const int64_t bk = even_block_k(klen, kBlockK);
+        for (int64_t j0 = 0; j0 < klen; j0 += bk) {  // this modality's keys: its own online state
+          const int64_t kn = std::min(bk, klen - j0);
           const int64_t lds = padded_len(kn);
           const T* kptr = tile(K.at(b, ks + j0, hk), K.sl, kn, D, kbuf.data(), &ldk);
           const T* vptr = tile(V.at(b, ks + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);

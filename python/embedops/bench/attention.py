@@ -147,8 +147,10 @@ def _co_case(device: str, B: int, Lx: int, Ly: int, H: int, D: int, dtype: torch
 
 
 def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int, dtype: torch.dtype,
-                  backward: bool) -> Case:
-    """mixture_attention over M equal modalities vs M SDPA calls + weighted sum."""
+                  backward: bool, ragged: bool = False) -> Case:
+    """mixture_attention over M modalities vs M SDPA calls + weighted sum. Equal segments: SDPA gets
+    the slices (no mask); ragged (per-batch lengths 0.6..1.0 seg, packed): SDPA gets a boolean mask
+    per modality."""
     g = torch.Generator().manual_seed(0)
     Lk = seg * M
     q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
@@ -156,6 +158,13 @@ def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int
     v = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
     w = torch.softmax(torch.randn(B, Lq, M, generator=g), -1).to(device=device, dtype=dtype)
     lengths = torch.full((B, M), seg, dtype=torch.int64, device=device)
+    masks = None
+    if ragged:
+        lengths = (seg * (0.6 + 0.4 * torch.rand(B, M, generator=g))).round().to(torch.int64).to(device)
+        ends = lengths.cumsum(1)
+        pos = torch.arange(Lk, device=device)[None, :]
+        masks = [((pos >= ends[:, m, None] - lengths[:, m, None]) & (pos < ends[:, m, None]))[:, None, None, :]
+                 for m in range(M)]
     go = torch.randn(B, Lq, H, D, generator=g).to(q)
 
     def ours(q, k, v, w):
@@ -165,7 +174,11 @@ def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int
         t = lambda x: x.transpose(1, 2)  # noqa: E731
         out = 0
         for m in range(M):
-            om = F.scaled_dot_product_attention(t(q), t(k[:, m * seg:(m + 1) * seg]), t(v[:, m * seg:(m + 1) * seg]))
+            if masks is None:
+                om = F.scaled_dot_product_attention(t(q), t(k[:, m * seg:(m + 1) * seg]),
+                                                    t(v[:, m * seg:(m + 1) * seg]))
+            else:
+                om = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=masks[m])
             out = out + t(om) * w[..., m, None, None]
         return out
 
@@ -189,9 +202,9 @@ def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int
     dt = str(dtype).replace("torch.", "")
     return Case(
         name=f"mixture_attention M={M} {'fwd+bwd' if backward else 'fwd'}",
-        shapes=f"B{B} H{H} Lq{Lq} Lk{M}x{seg} D{D} {dt}",
+        shapes=f"B{B} H{H} Lq{Lq} Lk{M}x{seg} D{D} {dt}" + (" ragged" if ragged else ""),
         fn=wrap(ours),
-        baselines={f"{M}x sdpa + sum": wrap(sdpa_sum)},
+        baselines={f"{M}x sdpa{' (bool mask)' if ragged else ''} + sum": wrap(sdpa_sum)},
         check=check,
         flops=4.0 * B * H * Lq * Lk * D * (3.5 if backward else 1.0),
         bytes=(q.numel() + k.numel() + v.numel()) * q.element_size() * (2 if backward else 1),
@@ -241,6 +254,7 @@ def cases(device: str, quick: bool):
     seg = 512 if quick else 1024
     out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, False))
     out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, True))
+    out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, False, ragged=True))
     if not quick:
         out.append(lambda: _mixture_case(device, B, 77, seg, 2, H, D, bdt, False))
     return out
