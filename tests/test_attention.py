@@ -763,3 +763,24 @@ def test_modality_mixture_attention_module():
         mod(x, ctx, seg, text=torch.randn(2, 7, dtype=torch.float64))
     with pytest.raises(ValueError, match="not both"):
         mod(x, ctx, seg, weights=w, text=text)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_lq_long_keys_split_kv(device, dtype, monkeypatch):
+    # Lq <= 32 over thousands of keys: on CUDA the keys are split across blocks (split-KV) and the
+    # partial states merged; EMBEDOPS_ATTN_SPLIT_KV=0 gives the regular path. Same results.
+    q, k, v, _, _ = _inputs((3, 8, 9000, 2, 1, 64, 48), dtype, device, lengths=False)
+    kvl = torch.tensor([9000, 2500, 0], device=device)
+    ql = torch.tensor([8, 5, 8], device=device)
+    out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    monkeypatch.setenv("EMBEDOPS_ATTN_SPLIT_KV", "0")
+    out2, lse2 = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    ref_out, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    low_out, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, dtype=dtype)
+    _check_close(out, ref_out, low_out, dtype, "out (split-KV)")
+    _check_close(out2, ref_out, low_out, dtype, "out (regular)")
+    assert (out[2] == 0).all() and (out[1, 5:] == 0).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and torch.equal(torch.isinf(lse2), torch.isinf(lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[fin], lse2[fin], atol=1e-5, rtol=1e-5)

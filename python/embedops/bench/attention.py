@@ -76,6 +76,14 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
                 baselines[name] = wrap(fwd)
             except RuntimeError:
                 pass
+    if device == "cuda" and Lq <= 32 and not tensor_cores:
+        def regular_fwd(q, k, v):  # the same kernels without split-KV
+            os.environ["EMBEDOPS_ATTN_SPLIT_KV"] = "0"
+            try:
+                return embedops.cross_attention(q, k, v, kv_lengths=kvl)
+            finally:
+                del os.environ["EMBEDOPS_ATTN_SPLIT_KV"]
+        baselines["regular path (no split-KV)"] = wrap(regular_fwd)
     baselines["eager"] = wrap(eager_fwd)
     tol = _TOL[dtype] * (4 if backward else 1)
 
@@ -242,6 +250,9 @@ def cases(device: str, quick: bool):
             add(B, 77, 1024, H, 128, torch.float32, True, False, label="text->image")
     else:
         add(B, 77, 1024, H, D, torch.float32, False, False, label="text->image")
+        # small-Lq pooling (split-KV): B*H <= 16 latent queries over long keys
+        add(1, 32, 8192 if quick else 16384, 16, D, torch.bfloat16, False, False, label="latents->tokens")
+        add(1, 16, 8192, 8, D, torch.bfloat16, True, False, label="latents->tokens")
         for pad in (False, True):
             add(B, 77, 1024, H, D, torch.bfloat16, pad, False, label="text->image", tensor_cores=True)
             add(B, 1024, 77, H, D, torch.bfloat16, pad, False, label="image->text", tensor_cores=True)
