@@ -404,3 +404,383 @@ def test_tensor_core_forward_cuda(device, dtype, monkeypatch):
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
         fin = torch.isfinite(ref_lse)
         torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-2, rtol=1e-2)
+
+
+# ---- co_attention / mixture_attention (issue 6) --------------------------------------------------
+
+# (B, Lx, Ly, H, D, Dvx, Dvy): text 77 <-> image-ish lengths crossing the key tiles, Lx = 1, odd dims
+CO_SHAPES = [(2, 77, 1100, 2, 16, 8, 12), (1, 1, 5, 3, 8, 8, 8), (3, 130, 77, 2, 24, 17, 9), (2, 600, 40, 1, 8, 4, 4)]
+
+
+def _co_inputs(shape, dtype, device, seed=0, lengths=True):
+    B, Lx, Ly, H, D, Dvx, Dvy = shape
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(B, n, H, d, generator=g).to(dtype).to(device)
+         for n, d in ((Lx, D), (Ly, D), (Lx, Dvx), (Ly, Dvy))]
+    xl = yl = None
+    if lengths:
+        xl = torch.randint(1, Lx + 1, (B,), generator=g)
+        yl = torch.randint(1, Ly + 1, (B,), generator=g)
+        xl[0], yl[-1] = Lx, Ly
+        xl, yl = xl.to(device), yl.to(device)
+    return (*t, xl, yl)
+
+
+def _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype):
+    """Plain PyTorch in the inputs' dtype: two cross attentions (rows; columns through transposes)."""
+    ox, _ = reference.cross_attention(qx, ky, vy, kv_lengths=yl, q_lengths=xl, dtype=dtype)
+    oy, _ = reference.cross_attention(ky, qx, vx, kv_lengths=xl, q_lengths=yl, dtype=dtype)
+    return ox, oy
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", CO_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_co_attention_matches_reference(device, dtype, shape):
+    qx, ky, vx, vy, xl, yl = _co_inputs(shape, dtype, device)
+    ox, oy = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    assert ox.dtype == dtype and ox.shape == (*qx.shape[:3], vy.shape[-1]) and oy.shape == (*ky.shape[:3], vx.shape[-1])
+    rx, ry, _, _ = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    lx, ly = _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype)
+    _check_close(ox, rx, lx, dtype, "ox")
+    _check_close(oy, ry, ly, dtype, "oy")
+
+
+def test_co_attention_lse_and_symmetry(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 33, 70, 2, 8, 5, 6), torch.float64, device)
+    ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, 0.7)
+    rx, ry, rlx, rly = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl, scale=0.7)
+    for a, b in ((ox, rx), (oy, ry), (lse_x, rlx), (lse_y, rly)):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], **TOL[torch.float64])
+    # swapping the roles of x and y transposes S: (ox, oy) swap
+    oy2, ox2 = embedops.co_attention(ky, qx, vy, vx, x_lengths=yl, y_lengths=xl, scale=0.7)
+    torch.testing.assert_close(ox2, ox, **TOL[torch.float64])
+    torch.testing.assert_close(oy2, oy, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_co_attention_backward_matches_reference(device, dtype):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 45, 1100, 2, 16, 8, 12), dtype, device)
+    ins = [t.detach().requires_grad_() for t in (qx, ky, vx, vy)]
+    ref = [t.detach().double().requires_grad_() for t in (qx, ky, vx, vy)]
+    low = [t.detach().clone().requires_grad_() for t in (qx, ky, vx, vy)]
+    g = torch.Generator().manual_seed(1)
+    gx = torch.randn(*qx.shape[:3], vy.shape[-1], generator=g).to(device)
+    gy = torch.randn(*ky.shape[:3], vx.shape[-1], generator=g).to(device)
+    ox, oy = embedops.co_attention(*ins, x_lengths=xl, y_lengths=yl)
+    ((ox.float() * gx).sum() + (oy.float() * gy).sum()).backward()
+    rx, ry, _, _ = reference.co_attention(*ref, x_lengths=xl, y_lengths=yl)
+    ((rx * gx.double()).sum() + (ry * gy.double()).sum()).backward()
+    lx, ly = _co_reference_lowp(*low, xl, yl, dtype)
+    ((lx.float() * gx).sum() + (ly.float() * gy).sum()).backward()
+    for name, a, r, lo in zip(("dqx", "dky", "dvx", "dvy"), ins, ref, low):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-4, rtol=1e-4, msg=name)
+        else:
+            _check_close(a.grad, r.grad, lo.grad, dtype, name)
+
+
+def test_co_attention_gradcheck_float64(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((2, 4, 6, 1, 4, 3, 5), torch.float64, device)
+    xl, yl = torch.tensor([4, 3], device=device), torch.tensor([5, 6], device=device)
+    ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
+    assert torch.autograd.gradcheck(lambda *a: embedops.co_attention(*a, x_lengths=xl, y_lengths=yl), ins)
+    # through the lse outputs of the op as well (no padding: a masked row's lse is -inf)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.embedops.co_attention(*a, None, None, 0.6), ins,
+                                    fast_mode=True)
+
+
+def test_co_attention_fully_masked_is_zero_never_nan(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((3, 6, 9, 2, 8, 4, 5), torch.float32, device)
+    xl, yl = torch.tensor([0, 6, 4], device=device), torch.tensor([9, 0, 3], device=device)
+    ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
+    ox, oy = embedops.co_attention(*ins, x_lengths=xl, y_lengths=yl)
+    assert not torch.isnan(ox).any() and not torch.isnan(oy).any()
+    assert (ox[0] == 0).all() and (oy[0] == 0).all() and (ox[1] == 0).all() and (oy[1] == 0).all()
+    assert (ox[2, 4:] == 0).all() and (oy[2, 3:] == 0).all() and (ox[2, :4] != 0).any()
+    (ox.sum() + oy.sum()).backward()
+    for t in ins:
+        assert torch.isfinite(t.grad).all() and (t.grad[:2] == 0).all()
+    rx, ry, _, _ = reference.co_attention(*ins, x_lengths=xl, y_lengths=yl)
+    torch.testing.assert_close(ox.double(), rx, **TOL[torch.float32])
+    torch.testing.assert_close(oy.double(), ry, **TOL[torch.float32])
+
+
+def test_co_attention_non_contiguous_and_deterministic(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 40, 600, 2, 8, 8, 8), torch.float32, device)
+    qt = qx.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, L, D) storage
+    a = embedops.co_attention(qt, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    b = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    grads = []
+    for _ in range(2):
+        ins = [t.detach().requires_grad_() for t in (qx, ky, vx, vy)]
+        ox, oy = embedops.co_attention(*ins, x_lengths=xl, y_lengths=yl)
+        (ox.square().sum() + oy.square().sum()).backward()
+        grads.append([t.grad for t in ins])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+# (B, Lq, Lk, Hq, Hkv, D, Dv, segment lengths per batch): M = 3 with an empty modality and padding,
+# segments crossing the key tiles, M = 1, GQA
+MIX_CASES = [
+    (2, 9, 1300, 4, 2, 16, 8, [[600, 0, 500], [10, 700, 590]]),
+    (1, 77, 300, 2, 2, 24, 24, [[100, 150, 50]]),
+    (3, 1, 20, 2, 1, 8, 6, [[20], [0], [7]]),
+    (2, 130, 64, 3, 3, 8, 8, [[30, 34], [1, 2]]),
+]
+
+
+def _mix_inputs(case, dtype, device, per_head=False, seed=0):
+    B, Lq, Lk, Hq, Hkv, D, Dv, seg = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype).to(device)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Lk, Hkv, Dv, generator=g).to(dtype).to(device)
+    seg = torch.tensor(seg, device=device)
+    M = seg.shape[1]
+    wshape = (B, Lq, Hq, M) if per_head else (B, Lq, M)
+    w = torch.softmax(torch.randn(*wshape, generator=g), -1).to(dtype).to(device)
+    return q, k, v, seg, w
+
+
+def _mix_lowp(q, k, v, seg, w, dtype):
+    """Plain PyTorch in the inputs' dtype: M masked attentions + weighted sum."""
+    B, Lk = k.shape[:2]
+    ends = seg.long().cumsum(1)
+    starts = ends - seg.long()
+    out = 0
+    for m in range(seg.shape[1]):
+        # keys of modality m moved to the front: cross_attention with kv_lengths = len_m
+        idx = (torch.arange(Lk, device=k.device)[None] + starts[:, m, None]).clamp(max=Lk - 1)
+        km = torch.gather(k, 1, idx[:, :, None, None].expand_as(k))
+        vm = torch.gather(v, 1, idx[:, :, None, None].expand_as(v))
+        om, _ = reference.cross_attention(q, km, vm, kv_lengths=seg[:, m], dtype=dtype)
+        wm = w[..., m] if w.dim() == 4 else w[..., m, None]
+        out = out + wm[..., None].to(om.dtype) * om
+    return out
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_w", "per_head_w"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("case", MIX_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_mixture_attention_matches_reference(device, dtype, case, per_head):
+    q, k, v, seg, w = _mix_inputs(case, dtype, device, per_head)
+    out = embedops.mixture_attention(q, k, v, seg, w)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    ref, _ = reference.mixture_attention(q, k, v, seg, w)
+    _check_close(out, ref, _mix_lowp(q, k, v, seg, w, dtype), dtype, "out")
+
+
+def test_mixture_attention_lse_and_single_modality_equals_cross_attention(device):
+    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], torch.float64, device)
+    _, lse, seg_out = torch.ops.embedops.mixture_attention(q, k, v, seg, w, None)
+    _, rlse = reference.mixture_attention(q, k, v, seg, w)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    fin = torch.isfinite(rlse)
+    torch.testing.assert_close(lse[fin], rlse[fin], **TOL[torch.float64])
+    assert (seg_out[0, :, :, 1] == 0).all()  # the empty modality
+    # M = 1 with weight 1 is cross_attention with kv_lengths
+    kvl = torch.tensor([900, 1300], device=device)
+    ones = torch.ones(q.shape[0], q.shape[1], 1, dtype=q.dtype, device=device)
+    one = embedops.mixture_attention(q, k, v, kvl[:, None], ones)
+    torch.testing.assert_close(one, embedops.cross_attention(q, k, v, kv_lengths=kvl), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixture_attention_backward_matches_reference(device, dtype):
+    q, k, v, seg, w = _mix_inputs(MIX_CASES[0], dtype, device, per_head=True)
+    ins = [t.detach().requires_grad_() for t in (q, k, v, w)]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, w)]
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v, w)]
+    g = torch.randn(*q.shape[:3], v.shape[-1], generator=torch.Generator().manual_seed(3)).to(device)
+    (embedops.mixture_attention(ins[0], ins[1], ins[2], seg, ins[3]).float() * g).sum().backward()
+    (reference.mixture_attention(ref[0], ref[1], ref[2], seg, ref[3])[0] * g.double()).sum().backward()
+    (_mix_lowp(low[0], low[1], low[2], seg, low[3], dtype).float() * g).sum().backward()
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dweights"), ins, ref, low):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-4, rtol=1e-4, msg=name)
+        else:
+            _check_close(a.grad, r.grad, lo.grad, dtype, name)
+
+
+def test_mixture_attention_gradcheck_float64(device):
+    f = torch.float64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 2, 4, dtype=f, generator=g).to(device).requires_grad_()
+    k = torch.randn(2, 9, 1, 4, dtype=f, generator=g).to(device).requires_grad_()
+    v = torch.randn(2, 9, 1, 3, dtype=f, generator=g).to(device).requires_grad_()
+    seg = torch.tensor([[3, 0, 4], [2, 5, 2]], device=device)
+    for wshape in ((2, 3, 3), (2, 3, 2, 3)):
+        w = torch.rand(*wshape, dtype=f, generator=g).to(device).requires_grad_()
+        assert torch.autograd.gradcheck(lambda q, k, v, w: embedops.mixture_attention(q, k, v, seg, w, scale=0.8),
+                                        (q, k, v, w))
+
+
+def test_beyond_opcheck(device):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, device)
+        ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
+        opcheck(torch.ops.embedops.co_attention.default, (*ins, xl, yl, None))
+        opcheck(torch.ops.embedops.co_attention.default, (*ins, None, None, 0.5))
+        with torch.no_grad():
+            ox, oy, lx, ly = torch.ops.embedops.co_attention(*ins, xl, yl, None)
+        opcheck(torch.ops.embedops.co_attention_backward.default,
+                (torch.randn_like(ox), torch.randn_like(oy), *[t.detach() for t in ins], ox, oy, lx, ly,
+                 torch.randn_like(lx), None, xl, yl, 0.35))
+        q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
+        q, k, v, w = (t.requires_grad_() for t in (q, k, v, w))
+        opcheck(torch.ops.embedops.mixture_attention.default, (q, k, v, seg, w, None))
+        with torch.no_grad():
+            out, lse, so = torch.ops.embedops.mixture_attention(q, k, v, seg, w, 0.3)
+        opcheck(torch.ops.embedops.mixture_attention_backward.default,
+                (torch.randn_like(out), q.detach(), k.detach(), v.detach(), seg, w.detach(), so, lse, 0.3))
+
+
+def test_beyond_torch_compile_fullgraph(device):
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 6, 10, 2, 8, 8, 8), torch.float32, device)
+    q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
+
+    def fn(qx, ky, vx, vy, q, k, v, w):
+        ox, oy = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+        o = embedops.mixture_attention(q, k, v, seg, w)
+        return ox.square().sum() + oy.square().sum() + o.square().sum()
+
+    base = (qx, ky, vx, vy, q, k, v, w)
+    eager_in = [t.detach().clone().requires_grad_() for t in base]
+    compiled_in = [t.detach().clone().requires_grad_() for t in base]
+    eager = fn(*eager_in)
+    compiled = torch.compile(fn, fullgraph=True)(*compiled_in)
+    torch.testing.assert_close(compiled, eager)
+    eager.backward()
+    compiled.backward()
+    for a, b in zip(eager_in, compiled_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_co_attention_bad_inputs():
+    qx, ky, vx, vy = torch.randn(2, 3, 2, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 3, 2, 4), torch.randn(2, 5, 2, 6)
+    cases = [
+        (dict(qx=qx[0]), ValueError, "qx must have 4 dims"),
+        (dict(ky=torch.randn(2, 5, 2, 7)), ValueError, "the head dim D of qx"),
+        (dict(vx=torch.randn(2, 4, 2, 4)), ValueError, "the length Lx of qx"),
+        (dict(vy=torch.randn(2, 4, 2, 6)), ValueError, "the length Ly of ky"),
+        (dict(ky=torch.randn(2, 5, 1, 8)), ValueError, "the number of heads H of qx"),
+        (dict(vy=torch.randn(3, 5, 2, 6)), ValueError, "the batch size B of qx"),
+        (dict(vx=vx.double()), TypeError, "vx must have the dtype of qx"),
+        (dict(x_lengths=torch.tensor([4, 1])), ValueError, "x_lengths[0] must be in [0, 3]"),
+        (dict(y_lengths=torch.tensor([1, -1])), ValueError, "y_lengths[1] must be in [0, 5]"),
+        (dict(y_lengths=torch.tensor([1.0, 2.0])), TypeError, "y_lengths must be an integer tensor"),
+        (dict(scale="x"), TypeError, "scale must be a float"),
+        (dict(qx=qx.numpy()), TypeError, "qx must be a torch.Tensor"),
+    ]
+    for change, exc, msg in cases:
+        args = dict(qx=qx, ky=ky, vx=vx, vy=vy)
+        args.update(change)
+        with pytest.raises(exc, match="co_attention: .*" + re.escape(msg)):
+            embedops.co_attention(args.pop("qx"), args.pop("ky"), args.pop("vx"), args.pop("vy"), **args)
+
+
+def test_mixture_attention_bad_inputs():
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 5)
+    seg, w = torch.tensor([[2, 4], [3, 3]]), torch.rand(2, 3, 2)
+    cases = [
+        (dict(q=q[0]), ValueError, "q must have 4 dims"),
+        (dict(k=torch.randn(2, 6, 3, 8), v=torch.randn(2, 6, 3, 5)), ValueError, "multiple of"),
+        (dict(segment_lengths=torch.tensor([2, 4])), ValueError, "segment_lengths must have shape (B, M)"),
+        (dict(segment_lengths=torch.tensor([[2, 5], [3, 3]])), ValueError, "segment_lengths[0] must sum to at most"),
+        (dict(segment_lengths=torch.tensor([[2, -1], [3, 3]])), ValueError, "segment_lengths[0, 1] must be >= 0"),
+        (dict(segment_lengths=seg.float()), TypeError, "segment_lengths must be an integer tensor"),
+        (dict(weights=torch.rand(2, 3, 3)), ValueError, "weights must have shape (B, Lq, M)"),
+        (dict(weights=torch.rand(2, 3, 2, 2)), ValueError, "weights must have shape (B, Lq, M)"),
+        (dict(weights=w.double()), TypeError, "weights must have the dtype of q"),
+        (dict(weights=None), TypeError, "weights must be a torch.Tensor"),
+        (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
+    ]
+    for change, exc, msg in cases:
+        args = dict(q=q, k=k, v=v, segment_lengths=seg, weights=w)
+        args.update(change)
+        with pytest.raises(exc, match="mixture_attention: .*" + re.escape(msg)):
+            embedops.mixture_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("segment_lengths"),
+                                       args.pop("weights"), **args)
+
+
+def test_beyond_double_backward_raises(device):
+    qx, ky, vx, vy, _, _ = _co_inputs((1, 3, 4, 1, 4, 4, 4), torch.float64, device)
+    ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
+    ox, _ = embedops.co_attention(*ins)
+    (g,) = torch.autograd.grad(ox.sum(), qx, create_graph=True)
+    with pytest.raises(NotImplementedError, match="co_attention: double backward"):
+        g.sum().backward()
+
+
+def test_co_attention_module():
+    torch.manual_seed(0)
+    mod = embedops.nn.CoAttention(32, 24, 4).double()
+    x, y = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 11, 24, dtype=torch.float64)
+    xl, yl = torch.tensor([7, 5]), torch.tensor([9, 11])
+    xo, yo = mod(x, y, x_lengths=xl, y_lengths=yl)
+    assert xo.shape == x.shape and yo.shape == y.shape
+    H, D = 4, 8
+    qx = mod.qx_proj(x).view(2, 7, H, D)
+    ky = mod.ky_proj(y).view(2, 11, H, D)
+    rx, ry, _, _ = reference.co_attention(qx, ky, mod.vx_proj(x).view(2, 7, H, D), mod.vy_proj(y).view(2, 11, H, D),
+                                          x_lengths=xl, y_lengths=yl)
+    torch.testing.assert_close(xo, mod.out_x(rx.reshape(2, 7, H * D)), **TOL[torch.float64])
+    torch.testing.assert_close(yo, mod.out_y(ry.reshape(2, 11, H * D)), **TOL[torch.float64])
+    (xo.sum() + yo.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mod.parameters())
+    with pytest.raises(ValueError, match="CoAttention: y must be a"):
+        mod(x, x)
+
+
+def test_modality_mixture_attention_module():
+    torch.manual_seed(0)
+    mod = embedops.nn.ModalityMixtureAttention(32, 16, 4, 3, num_kv_heads=2, text_dim=12).double()
+    x, ctx = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 20, 16, dtype=torch.float64)
+    seg = torch.tensor([[6, 0, 10], [5, 5, 10]])
+    text = torch.randn(2, 12, dtype=torch.float64)
+    out = mod(x, ctx, seg, text=text)
+    assert out.shape == x.shape
+    w = mod.modality_weights(x, text)
+    # SACF by hand: softmax_m(gamma * cos(phi_m(x_i), t))
+    feats = mod.phi(x).view(2, 5, 3, 12)
+    cos = (feats * text[:, None, None]).sum(-1) / (feats.norm(dim=-1) * text.norm(dim=-1)[:, None, None])
+    torch.testing.assert_close(w, torch.softmax(mod.gamma * cos, -1))
+    q = mod.q_proj(x).view(2, 5, 4, 8)
+    k, v = mod.k_proj(ctx).view(2, 20, 2, 8), mod.v_proj(ctx).view(2, 20, 2, 8)
+    ref, _ = reference.mixture_attention(q, k, v, seg, w)
+    torch.testing.assert_close(out, mod.out_proj(ref.reshape(2, 5, 32)), **TOL[torch.float64])
+    out.sum().backward()
+    assert mod.gamma.grad is not None and mod.phi.weight.grad is not None
+    uniform = mod(x, ctx, seg)
+    ref_u, _ = reference.mixture_attention(q, k, v, seg, torch.full((2, 5, 3), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(uniform, mod.out_proj(ref_u.reshape(2, 5, 32)), **TOL[torch.float64])
+    with pytest.raises(ValueError, match="text must be"):
+        mod(x, ctx, seg, text=torch.randn(2, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not both"):
+        mod(x, ctx, seg, weights=w, text=text)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_lq_long_keys_split_kv(device, dtype, monkeypatch):
+    # Lq <= 32 over thousands of keys: on CUDA the keys are split across blocks (split-KV) and the
+    # partial states merged; EMBEDOPS_ATTN_SPLIT_KV=0 gives the regular path. Same results.
+    q, k, v, _, _ = _inputs((3, 8, 9000, 2, 1, 64, 48), dtype, device, lengths=False)
+    kvl = torch.tensor([9000, 2500, 0], device=device)
+    ql = torch.tensor([8, 5, 8], device=device)
+    out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    monkeypatch.setenv("EMBEDOPS_ATTN_SPLIT_KV", "0")
+    out2, lse2 = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    ref_out, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    low_out, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, dtype=dtype)
+    _check_close(out, ref_out, low_out, dtype, "out (split-KV)")
+    _check_close(out2, ref_out, low_out, dtype, "out (regular)")
+    assert (out[2] == 0).all() and (out[1, 5:] == 0).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and torch.equal(torch.isinf(lse2), torch.isinf(lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[fin], lse2[fin], atol=1e-5, rtol=1e-5)

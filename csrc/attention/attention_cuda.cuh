@@ -92,12 +92,27 @@ struct Dims {
   int64_t ntiles;  // query tiles (forward, dQ, delta) or key tiles (dK/dV) per sequence
 };
 
+// Split-KV forward (few query tiles against many keys, e.g. latent-query pooling): blockIdx.z is
+// the key split; each split writes its normalised partial output and lse for its key range,
+// laid out [split][b][h][row] (row < max_q_slot), and combine_kernel merges the splits in order.
+template <typename acc_t>
+struct SplitKV {
+  acc_t* o = nullptr;    // (S, B, Hq, max_q_slot, Dv); nullptr: no split (write O and lse directly)
+  acc_t* lse = nullptr;  // (S, B, Hq, max_q_slot)
+  int64_t keys = 0;      // keys per split (a multiple of kTile)
+  int64_t max_q_slot = 0;
+  __device__ __forceinline__ int64_t row(int64_t s, int64_t b, int64_t h, int64_t i, int64_t B, int64_t Hq) const {
+    return ((s * B + b) * Hq + h) * max_q_slot + i;
+  }
+};
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Rows<const scalar_t> Q, Rows<const scalar_t> K, Rows<const scalar_t> V, Rows<scalar_t> O,
-                   acc_t* __restrict__ lse, int64_t lse_sb, int64_t lse_sh, SeqPtrs seq, Dims dm, acc_t scale) {
+                   acc_t* __restrict__ lse, int64_t lse_sb, int64_t lse_sh, SeqPtrs seq, Dims dm, acc_t scale,
+                   SplitKV<acc_t> split) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);  // [kRowsPerBlock][D]
   const int D = static_cast<int>(dm.D), Dv = static_cast<int>(dm.Dv), ldk = D + 1;
@@ -113,6 +128,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t hk = h / (dm.Hq / dm.Hkv);
   const int qn = static_cast<int>(imax(0, imin(kRowsPerBlock, q_len - i0)));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // this block's key range: all keys, or split blockIdx.z's range
+  const int64_t k_begin = split.o != nullptr ? imin(k_len, blockIdx.z * split.keys) : 0;
+  const int64_t k_end = split.o != nullptr ? imin(k_len, k_begin + split.keys) : k_len;
 
   load_tile(sQ, D, Q, b, tok0, h, qn, kRowsPerBlock, D);
 
@@ -125,8 +143,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kChunks; ++c) acc[rr][c] = acc_t(0);
   }
 
-  for (int64_t j0 = 0; j0 < k_len; j0 += kTile) {
-    const int kn = static_cast<int>(imin(kTile, k_len - j0));
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile) {
+    const int kn = static_cast<int>(imin(kTile, k_end - j0));
     __syncthreads();  // the previous tile is fully consumed (and sQ is loaded on the first pass)
     load_tile(sK, ldk, K, b, ktok0 + j0, hk, kn, kTile, D);
     load_tile(sV, Dv, V, b, ktok0 + j0, hk, kn, kTile, Dv);
@@ -165,6 +183,25 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  if (split.o != nullptr) {  // partial state of this key split (normalised; no keys: 0, lse -inf)
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp * kRowsPerWarp + rr;
+      if (i0 + r >= q_slot) continue;
+      const int64_t row = split.row(blockIdx.z, b, h, i0 + r, dm.B, dm.Hq);
+      acc_t* o = split.o + row * Dv;
+      const bool valid = r < qn;
+      const acc_t inv = valid ? attn::softmax_inv_denominator(l[rr]) : acc_t(0);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int d = lane + 32 * c;
+        if (d < Dv) o[d] = acc[rr][c] * inv;
+      }
+      if (lane == 0) split.lse[row] = valid ? attn::softmax_lse(m[rr], l[rr]) : attn::neg_inf<acc_t>();
+    }
+    return;
+  }
+
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int r = warp * kRowsPerWarp + rr;
@@ -183,6 +220,39 @@ __global__ void __launch_bounds__(kThreads)
       for (int d = lane; d < Dv; d += 32) o[d] = static_cast<scalar_t>(0);
       if (lane == 0) *lse_row = attn::neg_inf<acc_t>();
     }
+  }
+}
+
+// Merges the key splits of the split-KV forward, in split order (deterministic): one warp per
+// (row, head, batch): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s. Rows
+// without any valid key (every lse_s = -inf) give out 0, lse -inf, as in forward_kernel.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(SplitKV<acc_t> split, int64_t nsplit, Rows<scalar_t> O, acc_t* __restrict__ lse, int64_t lse_sb,
+                   int64_t lse_sh, SeqPtrs seq, Dims dm) {
+  const int64_t b = blockIdx.x / dm.ntiles, h = blockIdx.y;
+  const int64_t i0 = (blockIdx.x % dm.ntiles) * kRowsPerBlock;
+  const int64_t q_slot = seq.q_slot(b);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Dv = static_cast<int>(dm.Dv);
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t i = i0 + warp * kRowsPerWarp + rr;
+    if (i >= q_slot) continue;
+    acc_t mx = attn::neg_inf<acc_t>();
+    for (int64_t s = 0; s < nsplit; ++s) mx = attn::softmax_new_max(mx, split.lse[split.row(s, b, h, i, dm.B, dm.Hq)]);
+    acc_t total = acc_t(0);
+    for (int64_t s = 0; s < nsplit; ++s) total += attn::softmax_prob(split.lse[split.row(s, b, h, i, dm.B, dm.Hq)], mx);
+    const acc_t inv = attn::softmax_inv_denominator(total);
+    scalar_t* o = O.at(b, seq.q_start(b) + i, h);
+    for (int d = lane; d < Dv; d += 32) {
+      acc_t v = acc_t(0);
+      for (int64_t s = 0; s < nsplit; ++s) {
+        const int64_t row = split.row(s, b, h, i, dm.B, dm.Hq);
+        v += attn::softmax_prob(split.lse[row], mx) * split.o[row * Dv + d];
+      }
+      o[d] = static_cast<scalar_t>(v * inv);
+    }
+    if (lane == 0) lse[b * lse_sb + h * lse_sh + seq.q_start(b) + i] = attn::softmax_lse(mx, total);
   }
 }
 
@@ -417,6 +487,18 @@ size_t dkdv_smem(int64_t D, int64_t Dv) {
 // opts the kernel into more than 48 KiB of shared memory when it needs it.
 void check_cuda_limits(const char* op, int64_t D, int64_t Dv, int64_t blocks_x, int64_t heads);
 void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Tensor& like);
+
+// The whole forward / backward of one attention problem described by a SeqDesc (any k_start per
+// batch in the padded layout too: mixture_attention runs one per modality, co_attention one per
+// direction). Defined in attention_cuda_fwd.cu / attention_cuda_bwd.cu.
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& dout,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& out,
+                                                             const at::Tensor& lse,
+                                                             const std::optional<at::Tensor>& dlse,
+                                                             const SeqDesc& desc, double scale, bool varlen);
 
 // The kernels read rows with a contiguous last dim; anything else is copied once.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

@@ -9,9 +9,7 @@
 #include "common/dispatch.h"
 
 namespace embedops {
-namespace {
-
-using namespace attn_cuda;
+namespace attn_cuda {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& dout_in,
                                                              const at::Tensor& q_in, const at::Tensor& k_in,
@@ -70,6 +68,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
   });
   return {dq, dk, dv};
 }
+
+}  // namespace attn_cuda
+
+namespace {
+
+using namespace attn_cuda;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

@@ -3,6 +3,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "attention/attention_cuda.cuh"
 #include "attention/attention_cuda_tc.h"
 #include "common/dispatch.h"
@@ -27,11 +31,22 @@ void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Ten
   }
 }
 
-}  // namespace attn_cuda
-
-namespace {
-
-using namespace attn_cuda;
+// Split-KV: when the (query tile, head, batch) blocks cannot fill the GPU (latent queries over
+// thousands of keys), the keys are split so that there are about two blocks per SM, at least 512
+// keys per split; EMBEDOPS_ATTN_SPLIT_KV=0 turns it off. Returns the number of splits (1 = none).
+int64_t choose_splits(int64_t blocks, int64_t max_k, const at::Tensor& like, int64_t* split_keys) {
+  *split_keys = 0;
+  const char* env = std::getenv("EMBEDOPS_ATTN_SPLIT_KV");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
+  if (max_k < 2048 || blocks <= 0) return 1;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, like.get_device()));
+  if (blocks >= sms) return 1;
+  int64_t n = std::min<int64_t>({(2 * static_cast<int64_t>(sms) + blocks - 1) / blocks, max_k / 512, 1024});
+  if (n < 2) return 1;
+  *split_keys = ((max_k + n - 1) / n + kTile - 1) / kTile * kTile;
+  return (max_k + *split_keys - 1) / *split_keys;
+}
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, const SeqDesc& desc, double scale,
@@ -56,20 +71,43 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
   const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
   const Dims dm{desc.batch, Hq, Hkv, D, Dv, ntiles};
   const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
-  const dim3 grid(static_cast<unsigned>(ntiles * desc.batch), static_cast<unsigned>(Hq));
+  int64_t split_keys = 0;
+  const int64_t nsplit = choose_splits(ntiles * desc.batch * Hq, desc.max_k, q, &split_keys);
+  const dim3 grid(static_cast<unsigned>(ntiles * desc.batch), static_cast<unsigned>(Hq), static_cast<unsigned>(nsplit));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = forward_smem<acc_t>(D, Dv);
     auto kernel = forward_kernel<scalar_t, acc_t>;
     prepare_smem(op, reinterpret_cast<const void*>(kernel), smem, q);
+    SplitKV<acc_t> split;
+    at::Tensor part_o, part_lse;
+    if (nsplit > 1) {
+      const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+      part_o = at::empty({nsplit, desc.batch, Hq, desc.max_q_slot, Dv}, acc_opts);
+      part_lse = at::empty({nsplit, desc.batch, Hq, desc.max_q_slot}, acc_opts);
+      split = SplitKV<acc_t>{part_o.data_ptr<acc_t>(), part_lse.data_ptr<acc_t>(), split_keys, desc.max_q_slot};
+    }
     kernel<<<grid, kThreads, smem, stream>>>(rows_of<const scalar_t>(q, varlen), rows_of<const scalar_t>(k, varlen),
                                              rows_of<const scalar_t>(v, varlen), rows_of<scalar_t>(out, varlen),
-                                             lse.data_ptr<acc_t>(), lse_sb, lse_sh, sp, dm, static_cast<acc_t>(scale));
+                                             lse.data_ptr<acc_t>(), lse_sb, lse_sh, sp, dm, static_cast<acc_t>(scale),
+                                             split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (nsplit > 1) {
+      const dim3 cgrid(static_cast<unsigned>(ntiles * desc.batch), static_cast<unsigned>(Hq));
+      combine_kernel<scalar_t, acc_t><<<cgrid, kThreads, 0, stream>>>(split, nsplit, rows_of<scalar_t>(out, varlen),
+                                                                      lse.data_ptr<acc_t>(), lse_sb, lse_sh, sp, dm);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {out, lse};
 }
+
+}  // namespace attn_cuda
+
+namespace {
+
+using namespace attn_cuda;
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& kv_lengths,

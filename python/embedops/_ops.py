@@ -254,3 +254,83 @@ def _no_setup(ctx, inputs, output):
 
 for _name in ("embedops::cross_attention_backward", "embedops::cross_attention_varlen_backward"):
     torch.library.register_autograd(_name, _no_double_backward, setup_context=_no_setup)
+
+
+# co_attention / mixture_attention (issue 6) --------------------------------------------------
+
+
+@torch.library.register_fake("embedops::co_attention")
+def _co_attention_fake(qx, ky, vx, vy, x_lengths=None, y_lengths=None, scale=None):
+    B, Lx, H, _ = qx.shape
+    Ly = ky.shape[1]
+    return (qx.new_empty((B, Lx, H, vy.shape[-1])), qx.new_empty((B, Ly, H, vx.shape[-1])),
+            qx.new_empty((B, H, Lx), dtype=_lse_dtype(qx)), qx.new_empty((B, H, Ly), dtype=_lse_dtype(qx)))
+
+
+@torch.library.register_fake("embedops::co_attention_backward")
+def _co_attention_backward_fake(dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x, dlse_y, x_lengths,
+                                y_lengths, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (qx, ky, vx, vy))
+
+
+def _co_attention_setup(ctx, inputs, output):
+    qx, ky, vx, vy, x_lengths, y_lengths, scale = inputs
+    ox, oy, lse_x, lse_y = output
+    ctx.save_for_backward(qx, ky, vx, vy, ox, oy, lse_x, lse_y, x_lengths, y_lengths)
+    ctx.scale = _default_scale(qx, scale)
+
+
+def _co_attention_backward(ctx, dox, doy, dlse_x, dlse_y):
+    qx, ky, vx, vy, ox, oy, lse_x, lse_y, x_lengths, y_lengths = ctx.saved_tensors
+    dox = torch.zeros_like(ox) if dox is None else dox
+    doy = torch.zeros_like(oy) if doy is None else doy
+    grads = torch.ops.embedops.co_attention_backward(dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x, dlse_y,
+                                                     x_lengths, y_lengths, ctx.scale)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("embedops::co_attention", _co_attention_backward, setup_context=_co_attention_setup)
+
+
+@torch.library.register_fake("embedops::mixture_attention")
+def _mixture_attention_fake(q, k, v, segment_lengths, weights, scale=None):
+    B, Lq, Hq, _ = q.shape
+    M, Dv = segment_lengths.shape[1], v.shape[-1]
+    return (q.new_empty((B, Lq, Hq, Dv)), q.new_empty((B, Hq, Lq, M), dtype=_lse_dtype(q)),
+            q.new_empty((B, Lq, Hq, M, Dv)))
+
+
+@torch.library.register_fake("embedops::mixture_attention_backward")
+def _mixture_attention_backward_fake(dout, q, k, v, segment_lengths, weights, seg_out, lse, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, weights))
+
+
+def _mixture_attention_setup(ctx, inputs, output):
+    q, k, v, segment_lengths, weights, scale = inputs
+    out, lse, seg_out = output
+    ctx.save_for_backward(q, k, v, segment_lengths, weights, seg_out, lse)
+    ctx.scale = _default_scale(q, scale)
+
+
+def _mixture_attention_backward(ctx, dout, dlse, dseg_out):
+    # lse and seg_out are auxiliary outputs (the public API returns only out): their gradients
+    # are not propagated.
+    q, k, v, segment_lengths, weights, seg_out, lse = ctx.saved_tensors
+    dout = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device) if dout is None else dout
+    dq, dk, dv, dw = torch.ops.embedops.mixture_attention_backward(dout, q, k, v, segment_lengths, weights, seg_out,
+                                                                   lse, ctx.scale)
+    return dq, dk, dv, None, dw, None
+
+
+torch.library.register_autograd("embedops::mixture_attention", _mixture_attention_backward,
+                                setup_context=_mixture_attention_setup)
+
+def _no_double_backward_named(op):
+    def fn(ctx, *grads):
+        raise NotImplementedError(f"{op}: double backward (gradients of gradients) is not supported")
+    return fn
+
+
+for _op in ("co_attention", "mixture_attention"):
+    torch.library.register_autograd(f"embedops::{_op}_backward", _no_double_backward_named(_op),
+                                    setup_context=_no_setup)

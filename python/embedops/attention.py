@@ -112,3 +112,80 @@ def cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = torch.ops.embedops.cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                          max_seqlen_k, scale)
     return (out, lse) if return_lse else out
+
+
+def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
+    """Bidirectional co-attention with ONE shared affinity: ``S = scale * qx ky^T`` per (batch, head),
+    ``ox = softmax_y(S) vy`` and ``oy = softmax_x(S)^T vx``.
+
+    S is computed once per tile and feeds both softmaxes (the column statistics are per-tile
+    partial (max, sum, acc) states merged by a deterministic log-sum-exp combine); the backward
+    uses one shared ``dS = Pr (dPr - Dr) + Pc (dPc - Dc)``. Neither (Lx x Ly) matrix is stored.
+
+    Args:
+        qx: queries of modality x, ``(B, Lx, H, D)``, float32 / float16 / bfloat16 / float64, CPU or
+            CUDA (CUDA: head dims up to 256).
+        ky: keys of modality y, ``(B, Ly, H, D)``, qx's dtype and device.
+        vx: values of x (attended to by y), ``(B, Lx, H, Dvx)``.
+        vy: values of y (attended to by x), ``(B, Ly, H, Dvy)``.
+        x_lengths: optional ``(B,)`` int32/int64, each in ``[0, Lx]``: rows ``i >= x_lengths[b]`` are
+            padding: excluded from the column softmax, and their ox is 0.
+        y_lengths: optional ``(B,)`` int32/int64, each in ``[0, Ly]``: columns ``j >= y_lengths[b]``
+            are padding: excluded from the row softmax, and their oy is 0.
+        scale: multiplier of the affinity; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(ox, oy)``: ``ox`` ``(B, Lx, H, Dvy)``, ``oy`` ``(B, Ly, H, Dvx)``, in qx's dtype. A row
+        (column) with nothing valid on the other side is 0, never NaN, with zero gradient.
+
+    Differentiable in qx, ky, vx, vy. Errors (ValueError / TypeError naming the argument): ranks,
+    mismatched sizes or heads, lengths out of range or not integer, dtype/device mismatches.
+    On CUDA the affinity is computed once per direction (two passes of the cross_attention
+    kernels); the single-pass shared-tile kernel is CPU-only so far.
+    """
+    op = "co_attention"
+    qx = _check_tensor(op, "qx", qx)
+    ky = _check_tensor(op, "ky", ky)
+    vx = _check_tensor(op, "vx", vx)
+    vy = _check_tensor(op, "vy", vy)
+    x_lengths = _check_optional_tensor(op, "x_lengths", x_lengths)
+    y_lengths = _check_optional_tensor(op, "y_lengths", y_lengths)
+    scale = _check_scale(op, scale)
+    ox, oy, _, _ = torch.ops.embedops.co_attention(qx, ky, vx, vy, x_lengths, y_lengths, scale)
+    return ox, oy
+
+
+def mixture_attention(q, k, v, segment_lengths, weights, *, scale=None):
+    """Modality-mixture attention: K/V are M modalities concatenated along the key axis, each
+    with its own softmax, mixed per query row by ``weights``:
+    ``out_i = sum_m weights[b, i, (h,) m] * softmax_{j in m}(scale * q_i k_j^T) v_j``.
+
+    One pass over the keys with a per-modality online-softmax state (no (Lq x Lk) matrix).
+
+    Args:
+        q: ``(B, Lq, Hq, D)``, float32 / float16 / bfloat16 / float64, CPU or CUDA.
+        k: ``(B, Lk, Hkv, D)``, q's dtype and device, ``Hq % Hkv == 0`` (GQA/MQA).
+        v: ``(B, Lk, Hkv, Dv)``, q's dtype and device.
+        segment_lengths: ``(B, M)`` int32/int64, each >= 0, each row summing to at most Lk:
+            modality m of batch b is keys ``[sum_{m'<m} len, sum_{m'<=m} len)`` (segments packed from
+            key 0 in order; the rest is padding). An empty modality contributes 0.
+        weights: ``(B, Lq, M)`` (shared by the heads) or ``(B, Lq, Hq, M)``, q's dtype; used as given
+            (not normalised by the op).
+        scale: multiplier of the scores; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``out`` ``(B, Lq, Hq, Dv)`` in q's dtype.
+
+    Differentiable in q, k, v and weights (``dweights[b,i,(h,)m] = dO_i . O_{i,m}``). Errors
+    (ValueError / TypeError naming the argument) for bad shapes, dtypes, devices and lengths.
+    On CUDA: one cross_attention kernel pass per modality (not a single pass over the keys).
+    """
+    op = "mixture_attention"
+    q = _check_tensor(op, "q", q)
+    k = _check_tensor(op, "k", k)
+    v = _check_tensor(op, "v", v)
+    segment_lengths = _check_tensor(op, "segment_lengths", segment_lengths)
+    weights = _check_tensor(op, "weights", weights)
+    scale = _check_scale(op, scale)
+    out, _, _ = torch.ops.embedops.mixture_attention(q, k, v, segment_lengths, weights, scale)
+    return out

@@ -270,3 +270,68 @@ def cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, d
     if not outs:
         return q.new_zeros((0, q.shape[1], v.shape[2]), dtype=dtype), q.new_zeros((q.shape[1], 0))
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def co_attention(qx, ky, vx, vy, *, x_lengths=None, y_lengths=None, scale=None):
+    """Two explicit softmaxes of one affinity, float64; returns (ox, oy, lse_x, lse_y).
+
+    S = scale qx ky^T (B, H, Lx, Ly) over valid rows (i < x_lengths[b]) and columns
+    (j < y_lengths[b]); ox = softmax over y of S times vy, oy = softmax over x of S^T times vx.
+    Invalid rows/columns, and rows/columns with nothing valid on the other side, give 0 and lse -inf.
+    """
+    import torch
+
+    B, Lx, H, D = qx.shape
+    Ly = ky.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    f = torch.float64
+    s = torch.einsum("bihd,bjhd->bhij", qx.to(f), ky.to(f)) * scale
+    xv = torch.ones(B, Lx, dtype=torch.bool, device=qx.device)
+    yv = torch.ones(B, Ly, dtype=torch.bool, device=qx.device)
+    if x_lengths is not None:
+        xv = torch.arange(Lx, device=qx.device) < x_lengths.to(qx.device).view(B, 1)
+    if y_lengths is not None:
+        yv = torch.arange(Ly, device=qx.device) < y_lengths.to(qx.device).view(B, 1)
+    valid = (xv[:, None, :, None] & yv[:, None, None, :]).expand(B, H, Lx, Ly)
+    s = s.masked_fill(~valid, float("-inf"))
+    zero = torch.zeros((), dtype=f, device=qx.device)
+    pr = torch.where(valid.any(-1, keepdim=True), torch.softmax(s, -1), zero)
+    pc = torch.where(valid.any(-2, keepdim=True), torch.softmax(s, -2), zero)
+    ox = torch.einsum("bhij,bjhd->bihd", pr, vy.to(f))
+    oy = torch.einsum("bhij,bihd->bjhd", pc, vx.to(f))
+    return ox, oy, torch.logsumexp(s, -1), torch.logsumexp(s, -2)
+
+
+def mixture_attention(q, k, v, segment_lengths, weights, *, scale=None):
+    """Per-segment softmaxes, float64; returns (out, lse) with lse (B, Hq, Lq, M).
+
+    Keys [start_m, start_m + len_m) of batch b form modality m (segments packed from 0 in order);
+    out_i = sum_m weights[b, i, (h,) m] softmax_{j in m}(S_ij) v_j. An empty modality adds 0.
+    """
+    import torch
+
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    M = segment_lengths.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    f = torch.float64
+    kh = k.to(f).repeat_interleave(Hq // Hkv, dim=2)
+    vh = v.to(f).repeat_interleave(Hq // Hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.to(f), kh) * scale
+    w = weights.to(f)
+    if w.dim() == 3:
+        w = w[:, :, None, :].expand(B, Lq, Hq, M)
+    seg = segment_lengths.to(torch.long).cpu()
+    ends = seg.cumsum(1)
+    starts = ends - seg
+    pos = torch.arange(Lk)
+    out = torch.zeros(B, Lq, Hq, v.shape[-1], dtype=f, device=q.device)
+    lses = []
+    for m in range(M):  # the modalities, each with its own softmax
+        mask = ((pos[None] >= starts[:, m, None]) & (pos[None] < ends[:, m, None])).to(q.device)  # (B, Lk)
+        sm = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        p = torch.where(mask.any(-1)[:, None, None, None], torch.softmax(sm, -1), torch.zeros((), dtype=f))
+        om = torch.einsum("bhij,bjhd->bihd", p, vh)
+        out = out + w[..., m, None] * om
+        lses.append(torch.logsumexp(sm, -1))
+    return out, torch.stack(lses, -1)

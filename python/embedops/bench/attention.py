@@ -76,6 +76,14 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
                 baselines[name] = wrap(fwd)
             except RuntimeError:
                 pass
+    if device == "cuda" and Lq <= 32 and not tensor_cores:
+        def regular_fwd(q, k, v):  # the same kernels without split-KV
+            os.environ["EMBEDOPS_ATTN_SPLIT_KV"] = "0"
+            try:
+                return embedops.cross_attention(q, k, v, kv_lengths=kvl)
+            finally:
+                del os.environ["EMBEDOPS_ATTN_SPLIT_KV"]
+        baselines["regular path (no split-KV)"] = wrap(regular_fwd)
     baselines["eager"] = wrap(eager_fwd)
     tol = _TOL[dtype] * (4 if backward else 1)
 
@@ -93,6 +101,121 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
         check=check,
         flops=flops,
         bytes=(q.numel() + k.numel() + v.numel() + go.numel()) * q.element_size() * (2 if backward else 1),
+    )
+
+
+def _co_case(device: str, B: int, Lx: int, Ly: int, H: int, D: int, dtype: torch.dtype, backward: bool) -> Case:
+    """co_attention (x = text, y = image) vs two cross_attention calls and two SDPA calls."""
+    g = torch.Generator().manual_seed(0)
+    qx, vx = (torch.randn(B, Lx, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    ky, vy = (torch.randn(B, Ly, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    gx, gy = torch.randn(B, Lx, H, D, generator=g).to(qx), torch.randn(B, Ly, H, D, generator=g).to(qx)
+
+    def ours(qx, ky, vx, vy):
+        return embedops.co_attention(qx, ky, vx, vy)
+
+    def two_cross(qx, ky, vx, vy):
+        return embedops.cross_attention(qx, ky, vy), embedops.cross_attention(ky, qx, vx)
+
+    def two_sdpa(qx, ky, vx, vy):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return (t(F.scaled_dot_product_attention(t(qx), t(ky), t(vy))),
+                t(F.scaled_dot_product_attention(t(ky), t(qx), t(vx))))
+
+    if backward:
+        leaves = [t.detach().clone().requires_grad_() for t in (qx, ky, vx, vy)]
+
+        def wrap(f):
+            def run():
+                ox, oy = f(*leaves)
+                return torch.autograd.grad((ox, oy), leaves, (gx, gy))
+            return run
+    else:
+        def wrap(f):
+            def run():
+                with torch.no_grad():
+                    return f(qx, ky, vx, vy)
+            return run
+
+    tol = _TOL[dtype] * (4 if backward else 1)
+
+    def check(a, b):
+        assert_close(a, b, atol=tol, rtol=tol, what="grads" if backward else "(ox, oy)")
+
+    dt = str(dtype).replace("torch.", "")
+    return Case(
+        name=f"co_attention text<->image {'fwd+bwd' if backward else 'fwd'}",
+        shapes=f"B{B} H{H} Lx{Lx} Ly{Ly} D{D} {dt}",
+        fn=wrap(ours),
+        baselines={"2x cross_attention": wrap(two_cross), "2x sdpa": wrap(two_sdpa)},
+        check=check,
+        flops=6.0 * B * H * Lx * Ly * D * (3.0 if backward else 1.0),  # 3 GEMMs forward
+        bytes=2 * (qx.numel() + ky.numel()) * qx.element_size() * (2 if backward else 1),
+    )
+
+
+def _mixture_case(device: str, B: int, Lq: int, seg: int, M: int, H: int, D: int, dtype: torch.dtype,
+                  backward: bool, ragged: bool = False) -> Case:
+    """mixture_attention over M modalities vs M SDPA calls + weighted sum. Equal segments: SDPA gets
+    the slices (no mask); ragged (per-batch lengths 0.6..1.0 seg, packed): SDPA gets a boolean mask
+    per modality."""
+    g = torch.Generator().manual_seed(0)
+    Lk = seg * M
+    q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
+    w = torch.softmax(torch.randn(B, Lq, M, generator=g), -1).to(device=device, dtype=dtype)
+    lengths = torch.full((B, M), seg, dtype=torch.int64, device=device)
+    masks = None
+    if ragged:
+        lengths = (seg * (0.6 + 0.4 * torch.rand(B, M, generator=g))).round().to(torch.int64).to(device)
+        ends = lengths.cumsum(1)
+        pos = torch.arange(Lk, device=device)[None, :]
+        masks = [((pos >= ends[:, m, None] - lengths[:, m, None]) & (pos < ends[:, m, None]))[:, None, None, :]
+                 for m in range(M)]
+    go = torch.randn(B, Lq, H, D, generator=g).to(q)
+
+    def ours(q, k, v, w):
+        return embedops.mixture_attention(q, k, v, lengths, w)
+
+    def sdpa_sum(q, k, v, w):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        out = 0
+        for m in range(M):
+            if masks is None:
+                om = F.scaled_dot_product_attention(t(q), t(k[:, m * seg:(m + 1) * seg]),
+                                                    t(v[:, m * seg:(m + 1) * seg]))
+            else:
+                om = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=masks[m])
+            out = out + t(om) * w[..., m, None, None]
+        return out
+
+    if backward:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w)]
+
+        def wrap(f):
+            return lambda: torch.autograd.grad(f(*leaves), leaves, go)
+    else:
+        def wrap(f):
+            def run():
+                with torch.no_grad():
+                    return f(q, k, v, w)
+            return run
+
+    tol = _TOL[dtype] * (4 if backward else 1)
+
+    def check(a, b):
+        assert_close(a, b, atol=tol, rtol=tol, what="grads" if backward else "out")
+
+    dt = str(dtype).replace("torch.", "")
+    return Case(
+        name=f"mixture_attention M={M} {'fwd+bwd' if backward else 'fwd'}",
+        shapes=f"B{B} H{H} Lq{Lq} Lk{M}x{seg} D{D} {dt}" + (" ragged" if ragged else ""),
+        fn=wrap(ours),
+        baselines={f"{M}x sdpa{' (bool mask)' if ragged else ''} + sum": wrap(sdpa_sum)},
+        check=check,
+        flops=4.0 * B * H * Lq * Lk * D * (3.5 if backward else 1.0),
+        bytes=(q.numel() + k.numel() + v.numel()) * q.element_size() * (2 if backward else 1),
     )
 
 
@@ -127,7 +250,22 @@ def cases(device: str, quick: bool):
             add(B, 77, 1024, H, 128, torch.float32, True, False, label="text->image")
     else:
         add(B, 77, 1024, H, D, torch.float32, False, False, label="text->image")
+        # small-Lq pooling (split-KV): B*H <= 16 latent queries over long keys
+        add(1, 32, 8192 if quick else 16384, 16, D, torch.bfloat16, False, False, label="latents->tokens")
+        add(1, 16, 8192, 8, D, torch.bfloat16, True, False, label="latents->tokens")
         for pad in (False, True):
             add(B, 77, 1024, H, D, torch.bfloat16, pad, False, label="text->image", tensor_cores=True)
             add(B, 1024, 77, H, D, torch.bfloat16, pad, False, label="image->text", tensor_cores=True)
+    # co_attention (text 77 <-> image) and mixture_attention (M modalities), issue 6
+    bdt = torch.float32 if device == "cpu" else torch.bfloat16
+    for backward in (False, True):
+        out.append(lambda backward=backward: _co_case(device, B, 77, 1024, H, D, bdt, backward))
+    if not quick:
+        out.append(lambda: _co_case(device, B, 77, 4096, H, D, bdt, False))
+    seg = 512 if quick else 1024
+    out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, False))
+    out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, True))
+    if not quick:
+        out.append(lambda: _mixture_case(device, B, 77, seg, 3, H, D, bdt, False, ragged=True))
+        out.append(lambda: _mixture_case(device, B, 77, seg, 2, H, D, bdt, False))
     return out

@@ -1,0 +1,616 @@
+// co_attention and mixture_attention on the CPU (issue 6: attention beyond the anchors).
+//
+// Both reuse the cross_attention tiles (attention_cpu_tiles.h: BLAS GEMM on strided tiles, 16-lane
+// exp, per-tile fp16/bf16 conversion) and the online-softmax math of attention.h.
+//
+// co_attention: one task per (batch, head). Query tiles of x are visited in order; for each, the
+// key tiles of y: the affinity tile S = scale * qx ky^T is computed ONCE and feeds
+//   - the row softmax (online update over y, as in cross_attention): ox = softmax_y(S) vy,
+//   - the column softmax: the tile's column partial state (max, sum, acc = P^T vx) is merged into
+//     the running column state of y by an LSE-combine (rescale by exp(m_old - m_new)); the x tiles
+//     are merged in a fixed order, so the result is deterministic.
+// Backward (one task per (batch, head), owns every gradient of it: deterministic): per tile
+//   dS = Pr * (dPr - Dr) + Pc * (dPc - Dc), ONE shared dS for dqx and dky.
+//
+// mixture_attention: one task per (batch, head, query tile); the M contiguous key segments are
+// visited in order (one pass over the keys), each with its own online-softmax state; at the end of a
+// segment its normalised output is stored (seg_out, used by the backward) and added to the output
+// with the row's weight. Backward: one task per (batch, kv head) like cross_attention's.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "attention/attention.h"
+#include "attention/attention_beyond.h"
+#include "attention/attention_cpu_tiles.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace embedops {
+namespace {
+
+using namespace attn_cpu;
+
+// ---- small vector helpers on score tiles ------------------------------------------------------
+
+// y[j] = exp(x[j] - c[j]) for j < n (n a multiple of 16 for float); x = -inf gives 0.
+template <typename T>
+void exp_sub_cols(const T* x, const T* c, T* y, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kVec <= n; j += kVec) store16(y + j, exp16(load16(x + j) - load16(c + j)));
+  }
+  for (; j < n; ++j) y[j] = exp_any(x[j] - c[j]);
+}
+
+// Query tile height: short query sides (text ~77 tokens) in ONE tile when there are enough
+// (batch, head) tasks for the threads: each key tile is then read once, and (co_attention) the
+// column state of y is built in one sweep; otherwise the cross_attention heuristic.
+int64_t short_side_block_q(int64_t max_k, int64_t max_q, int64_t tasks) {
+  if (max_q <= 256 && tasks >= 2 * at::get_num_threads()) return std::max<int64_t>(8, (max_q + 7) / 8 * 8);
+  return block_q_for(max_k, max_q);
+}
+
+// Keys per tile for a range of n keys: at most kBlockK, evened out over the tiles it needs
+// (1024 keys -> 512 + 512, not 816 + 208). A multiple of 16.
+int64_t even_block_k(int64_t n, int64_t block_k) {
+  const int64_t tiles = std::max<int64_t>(1, (n + block_k - 1) / block_k);
+  return std::min(block_k, ((n + tiles - 1) / tiles + 15) / 16 * 16);
+}
+
+// ---- co_attention -----------------------------------------------------------------------------
+
+template <typename in_t, typename T>
+void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, const Rows<const in_t>& VX,
+                       const Rows<const in_t>& VY, const Rows<in_t>& OX, const Rows<in_t>& OY, T* lse_x, T* lse_y,
+                       const CoDesc& cd, int64_t B, int64_t H, int64_t Lx, int64_t Ly, int64_t D, int64_t Dvx,
+                       int64_t Dvy, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t kBlockQ = short_side_block_q(Ly, Lx, B * H);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  const int64_t ly_pad = padded_len(std::max<int64_t>(Ly, 1));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), Pc(kBlockQ * kBlockK), accr(kBlockQ * Dvy), m(kBlockQ), l(kBlockQ);
+    std::vector<T> cm(ly_pad), cl(Ly), accc(Ly * Dvx), cmv(kBlockK), calpha(kBlockK), tmax(kBlockK);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), vxbuf(kConvert ? kBlockQ * Dvx : 0);
+    std::vector<T> kall(kConvert ? Ly * D : 0), vyall(kConvert ? Ly * Dvy : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % H, b = t / H;
+      const int64_t xl = cd.xlen[b], yl = cd.ylen[b];
+      T* lx = lse_x + (b * H + h) * Lx;
+      T* ly = lse_y + (b * H + h) * Ly;
+      // invalid rows / columns, and everything when one side is empty: output 0, lse -inf
+      const int64_t x_valid = yl == 0 ? 0 : xl, y_valid = xl == 0 ? 0 : yl;
+      for (int64_t i = x_valid; i < Lx; ++i) {
+        std::fill(OX.at(b, i, h), OX.at(b, i, h) + Dvy, in_t(0));
+        lx[i] = attn::neg_inf<T>();
+      }
+      for (int64_t j = y_valid; j < Ly; ++j) {
+        std::fill(OY.at(b, j, h), OY.at(b, j, h) + Dvx, in_t(0));
+        ly[j] = attn::neg_inf<T>();
+      }
+      if (x_valid == 0 || y_valid == 0) continue;
+      int64_t ldk, ldvy, ldq, ldvx;
+      const T* k_all = tile(KY.at(b, 0, h), KY.sl, yl, D, kall.data(), &ldk);
+      const T* vy_all = tile(VY.at(b, 0, h), VY.sl, yl, Dvy, vyall.data(), &ldvy);
+      std::fill(cm.begin(), cm.begin() + yl, attn::neg_inf<T>());
+      std::fill(cl.begin(), cl.begin() + yl, T(0));
+      std::fill(accc.begin(), accc.begin() + yl * Dvx, T(0));
+      const int64_t bk = even_block_k(yl, kBlockK);
+      for (int64_t i0 = 0; i0 < xl; i0 += kBlockQ) {
+        const int64_t qn = std::min(kBlockQ, xl - i0);
+        const T* qptr = tile(QX.at(b, i0, h), QX.sl, qn, D, qbuf.data(), &ldq);
+        const T* vxptr = tile(VX.at(b, i0, h), VX.sl, qn, Dvx, vxbuf.data(), &ldvx);
+        std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
+        std::fill(l.begin(), l.begin() + qn, T(0));
+        std::fill(accr.begin(), accr.begin() + qn * Dvy, T(0));
+        for (int64_t j0 = 0; j0 < yl; j0 += bk) {
+          const int64_t kn = std::min(bk, yl - j0);
+          const int64_t lds = padded_len(kn);
+          const T* kptr = k_all + j0 * ldk;
+          const T* vyptr = vy_all + j0 * ldvy;
+          // the shared affinity tile S (qn x kn) = scale * qx ky^T, computed once
+          gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+               S.data(), lds);
+          for (int64_t r = 0; r < qn; ++r) std::fill(S.data() + r * lds + kn, S.data() + (r + 1) * lds, attn::neg_inf<T>());
+          // -- column side: this tile's partial (max, sum, P^T vx), LSE-combined into the running state
+          std::fill(tmax.begin(), tmax.begin() + lds, attn::neg_inf<T>());
+          for (int64_t r = 0; r < qn; ++r) {
+            const T* row = S.data() + r * lds;
+            T* tm = tmax.data();
+#pragma omp simd
+            for (int64_t j = 0; j < lds; ++j) tm[j] = row[j] > tm[j] ? row[j] : tm[j];
+          }
+          for (int64_t j = 0; j < kn; ++j) {
+            const T m_old = cm[j0 + j];
+            const T m_new = attn::softmax_new_max(m_old, tmax[j]);
+            calpha[j] = attn::softmax_rescale(m_old, m_new);
+            cmv[j] = m_new;
+            cm[j0 + j] = m_new;
+          }
+          std::fill(cmv.begin() + kn, cmv.begin() + lds, T(0));  // padding lanes: exp(-inf - 0) = 0
+          std::fill(tmax.begin(), tmax.begin() + lds, T(0));     // reused as the tile's column sums
+          for (int64_t r = 0; r < qn; ++r) {
+            T* pc = Pc.data() + r * lds;
+            exp_sub_cols(S.data() + r * lds, cmv.data(), pc, lds);
+            T* cs = tmax.data();
+#pragma omp simd
+            for (int64_t j = 0; j < lds; ++j) cs[j] += pc[j];
+          }
+          for (int64_t j = 0; j < kn; ++j) {
+            cl[j0 + j] = cl[j0 + j] * calpha[j] + tmax[j];
+            if (i0 > 0 && calpha[j] != T(1)) {
+              T* a = accc.data() + (j0 + j) * Dvx;
+#pragma omp simd
+              for (int64_t d = 0; d < Dvx; ++d) a[d] *= calpha[j];
+            }
+          }
+          // acc_col (kn x Dvx) += Pc^T vx
+          gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dvx, kn, qn, T(1), vxptr, ldvx, Pc.data(), lds,
+               T(1), accc.data() + j0 * Dvx, Dvx);
+          // -- row side: the online-softmax update of cross_attention, in place on S
+          for (int64_t r = 0; r < qn; ++r) {
+            T* row = S.data() + r * lds;
+            const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
+            const T alpha = attn::softmax_rescale(m[r], m_new);
+            const T sum = exp_row(row, lds, m_new);
+            l[r] = l[r] * alpha + sum;
+            m[r] = m_new;
+            if (alpha != T(1) && j0 > 0) {
+              T* a = accr.data() + r * Dvy;
+#pragma omp simd
+              for (int64_t d = 0; d < Dvy; ++d) a[d] *= alpha;
+            }
+          }
+          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dvy, qn, kn, T(1), vyptr, ldvy, S.data(), lds,
+               T(1), accr.data(), Dvy);
+        }
+        for (int64_t r = 0; r < qn; ++r) {
+          store_row(OX.at(b, i0 + r, h), accr.data() + r * Dvy, Dvy, attn::softmax_inv_denominator(l[r]));
+          lx[i0 + r] = attn::softmax_lse(m[r], l[r]);
+        }
+      }
+      for (int64_t j = 0; j < yl; ++j) {
+        store_row(OY.at(b, j, h), accc.data() + j * Dvx, Dvx, attn::softmax_inv_denominator(cl[j]));
+        ly[j] = attn::softmax_lse(cm[j], cl[j]);
+      }
+    }
+  });
+}
+
+template <typename in_t, typename T>
+void co_backward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, const Rows<const in_t>& VX,
+                        const Rows<const in_t>& VY, const Rows<const in_t>& OX, const Rows<const in_t>& OY,
+                        const Rows<const in_t>& dOX, const Rows<const in_t>& dOY, const T* lse_x, const T* lse_y,
+                        const T* dlse_x, const T* dlse_y, const Rows<in_t>& dQX, const Rows<in_t>& dKY,
+                        const Rows<in_t>& dVX, const Rows<in_t>& dVY, const CoDesc& cd, int64_t B, int64_t H,
+                        int64_t Lx, int64_t Ly, int64_t D, int64_t Dvx, int64_t Dvy, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t kBlockQ = block_q_for(Ly, Lx);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile_n = kBlockQ * kBlockK;
+    std::vector<T> P(tile_n), Pc(tile_n), dP(tile_n), dPc(tile_n), dr(kBlockQ), lr(kBlockQ);
+    std::vector<T> dq(kBlockQ * D), dvx(kBlockQ * Dvx), dk(Ly * D), dvy(Ly * Dvy), dc(padded_len(std::max<int64_t>(Ly, 1))),
+        lc(padded_len(std::max<int64_t>(Ly, 1)));
+    std::vector<T> kall(kConvert ? Ly * D : 0), vyall(kConvert ? Ly * Dvy : 0), doyall(kConvert ? Ly * Dvx : 0);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), vxbuf(kConvert ? kBlockQ * Dvx : 0),
+        doxbuf(kConvert ? kBlockQ * Dvy : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % H, b = t / H;
+      const int64_t xl = cd.xlen[b], yl = cd.ylen[b];
+      if (xl == 0 || yl == 0) continue;  // nothing attends: every gradient is 0
+      const T* lx = lse_x + (b * H + h) * Lx;
+      const T* ly = lse_y + (b * H + h) * Ly;
+      int64_t ldk, ldvy, lddoy, ldq, ldvx, lddox;
+      const T* k_all = tile(KY.at(b, 0, h), KY.sl, yl, D, kall.data(), &ldk);
+      const T* vy_all = tile(VY.at(b, 0, h), VY.sl, yl, Dvy, vyall.data(), &ldvy);
+      const T* doy_all = tile(dOY.at(b, 0, h), dOY.sl, yl, Dvx, doyall.data(), &lddoy);
+      // column deltas Dc_j = doy_j . oy_j - dlse_y
+      for (int64_t j = 0; j < yl; ++j) {
+        const in_t* o = OY.at(b, j, h);
+        const T* g = doy_all + j * lddoy;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < Dvx; ++d) dot += static_cast<T>(o[d]) * g[d];
+        dc[j] = dot - (dlse_y ? dlse_y[(b * H + h) * Ly + j] : T(0));
+        lc[j] = ly[j];
+      }
+      std::fill(lc.begin() + yl, lc.end(), T(0));  // padding lanes: exp(-inf - 0) = 0
+      std::fill(dc.begin() + yl, dc.end(), T(0));
+      std::fill(dk.begin(), dk.begin() + yl * D, T(0));
+      std::fill(dvy.begin(), dvy.begin() + yl * Dvy, T(0));
+      for (int64_t i0 = 0; i0 < xl; i0 += kBlockQ) {
+        const int64_t qn = std::min(kBlockQ, xl - i0);
+        const T* qptr = tile(QX.at(b, i0, h), QX.sl, qn, D, qbuf.data(), &ldq);
+        const T* vxptr = tile(VX.at(b, i0, h), VX.sl, qn, Dvx, vxbuf.data(), &ldvx);
+        const T* doxptr = tile(dOX.at(b, i0, h), dOX.sl, qn, Dvy, doxbuf.data(), &lddox);
+        for (int64_t r = 0; r < qn; ++r) {
+          const in_t* o = OX.at(b, i0 + r, h);
+          const T* g = doxptr + r * lddox;
+          T dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < Dvy; ++d) dot += static_cast<T>(o[d]) * g[d];
+          dr[r] = dot - (dlse_x ? dlse_x[(b * H + h) * Lx + i0 + r] : T(0));
+          lr[r] = lx[i0 + r];
+        }
+        std::fill(dq.begin(), dq.begin() + qn * D, T(0));
+        std::fill(dvx.begin(), dvx.begin() + qn * Dvx, T(0));
+        for (int64_t j0 = 0; j0 < yl; j0 += kBlockK) {
+          const int64_t kn = std::min(kBlockK, yl - j0);
+          const int64_t lds = padded_len(kn);
+          const T* kptr = k_all + j0 * ldk;
+          const T* vyptr = vy_all + j0 * ldvy;
+          const T* doyptr = doy_all + j0 * lddoy;
+          gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+               P.data(), lds);
+          T* lcv = lc.data() + j0;
+          // Pc = exp(S - lse_y[j]) (read before P is overwritten), P = exp(S - lse_x[i])
+          for (int64_t r = 0; r < qn; ++r) {
+            T* row = P.data() + r * lds;
+            T* pc = Pc.data() + r * lds;
+            std::fill(row + kn, row + lds, attn::neg_inf<T>());
+            exp_sub_cols(row, lcv, pc, lds);  // every valid column has a finite lse_y (xl > 0)
+            exp_row(row, lds, lr[r]);
+          }
+          // dvy (kn x Dvy) += P^T dox;  dvx (qn x Dvx) += Pc doy
+          gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dvy, kn, qn, T(1), doxptr, lddox, P.data(), lds,
+               T(1), dvy.data() + j0 * Dvy, Dvy);
+          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dvx, qn, kn, T(1), doyptr, lddoy, Pc.data(), lds,
+               T(1), dvx.data(), Dvx);
+          // dP = dox vy^T, dPc = vx doy^T (both qn x kn)
+          gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dvy, T(1), vyptr, ldvy, doxptr, lddox,
+               T(0), dP.data(), lds);
+          gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dvx, T(1), doyptr, lddoy, vxptr, ldvx,
+               T(0), dPc.data(), lds);
+          // ONE shared dS = P (dP - Dr) + Pc (dPc - Dc)
+          const T* dcv = dc.data() + j0;
+          for (int64_t r = 0; r < qn; ++r) {
+            const T* p = P.data() + r * lds;
+            const T* pc = Pc.data() + r * lds;
+            const T* dpc = dPc.data() + r * lds;
+            T* ds = dP.data() + r * lds;
+            const T drr = dr[r];
+#pragma omp simd
+            for (int64_t j = 0; j < kn; ++j)
+              ds[j] = attn::softmax_grad(p[j], ds[j], drr) + attn::softmax_grad(pc[j], dpc[j], dcv[j]);
+          }
+          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), lds,
+               T(1), dq.data(), D);
+          gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), lds, T(1),
+               dk.data() + j0 * D, D);
+        }
+        for (int64_t r = 0; r < qn; ++r) {
+          store_row(dQX.at(b, i0 + r, h), dq.data() + r * D, D, T(1));
+          store_row(dVX.at(b, i0 + r, h), dvx.data() + r * Dvx, Dvx, T(1));
+        }
+      }
+      for (int64_t j = 0; j < yl; ++j) {
+        store_row(dKY.at(b, j, h), dk.data() + j * D, D, T(1));
+        store_row(dVY.at(b, j, h), dvy.data() + j * Dvy, Dvy, T(1));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_cpu(
+    const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx, const at::Tensor& vy,
+    const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths,
+    std::optional<double> scale) {
+  const char* op = "co_attention";
+  const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
+  const double sc = resolve_scale(op, scale, qx.size(3));
+  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
+  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
+  const auto lse_opts = qx.options().dtype(lse_dtype(qx.scalar_type()));
+  at::Tensor ox = at::empty({B, Lx, H, Dvy}, qx.options()), oy = at::empty({B, Ly, H, Dvx}, qx.options());
+  at::Tensor lx = at::empty({B, H, Lx}, lse_opts), ly = at::empty({B, H, Ly}, lse_opts);
+  if (B * H == 0) return {ox, oy, lx, ly};
+  const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
+  EMBEDOPS_DISPATCH_FLOATING(qx.scalar_type(), "co_attention_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    co_forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+                                   rows_of<const scalar_t>(vxc, false), rows_of<const scalar_t>(vyc, false),
+                                   rows_of<scalar_t>(ox, false), rows_of<scalar_t>(oy, false), lx.data_ptr<T>(),
+                                   ly.data_ptr<T>(), cd, B, H, Lx, Ly, D, Dvx, Dvy, static_cast<T>(sc));
+  });
+  return {ox, oy, lx, ly};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward_cpu(
+    const at::Tensor& dox, const at::Tensor& doy, const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
+    const at::Tensor& vy, const at::Tensor& ox, const at::Tensor& oy, const at::Tensor& lse_x, const at::Tensor& lse_y,
+    const std::optional<at::Tensor>& dlse_x, const std::optional<at::Tensor>& dlse_y,
+    const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths, double scale) {
+  const char* op = "co_attention_backward";
+  const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
+  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
+  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
+  check_same_shape(op, "dox", dox, "qx", qx, {B, Lx, H, Dvy});
+  check_same_shape(op, "ox", ox, "qx", qx, {B, Lx, H, Dvy});
+  check_same_shape(op, "doy", doy, "qx", qx, {B, Ly, H, Dvx});
+  check_same_shape(op, "oy", oy, "qx", qx, {B, Ly, H, Dvx});
+  check_lse_like(op, "lse_x", lse_x, qx, {B, H, Lx});
+  check_lse_like(op, "lse_y", lse_y, qx, {B, H, Ly});
+  if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, qx, {B, H, Lx});
+  if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, qx, {B, H, Ly});
+  at::Tensor dqx = at::zeros(qx.sizes(), qx.options()), dky = at::zeros(ky.sizes(), ky.options());
+  at::Tensor dvx = at::zeros(vx.sizes(), vx.options()), dvy = at::zeros(vy.sizes(), vy.options());
+  if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
+  const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
+  const at::Tensor oxc = prepare(ox, false), oyc = prepare(oy, false), doxc = prepare(dox, false),
+                   doyc = prepare(doy, false);
+  const at::Tensor lxc = lse_x.contiguous(), lyc = lse_y.contiguous();
+  const at::Tensor dlxc = dlse_x.has_value() ? dlse_x->contiguous() : at::Tensor();
+  const at::Tensor dlyc = dlse_y.has_value() ? dlse_y->contiguous() : at::Tensor();
+  EMBEDOPS_DISPATCH_FLOATING(qx.scalar_type(), "co_attention_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    co_backward_kernel<scalar_t, T>(
+        rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false), rows_of<const scalar_t>(vxc, false),
+        rows_of<const scalar_t>(vyc, false), rows_of<const scalar_t>(oxc, false), rows_of<const scalar_t>(oyc, false),
+        rows_of<const scalar_t>(doxc, false), rows_of<const scalar_t>(doyc, false), lxc.const_data_ptr<T>(),
+        lyc.const_data_ptr<T>(), dlxc.defined() ? dlxc.const_data_ptr<T>() : nullptr,
+        dlyc.defined() ? dlyc.const_data_ptr<T>() : nullptr, rows_of<scalar_t>(dqx, false),
+        rows_of<scalar_t>(dky, false), rows_of<scalar_t>(dvx, false), rows_of<scalar_t>(dvy, false), cd, B, H, Lx, Ly,
+        D, Dvx, Dvy, static_cast<T>(scale));
+  });
+  return {dqx, dky, dvx, dvy};
+}
+
+// ---- mixture_attention ----------------------------------------------------------------------------
+
+// weights element (b, i, h, m): w4 strides (sh = 0 for the (B, Lq, M) layout)
+template <typename T>
+struct W4 {
+  const T* p;
+  int64_t sb, si, sh, sm;
+  T at(int64_t b, int64_t i, int64_t h, int64_t m) const { return p[b * sb + i * si + h * sh + m * sm]; }
+};
+
+template <typename in_t, typename T>
+void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                        const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse, const MixDesc& md, int64_t B,
+                        int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_seg, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t M = md.M;
+  const int64_t kBlockQ = short_side_block_q(max_seg, Lq, B * Hq);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  const int64_t nqb = (Lq + kBlockQ - 1) / kBlockQ;
+  const int64_t group = Hq / Hkv;
+  // seg_out (B, Lq, Hq, M, Dv) contiguous; lse (B, Hq, Lq, M) contiguous
+  auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
+  auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> T& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * Dv), out(kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), kbuf(kConvert ? kBlockK * D : 0), vbuf(kConvert ? kBlockK * Dv : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
+      const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, Lq - i0), hk = h / group;
+      int64_t ldq, ldk, ldv;
+      const T* qptr = tile(Q.at(b, i0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+      std::fill(out.begin(), out.begin() + qn * Dv, T(0));
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
+        std::fill(mx.begin(), mx.begin() + qn, attn::neg_inf<T>());
+        std::fill(l.begin(), l.begin() + qn, T(0));
+        std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
+        const int64_t bk = even_block_k(klen, kBlockK);
+        for (int64_t j0 = 0; j0 < klen; j0 += bk) {  // this modality's keys: its own online state
+          const int64_t kn = std::min(bk, klen - j0);
+          const int64_t lds = padded_len(kn);
+          const T* kptr = tile(K.at(b, ks + j0, hk), K.sl, kn, D, kbuf.data(), &ldk);
+          const T* vptr = tile(V.at(b, ks + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);
+          gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+               S.data(), lds);
+          for (int64_t r = 0; r < qn; ++r) {
+            T* row = S.data() + r * lds;
+            std::fill(row + kn, row + lds, attn::neg_inf<T>());
+            const T m_new = attn::softmax_new_max(mx[r], row_max(row, lds));
+            const T alpha = attn::softmax_rescale(mx[r], m_new);
+            const T sum = exp_row(row, lds, m_new);
+            l[r] = l[r] * alpha + sum;
+            mx[r] = m_new;
+            if (alpha != T(1) && j0 > 0) {
+              T* a = acc.data() + r * Dv;
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+            }
+          }
+          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), lds, T(1),
+               acc.data(), Dv);
+        }
+        for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
+          const T inv = attn::softmax_inv_denominator(l[r]);
+          store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
+          lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
+          const T wm = static_cast<T>(W.at(b, i0 + r, h, m)) * inv;
+          const T* a = acc.data() + r * Dv;
+          T* o = out.data() + r * Dv;
+#pragma omp simd
+          for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
+        }
+      }
+      for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out.data() + r * Dv, Dv, T(1));
+    }
+  });
+}
+
+template <typename in_t, typename T>
+void mix_backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                         const W4<in_t>& W, const Rows<const in_t>& dO, const in_t* seg_out, const T* lse,
+                         const Rows<in_t>& dQ, const Rows<in_t>& dK, const Rows<in_t>& dV, T* dW4,
+                         const MixDesc& md, int64_t B, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D,
+                         int64_t Dv, int64_t max_seg, T scale) {
+  constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  const int64_t M = md.M;
+  const int64_t group = Hq / Hkv;
+  const int64_t kBlockQ = block_q_for(max_seg, Lq);
+  const int64_t kBlockK = block_k_for(kBlockQ);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ),
+        wdo(kBlockQ * Dv);
+    std::vector<T> dk(Lk * D), dv(Lk * Dv);
+    std::vector<T> kall(kConvert ? Lk * D : 0), vall(kConvert ? Lk * Dv : 0);
+    std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), dobuf(kConvert ? kBlockQ * Dv : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t % Hkv, b = t / Hkv;
+      const int64_t ktot = md.start[b * M + M - 1] + md.len[b * M + M - 1];
+      std::fill(dk.begin(), dk.begin() + ktot * D, T(0));
+      std::fill(dv.begin(), dv.begin() + ktot * Dv, T(0));
+      int64_t ldk = D, ldv = Dv, ldq, lddo;
+      const T* k_all = ktot ? tile(K.at(b, 0, hk), K.sl, ktot, D, kall.data(), &ldk) : nullptr;
+      const T* v_all = ktot ? tile(V.at(b, 0, hk), V.sl, ktot, Dv, vall.data(), &ldv) : nullptr;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+          const int64_t qn = std::min(kBlockQ, Lq - i0);
+          const T* qptr = tile(Q.at(b, i0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+          const T* doptr = tile(dO.at(b, i0, h), dO.sl, qn, Dv, dobuf.data(), &lddo);
+          std::fill(dq.begin(), dq.begin() + qn * D, T(0));
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
+            // dalpha_{i,m} = dO_i . O_{i,m};  the modality's output gradient is w dO, its delta w dalpha
+            for (int64_t r = 0; r < qn; ++r) {
+              const int64_t i = i0 + r;
+              const in_t* so = seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv;
+              const T* g = doptr + r * lddo;
+              T dot = 0;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < Dv; ++d) dot += static_cast<T>(so[d]) * g[d];
+              dW4[((b * Lq + i) * Hq + h) * M + m] = dot;
+              const T w = static_cast<T>(W.at(b, i, h, m));
+              delta[r] = w * dot;
+              lrow[r] = lse[((b * Hq + h) * Lq + i) * M + m];
+              T* wd = wdo.data() + r * Dv;
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) wd[d] = w * g[d];
+            }
+            for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
+              const int64_t kn = std::min(kBlockK, klen - j0);
+              const int64_t lds = padded_len(kn);
+              const T* kptr = k_all + (ks + j0) * ldk;
+              const T* vptr = v_all + (ks + j0) * ldv;
+              gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
+                   P.data(), lds);
+              for (int64_t r = 0; r < qn; ++r) {
+                T* row = P.data() + r * lds;
+                std::fill(row + kn, row + lds, attn::neg_inf<T>());
+                exp_row(row, lds, lrow[r]);
+              }
+              gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), wdo.data(), Dv, P.data(),
+                   lds, T(1), dv.data() + (ks + j0) * Dv, Dv);
+              gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, wdo.data(), Dv,
+                   T(0), dP.data(), lds);
+              for (int64_t r = 0; r < qn; ++r) {
+                const T* p = P.data() + r * lds;
+                T* ds = dP.data() + r * lds;
+                const T dl = delta[r];
+#pragma omp simd
+                for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
+              }
+              gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), lds,
+                   T(1), dq.data(), D);
+              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), lds,
+                   T(1), dk.data() + (ks + j0) * D, D);
+            }
+          }
+          for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, i0 + r, h), dq.data() + r * D, D, T(1));
+        }
+      }
+      for (int64_t j = 0; j < ktot; ++j) {
+        store_row(dK.at(b, j, hk), dk.data() + j * D, D, T(1));
+        store_row(dV.at(b, j, hk), dv.data() + j * Dv, Dv, T(1));
+      }
+    }
+  });
+}
+
+template <typename T>
+W4<T> w4_of(const at::Tensor& w) {
+  const T* p = w.const_data_ptr<T>();
+  if (w.dim() == 3) return {p, w.stride(0), w.stride(1), 0, w.stride(2)};
+  return {p, w.stride(0), w.stride(1), w.stride(2), w.stride(3)};
+}
+
+int64_t max_segment(const MixDesc& md) {
+  int64_t mx = 1;
+  for (int64_t n : md.len) mx = std::max(mx, n);
+  return mx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v, const at::Tensor& seg,
+                                                                     const at::Tensor& weights,
+                                                                     std::optional<double> scale) {
+  const char* op = "mixture_attention";
+  const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
+  const double sc = resolve_scale(op, scale, q.size(3));
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t M = md.M;
+  at::Tensor out = at::empty({B, Lq, Hq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
+  at::Tensor seg_out = at::empty({B, Lq, Hq, M, Dv}, q.options());
+  if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity()), seg_out};
+  const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false);
+  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "mixture_attention_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    mix_forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+                                    rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
+                                    rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<T>(), md,
+                                    B, Lq, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(sc));
+  });
+  return {out, lse, seg_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg,
+    const at::Tensor& weights, const at::Tensor& seg_out, const at::Tensor& lse, double scale) {
+  const char* op = "mixture_attention_backward";
+  const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t Lk = k.size(1), M = md.M;
+  check_same_shape(op, "dout", dout, "q", q, {B, Lq, Hq, Dv});
+  check_same_shape(op, "seg_out", seg_out, "q", q, {B, Lq, Hq, M, Dv});
+  check_same_device(op, "lse", lse, "q", q);
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must have dtype ",
+                   lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({B, Hq, Lq, M}), op, ": lse must have shape ",
+                    at::IntArrayRef({B, Hq, Lq, M}), ", got ", lse.sizes());
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
+  if (dq.numel() > 0 && dv.numel() > 0) {
+    const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false),
+                     doc = prepare(dout, false);
+    const at::Tensor soc = seg_out.contiguous(), lc = lse.contiguous();
+    EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "mixture_attention_backward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      mix_backward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+                                       rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
+                                       rows_of<const scalar_t>(doc, false), soc.const_data_ptr<scalar_t>(),
+                                       lc.const_data_ptr<T>(), rows_of<scalar_t>(dq, false),
+                                       rows_of<scalar_t>(dk, false), rows_of<scalar_t>(dv, false), dw4.data_ptr<T>(), md,
+                                       B, Lq, Lk, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(scale));
+    });
+  }
+  // per-head dalpha, summed over heads (fixed order) for shared (B, Lq, M) weights
+  at::Tensor dw = weights.dim() == 3 ? at::sum(dw4, {2}) : dw4;
+  return {dq, dk, dv, dw.to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedops, CPU, m) {
+  m.impl("co_attention", &co_attention_cpu);
+  m.impl("co_attention_backward", &co_attention_backward_cpu);
+  m.impl("mixture_attention", &mixture_attention_cpu);
+  m.impl("mixture_attention_backward", &mixture_attention_backward_cpu);
+}
+
+}  // namespace embedops

@@ -1,0 +1,272 @@
+#pragma once
+// Attention family, CPU: the tile helpers every CPU attention kernel shares (cross_attention,
+// co_attention, mixture_attention): BLAS GEMM on raw strided tiles, 16-lane exp/max for the
+// softmax rows, tile conversion for float16/bfloat16, tile-size heuristics, row addressing.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "attention/attention.h"
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace embedops {
+namespace attn_cpu {
+
+// ---- GEMM on raw tiles ---------------------------------------------------------------------
+// Column-major BLAS convention (like ATen's cpublas): C (m x n, ldc) = alpha op(A) op(B) + beta C.
+// x86 torch wheels export MKL's Fortran sgemm_/dgemm_ from libtorch_cpu; they are called
+// directly (single-threaded inside our parallel region, no tensor wrapping). Where a torch build
+// does not export them (weak symbols resolve to null), the same product goes through at::addmm
+// on from_blob views.
+
+enum class TransposeType { NoTranspose, Transpose };
+
+template <typename T>
+inline void gemm_aten(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const bool an = ta == TransposeType::NoTranspose, bn = tb == TransposeType::NoTranspose;
+  // a stored column-major (rows x cols, ld) is the row-major (cols x rows, strides (ld, 1)) tensor of its transpose
+  at::Tensor At = at::from_blob(const_cast<T*>(a), {an ? k : m, an ? m : k}, {lda, 1}, opts);
+  at::Tensor Bt = at::from_blob(const_cast<T*>(b), {bn ? n : k, bn ? k : n}, {ldb, 1}, opts);
+  at::Tensor Ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  // C^T = op(B)^T op(A)^T
+  const at::Tensor x = bn ? Bt : Bt.t(), y = an ? At : At.t();
+  if (beta == T(0)) Ct.zero_();
+  Ct.addmm_(x, y, beta == T(0) ? T(1) : beta, alpha);
+}
+
+template <typename T>
+inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  auto fn = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemm_;
+    else return dgemm_;
+  }();
+  if (fn == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax) {
+    gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const char tra = ta == TransposeType::NoTranspose ? 'N' : 'T', trb = tb == TransposeType::NoTranspose ? 'N' : 'T';
+  // BLAS wants ld >= the stored row count even for a single column
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ia = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(1, tra == 'N' ? m : k)));
+  const int ib = static_cast<int>(std::max<int64_t>(ldb, std::max<int64_t>(1, trb == 'N' ? k : n)));
+  const int ic = static_cast<int>(std::max<int64_t>(ldc, std::max<int64_t>(1, m)));
+  fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
+}
+
+constexpr int64_t kMinBlockK = 512;
+
+// Keys per tile: 512, more for short query tiles (latent queries over long sequences: fewer
+// online-softmax rescales, larger GEMMs). A multiple of 16.
+inline int64_t block_k_for(int64_t block_q) { return std::clamp<int64_t>((32768 / block_q) / 16 * 16, kMinBlockK, 2048); }
+
+// Score rows are stored with a stride rounded up to the 16-lane vector width; the padding holds
+// -inf, so the row max / exp loops run without a scalar tail (exp(-inf) = 0 adds nothing).
+inline int64_t padded_len(int64_t kn) { return (kn + 15) / 16 * 16; }
+
+// Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
+// Lk ~ 77) get tall tiles instead of many tiny GEMMs.
+// The height is then evened out over the tiles a sequence needs (Lq = 77: 40 + 37, not 64 + 13).
+inline int64_t block_q_for(int64_t max_k, int64_t max_q) {
+  const int64_t kn = std::clamp<int64_t>(max_k, 1, kMinBlockK);
+  const int64_t bq = std::clamp<int64_t>((32768 / kn) / 16 * 16, 64, 512);
+  const int64_t tiles = std::max<int64_t>(1, (max_q + bq - 1) / bq);
+  return std::clamp<int64_t>(((max_q + tiles - 1) / tiles + 7) / 8 * 8, 8, bq);
+}
+
+// A (.., L, H, X) tensor with a contiguous last dim: element (b, token, h, 0).
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t sb, sl, sh;
+  T* at(int64_t b, int64_t tok, int64_t h) const { return base + b * sb + tok * sl + h * sh; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, bool varlen) {
+  T* p = const_cast<T*>(t.const_data_ptr<T>());
+  if (varlen) return {p, 0, t.stride(0), t.stride(1)};
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The kernels read rows with BLAS: the last dim must be contiguous and the token stride a valid
+// leading dimension. Anything else (e.g. broadcast views) is copied once.
+inline at::Tensor prepare(const at::Tensor& t, bool varlen) {
+  at::Tensor c = t;
+  const int64_t tok_dim = varlen ? 0 : 1;
+  if (c.stride(-1) != 1 || c.stride(tok_dim) < c.size(-1)) c = c.contiguous();
+  return c;
+}
+
+struct Seqs {
+  const int64_t *q_start, *q_len, *q_slot, *k_start, *k_len;
+  explicit Seqs(const SeqDesc& d) {
+    const int64_t* p = d.desc.const_data_ptr<int64_t>();
+    const int64_t B = d.batch;
+    q_start = p;
+    q_len = p + B;
+    q_slot = p + 2 * B;
+    k_start = p + 3 * B;
+    k_len = p + 4 * B;
+  }
+};
+
+// exp(x) for float, branch-free so the loops below vectorise (-O3 -march=native): 2^n * p(r)
+// with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (rel. error ~2e-7).
+// x below -87 (2^-126) gives 0.
+inline float exp_f32(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = std::bit_cast<float>(e);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline double exp_any(double x) { return std::exp(x); }
+inline float exp_any(float x) { return exp_f32(x); }
+
+// 16-float vectors (GCC/Clang vector extensions: AVX-512, or two AVX2 registers) for the
+// per-row softmax work; the compiler's auto-vectoriser kept the scalar loop inside the kernel.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16;
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf16 splat16(float x) { return vf16{} + x; }
+
+// exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
+inline vf16 exp16(vf16 x) {
+  const vf16 lo = splat16(-87.0f), hi = splat16(88.0f), magic = splat16(12582912.0f);
+  vf16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf16 n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf16 r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  vf16 p = splat16(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  vf16 pow2n;
+  std::memcpy(&pow2n, &e, sizeof(pow2n));
+  const vf16 res = p * pow2n;
+  return x < lo ? vf16{} : res;
+}
+
+inline float hsum16(vf16 v) {
+  float s = 0;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+inline float hmax16(vf16 v) {
+  float m = v[0];
+  for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  T mx = attn::neg_inf<T>();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kVec) {
+      vf16 m = load16(x);
+      for (j = kVec; j + kVec <= n; j += kVec) {
+        const vf16 y = load16(x + j);
+        m = y > m ? y : m;
+      }
+      mx = hmax16(m);
+    }
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// x[j] = exp(x[j] - m) (the softmax_prob of attention.h, vectorised); returns sum_j x[j].
+template <typename T>
+T exp_row(T* x, int64_t n, T m) {
+  if (m == attn::neg_inf<T>()) {  // the row has no valid key: P = 0 (attn::softmax_prob)
+    std::fill(x, x + n, T(0));
+    return T(0);
+  }
+  T sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    vf16 acc{};
+    const vf16 mv = splat16(m);
+    for (; j + kVec <= n; j += kVec) {
+      const vf16 e = exp16(load16(x + j) - mv);
+      store16(x + j, e);
+      acc += e;
+    }
+    sum = hsum16(acc);
+  }
+  for (; j < n; ++j) {
+    const T e = exp_any(x[j] - m);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Rows of a (.., L, H, X) tensor as a GEMM operand in the compute type T: the rows themselves
+// (stride ld) when in_t == T, else converted into `buf` (contiguous, ld = cols).
+template <typename T, typename in_t>
+const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const in_t* s = src + r * ld;
+      T* d = buf + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(s[c]);
+    }
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+template <typename T, typename in_t>
+void store_row(in_t* dst, const T* src, int64_t n, T mul) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<in_t>(src[d] * mul);
+}
+
+
+}  // namespace attn_cpu
+}  // namespace embedops
