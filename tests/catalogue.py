@@ -219,6 +219,39 @@ bad("attention", "varlen max_seqlen too small", ValueError, "cross_attention_var
 bad("attention", "varlen max_seqlen float", TypeError, "cross_attention_varlen: max_seqlen_q must be an int")(
     lambda: _cav(_q[0], _k[0], _v[0], _cu, torch.tensor([0, 4, 7]), 5.0, 7))
 
+_qx, _ky, _vx, _vy = torch.randn(2, 5, 2, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 5, 2, 4), torch.randn(2, 7, 2, 6)
+_mq, _mk, _mv = torch.randn(2, 5, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 6)
+_seg, _mw = torch.tensor([[3, 4], [5, 2]]), torch.rand(2, 5, 2)
+_co, _mix = embedops.co_attention, embedops.mixture_attention
+
+bad("attention", "co_attention heads mismatch", ValueError, "co_attention: ky.size\\(2\\) must equal the number of heads")(
+    lambda: _co(_qx, _ky[:, :, :1], _vx, _vy))
+bad("attention", "co_attention x_lengths too long", ValueError, "co_attention: x_lengths\\[0\\] must be in \\[0, 5\\]")(
+    lambda: _co(_qx, _ky, _vx, _vy, x_lengths=torch.tensor([6, 1])))
+bad("attention", "co_attention vx length", ValueError, "co_attention: vx.size\\(1\\) must equal the length Lx")(
+    lambda: _co(_qx, _ky, _vx[:, :4], _vy))
+bad("attention", "mixture segments past Lk", ValueError, "mixture_attention: segment_lengths\\[0\\] must sum to at most Lk")(
+    lambda: _mix(_mq, _mk, _mv, torch.tensor([[5, 5], [1, 1]]), _mw))
+bad("attention", "mixture negative segment", ValueError, "mixture_attention: segment_lengths\\[0, 0\\] must be >= 0")(
+    lambda: _mix(_mq, _mk, _mv, torch.tensor([[-1, 5], [1, 1]]), _mw))
+bad("attention", "mixture weights shape", ValueError, "mixture_attention: weights must have shape")(
+    lambda: _mix(_mq, _mk, _mv, _seg, _mw[..., :1]))
+bad("attention", "mixture float segments", TypeError, "mixture_attention: segment_lengths must be an integer tensor")(
+    lambda: _mix(_mq, _mk, _mv, _seg.float(), _mw))
+
+SMOKE.append(Smoke(
+    "co_attention",
+    lambda: _co(_qx, _ky, _vx, _vy, y_lengths=torch.tensor([7, 2])),
+    lambda: tuple(t.float() for t in reference.co_attention(_qx.double(), _ky.double(), _vx.double(), _vy.double(),
+                                                            y_lengths=torch.tensor([7, 2]))[:2]),
+    _close,
+))
+SMOKE.append(Smoke(
+    "mixture_attention",
+    lambda: _mix(_mq, _mk, _mv, _seg, _mw),
+    lambda: reference.mixture_attention(_mq.double(), _mk.double(), _mv.double(), _seg, _mw.double())[0].float(),
+    _close,
+))
 SMOKE.append(Smoke(
     "cross_attention",
     lambda: _ca(_q, _k, _v, kv_lengths=torch.tensor([7, 3])),
