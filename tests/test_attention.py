@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -219,14 +218,6 @@ def test_scale_and_return_lse(device):
 
 
 def test_opcheck(device):
-    # torch 2.14's FakeTensor conversion reads .grad of the saved (non-leaf) outputs inside
-    # opcheck's aot_dispatch test and warns about it; that warning is torch's, not the op's.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-        _opcheck_all(device)
-
-
-def _opcheck_all(device):
     q, k, v, kvl, ql = _inputs((2, 5, 7, 4, 2, 8, 6), torch.float32, device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     opcheck(torch.ops.embedops.cross_attention.default, (q, k, v, kvl, ql, None))
@@ -620,24 +611,22 @@ def test_mixture_attention_gradcheck_float64(device):
 
 
 def test_beyond_opcheck(device):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-        qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, device)
-        ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
-        opcheck(torch.ops.embedops.co_attention.default, (*ins, xl, yl, None))
-        opcheck(torch.ops.embedops.co_attention.default, (*ins, None, None, 0.5))
-        with torch.no_grad():
-            ox, oy, lx, ly = torch.ops.embedops.co_attention(*ins, xl, yl, None)
-        opcheck(torch.ops.embedops.co_attention_backward.default,
-                (torch.randn_like(ox), torch.randn_like(oy), *[t.detach() for t in ins], ox, oy, lx, ly,
-                 torch.randn_like(lx), None, xl, yl, 0.35))
-        q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
-        q, k, v, w = (t.requires_grad_() for t in (q, k, v, w))
-        opcheck(torch.ops.embedops.mixture_attention.default, (q, k, v, seg, w, None))
-        with torch.no_grad():
-            out, lse, so = torch.ops.embedops.mixture_attention(q, k, v, seg, w, 0.3)
-        opcheck(torch.ops.embedops.mixture_attention_backward.default,
-                (torch.randn_like(out), q.detach(), k.detach(), v.detach(), seg, w.detach(), so, lse, 0.3))
+    qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, device)
+    ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
+    opcheck(torch.ops.embedops.co_attention.default, (*ins, xl, yl, None))
+    opcheck(torch.ops.embedops.co_attention.default, (*ins, None, None, 0.5))
+    with torch.no_grad():
+        ox, oy, lx, ly = torch.ops.embedops.co_attention(*ins, xl, yl, None)
+    opcheck(torch.ops.embedops.co_attention_backward.default,
+            (torch.randn_like(ox), torch.randn_like(oy), *[t.detach() for t in ins], ox, oy, lx, ly,
+             torch.randn_like(lx), None, xl, yl, 0.35))
+    q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
+    q, k, v, w = (t.requires_grad_() for t in (q, k, v, w))
+    opcheck(torch.ops.embedops.mixture_attention.default, (q, k, v, seg, w, None))
+    with torch.no_grad():
+        out, lse, so = torch.ops.embedops.mixture_attention(q, k, v, seg, w, 0.3)
+    opcheck(torch.ops.embedops.mixture_attention_backward.default,
+            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), seg, w.detach(), so, lse, 0.3))
 
 
 def test_beyond_torch_compile_fullgraph(device):

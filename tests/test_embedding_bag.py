@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from embedops import reference
 from embedops.nn import UnifiedEmbedding
 
 from conftest import FLOAT_DTYPES, TOL
-from conftest import opcheck as _opcheck
+from conftest import opcheck
 
 MODES = ["sum", "mean", "max"]
 COMBINES = ["concat", "sum", "mean"]
@@ -41,14 +40,6 @@ def make_bags(probes, batch, *, num_rows=97, dim=12, dtype=torch.float32, index_
     weight = torch.randn(num_rows, dim, generator=g, dtype=torch.float64).to(dtype)
     return (weight.to(device), values.to(index_dtype).to(device), offsets.to(index_dtype).to(device),
             torch.rand(n, generator=g, dtype=torch.float64).to(dtype).to(device))
-
-
-def opcheck(op, args):
-    # torch 2.14's aot_autograd fakeification reads .grad of the non-leaf copies opcheck makes of
-    # inputs that require grad (meta_utils.safe_grad) and warns; the warning is torch-internal.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor")
-        _opcheck(op, args)
 
 
 def run(weight, values, offsets, probes, **kw):
