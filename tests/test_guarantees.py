@@ -204,3 +204,71 @@ def test_matryoshka_similarity_and_topk_property(B, N, D, data, metric, dtype, s
         assert (values[..., :-1] >= values[..., 1:]).all()
         kth_best = ref.topk(k, dim=2).values[..., -1]
         assert (picked[..., -1] >= kth_best - 2 * tol).all()
+
+
+@given(seqs=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 30)), min_size=1, max_size=4),
+       Hkv=st.integers(1, 2), group=st.integers(1, 2), D=st.integers(1, 24), Dv=st.integers(1, 16),
+       seed=st.integers(0, 2**31))
+def test_cross_attention_varlen_property(seqs, Hkv, group, D, Dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0] + list(np.cumsum([s[0] for s in seqs])))
+    cu_k = torch.tensor([0] + list(np.cumsum([s[1] for s in seqs])))
+    q = torch.randn(int(cu_q[-1]), Hkv * group, D, generator=g, dtype=torch.float64)
+    k = torch.randn(int(cu_k[-1]), Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(int(cu_k[-1]), Hkv, Dv, generator=g, dtype=torch.float64)
+    max_q, max_k = max(s[0] for s in seqs), max(s[1] for s in seqs)
+    out, lse = embedops.cross_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True)
+    ref_out, ref_lse = reference.cross_attention_varlen(q, k, v, cu_q, cu_k)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref_out, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), atol=1e-9, rtol=1e-9)
+
+
+@given(B=st.integers(1, 2), Lx=st.integers(1, 40), Ly=st.integers(1, 70), H=st.integers(1, 2), D=st.integers(1, 24),
+       Dvx=st.integers(1, 12), Dvy=st.integers(1, 12), masked=st.booleans(), seed=st.integers(0, 2**31))
+def test_co_attention_property(B, Lx, Ly, H, D, Dvx, Dvy, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randn(B, Lx, H, D, generator=g, dtype=torch.float64)
+    ky = torch.randn(B, Ly, H, D, generator=g, dtype=torch.float64)
+    vx = torch.randn(B, Lx, H, Dvx, generator=g, dtype=torch.float64)
+    vy = torch.randn(B, Ly, H, Dvy, generator=g, dtype=torch.float64)
+    xl = torch.randint(0, Lx + 1, (B,), generator=g) if masked else None
+    yl = torch.randint(0, Ly + 1, (B,), generator=g) if masked else None
+    ox, oy = embedops.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    rx, ry = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)[:2]
+    assert not ox.isnan().any() and not oy.isnan().any()
+    torch.testing.assert_close(ox, rx, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(oy, ry, atol=1e-9, rtol=1e-9)
+
+
+@given(B=st.integers(1, 2), Lq=st.integers(1, 20), Hkv=st.integers(1, 2), group=st.integers(1, 2),
+       D=st.integers(1, 16), Dv=st.integers(1, 12), data=st.data(), per_head=st.booleans(), seed=st.integers(0, 2**31))
+def test_mixture_attention_property(B, Lq, Hkv, group, D, Dv, data, per_head, seed):
+    M = data.draw(st.integers(1, 3))
+    seg = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 25), min_size=M, max_size=M), min_size=B, max_size=B)))
+    Lk = max(1, int(seg.sum(1).max())) + data.draw(st.integers(0, 3))
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Lk, Hkv, Dv, generator=g, dtype=torch.float64)
+    w = torch.rand((B, Lq, Hq, M) if per_head else (B, Lq, M), generator=g, dtype=torch.float64)
+    out = embedops.mixture_attention(q, k, v, seg, w)
+    ref = reference.mixture_attention(q, k, v, seg, w)[0]
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+
+
+@given(B=st.integers(1, 4), N=st.integers(1, 400), D=st.integers(2, 48), data=st.data(),
+       metric=st.sampled_from(["cosine", "dot"]), seed=st.integers(0, 2**31))
+def test_matryoshka_funnel_property(B, N, D, data, metric, seed):
+    d1 = data.draw(st.integers(1, D - 1))
+    k1 = data.draw(st.integers(1, N))
+    k = data.draw(st.integers(1, k1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g, dtype=torch.float64)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    values, indices = embedops.matryoshka_funnel(q, x, k, [(d1, k1)], metric=metric)
+    ref_v, ref_i = reference.matryoshka_funnel(q, x, [d1, D], [k1, k], metric=metric)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(values.numpy(), ref_v, atol=1e-9, rtol=1e-9)
