@@ -493,31 +493,9 @@ void mix_backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, c
             }
             for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
               const int64_t kn = std::min(kBlockK, klen - j0);
-              const int64_t lds = padded_len(kn);
-              const T* kptr = k_all + (ks + j0) * ldk;
-              const T* vptr = v_all + (ks + j0) * ldv;
-              gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
-                   P.data(), lds);
-              for (int64_t r = 0; r < qn; ++r) {
-                T* row = P.data() + r * lds;
-                std::fill(row + kn, row + lds, attn::neg_inf<T>());
-                exp_row(row, lds, lrow[r]);
-              }
-              gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), wdo.data(), Dv, P.data(),
-                   lds, T(1), dv.data() + (ks + j0) * Dv, Dv);
-              gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, wdo.data(), Dv,
-                   T(0), dP.data(), lds);
-              for (int64_t r = 0; r < qn; ++r) {
-                const T* p = P.data() + r * lds;
-                T* ds = dP.data() + r * lds;
-                const T dl = delta[r];
-#pragma omp simd
-                for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
-              }
-              gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP.data(), lds,
-                   T(1), dq.data(), D);
-              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP.data(), lds,
-                   T(1), dk.data() + (ks + j0) * D, D);
+              backward_tile(qn, kn, D, Dv, scale, qptr, ldq, k_all + (ks + j0) * ldk, ldk, v_all + (ks + j0) * ldv, ldv,
+                            wdo.data(), Dv, lrow.data(), delta.data(), P.data(), dP.data(), dq.data(),
+                            dk.data() + (ks + j0) * D, dv.data() + (ks + j0) * Dv);
             }
           }
           for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, i0 + r, h), dq.data() + r * D, D, T(1));

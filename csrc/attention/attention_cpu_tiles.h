@@ -242,6 +242,38 @@ T exp_row(T* x, int64_t n, T m) {
   return sum;
 }
 
+// One flash-style backward step on a (qn queries x kn keys) tile, shared by every attention
+// backward: P = exp(scale Q K^T - lse) recomputed (padded columns to lds give 0), then
+//   dV += P^T dO,  dP = dO V^T,  dS = attn::softmax_grad(P, dP, delta),
+//   dQ += scale dS K,  dK += scale dS^T Q.
+// dq is (qn x D); dk (kn x D) and dv (kn x Dv) point at the tile's first key; P, dP hold qn x lds.
+template <typename T>
+void backward_tile(int64_t qn, int64_t kn, int64_t D, int64_t Dv, T scale, const T* qptr, int64_t ldq,
+                   const T* kptr, int64_t ldk, const T* vptr, int64_t ldv, const T* doptr, int64_t lddo,
+                   const T* lrow, const T* delta, T* P, T* dP, T* dq, T* dk, T* dv) {
+  const int64_t lds = padded_len(kn);
+  gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0), P, lds);
+  for (int64_t r = 0; r < qn; ++r) {  // P = exp(S - lse)
+    T* row = P + r * lds;
+    std::fill(row + kn, row + lds, attn::neg_inf<T>());
+    exp_row(row, lds, lrow[r]);
+  }
+  // dV (kn x Dv) += P^T dO
+  gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P, lds, T(1), dv, Dv);
+  // dP (qn x kn) = dO V^T
+  gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, doptr, lddo, T(0), dP, lds);
+  for (int64_t r = 0; r < qn; ++r) {
+    const T* p = P + r * lds;
+    T* ds = dP + r * lds;
+    const T dl = delta[r];
+#pragma omp simd
+    for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
+  }
+  // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
+  gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP, lds, T(1), dq, D);
+  gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP, lds, T(1), dk, D);
+}
+
 // Rows of a (.., L, H, X) tensor as a GEMM operand in the compute type T: the rows themselves
 // (stride ld) when in_t == T, else converted into `buf` (contiguous, ld = cols).
 template <typename T, typename in_t>
