@@ -156,21 +156,7 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
           gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dvx, kn, qn, T(1), vxptr, ldvx, Pc.data(), lds,
                T(1), accc.data() + j0 * Dvx, Dvx);
           // -- row side: the online-softmax update of cross_attention, in place on S
-          for (int64_t r = 0; r < qn; ++r) {
-            T* row = S.data() + r * lds;
-            const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
-            const T alpha = attn::softmax_rescale(m[r], m_new);
-            const T sum = exp_row(row, lds, m_new);
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
-            if (alpha != T(1) && j0 > 0) {
-              T* a = accr.data() + r * Dvy;
-#pragma omp simd
-              for (int64_t d = 0; d < Dvy; ++d) a[d] *= alpha;
-            }
-          }
-          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dvy, qn, kn, T(1), vyptr, ldvy, S.data(), lds,
-               T(1), accr.data(), Dvy);
+          forward_tile_update(qn, kn, Dvy, S.data(), m.data(), l.data(), accr.data(), vyptr, ldvy, j0 == 0);
         }
         for (int64_t r = 0; r < qn; ++r) {
           store_row(OX.at(b, i0 + r, h), accr.data() + r * Dvy, Dvy, attn::softmax_inv_denominator(l[r]));
@@ -409,22 +395,7 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
           const T* vptr = tile(V.at(b, ks + j0, hk), V.sl, kn, Dv, vbuf.data(), &ldv);
           gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
                S.data(), lds);
-          for (int64_t r = 0; r < qn; ++r) {
-            T* row = S.data() + r * lds;
-            std::fill(row + kn, row + lds, attn::neg_inf<T>());
-            const T m_new = attn::softmax_new_max(mx[r], row_max(row, lds));
-            const T alpha = attn::softmax_rescale(mx[r], m_new);
-            const T sum = exp_row(row, lds, m_new);
-            l[r] = l[r] * alpha + sum;
-            mx[r] = m_new;
-            if (alpha != T(1) && j0 > 0) {
-              T* a = acc.data() + r * Dv;
-#pragma omp simd
-              for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
-            }
-          }
-          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), lds, T(1),
-               acc.data(), Dv);
+          forward_tile_update(qn, kn, Dv, S.data(), mx.data(), l.data(), acc.data(), vptr, ldv, j0 == 0);
         }
         for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
           const T inv = attn::softmax_inv_denominator(l[r]);

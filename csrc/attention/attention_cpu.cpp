@@ -78,23 +78,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
         // S (qn x kn, row-major) = scale * Q K^T
         gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0),
              S.data(), lds);
-        for (int64_t r = 0; r < qn; ++r) {
-          T* row = S.data() + r * lds;
-          std::fill(row + kn, row + lds, attn::neg_inf<T>());  // vector-width padding: exp -> 0
-          const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
-          const T alpha = attn::softmax_rescale(m[r], m_new);
-          const T sum = exp_row(row, lds, m_new);
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-          if (alpha != T(1) && j0 > 0) {  // (before the first key tile acc is still 0)
-            T* a = acc.data() + r * Dv;
-#pragma omp simd
-            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
-          }
-        }
-        // acc (qn x Dv) += P V
-        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S.data(), lds, T(1),
-             acc.data(), Dv);
+        forward_tile_update(qn, kn, Dv, S.data(), m.data(), l.data(), acc.data(), vptr, ldv, j0 == 0);
       }
       for (int64_t r = 0; r < qn; ++r) {
         store_row(O.at(b, tok0 + r, h), acc.data() + r * Dv, Dv, attn::softmax_inv_denominator(l[r]));

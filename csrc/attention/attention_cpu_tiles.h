@@ -242,6 +242,32 @@ T exp_row(T* x, int64_t n, T m) {
   return sum;
 }
 
+// One forward step of the online softmax on a (qn x kn) score tile S (row-major, leading dim
+// lds = padded_len(kn), scaled scores in columns [0, kn)): per row, the running max m and sum l
+// are updated (attention.h), S becomes P = exp(S - m_new), acc (qn x Dv) is rescaled (unless this
+// is the first key tile) and acc += P V. v is (kn x Dv) with leading dim ldv.
+template <typename T>
+void forward_tile_update(int64_t qn, int64_t kn, int64_t Dv, T* S, T* m, T* l, T* acc, const T* vptr, int64_t ldv,
+                         bool first_tile) {
+  const int64_t lds = padded_len(kn);
+  for (int64_t r = 0; r < qn; ++r) {
+    T* row = S + r * lds;
+    std::fill(row + kn, row + lds, attn::neg_inf<T>());  // vector-width padding: exp -> 0
+    const T m_new = attn::softmax_new_max(m[r], row_max(row, lds));
+    const T alpha = attn::softmax_rescale(m[r], m_new);
+    const T sum = exp_row(row, lds, m_new);
+    l[r] = l[r] * alpha + sum;
+    m[r] = m_new;
+    if (alpha != T(1) && !first_tile) {  // (before the first key tile acc is still 0)
+      T* a = acc + r * Dv;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+    }
+  }
+  // acc (qn x Dv) += P V
+  gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, Dv, qn, kn, T(1), vptr, ldv, S, lds, T(1), acc, Dv);
+}
+
 // One flash-style backward step on a (qn queries x kn keys) tile, shared by every attention
 // backward: P = exp(scale Q K^T - lse) recomputed (padded columns to lds give 0), then
 //   dV += P^T dO,  dP = dO V^T,  dS = attn::softmax_grad(P, dP, delta),
