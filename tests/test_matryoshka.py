@@ -73,7 +73,7 @@ def test_similarity_matches_reference(device, dtype, metric):
         assert torch.all(out[0, 1, :] == 0)
 
 
-@pytest.mark.parametrize("B,N,D,dims", [(1, 1, 1, [1]), (1, 7, 13, [3, 13]), (70, 301, 9, [2, 3, 8]),
+@pytest.mark.parametrize("B,N,D,dims", [(1, 1, 1, [1]), (1, 7, 13, [3, 13]), (70, 301, 9, [2, 3, 8]), (29, 600, 50, [1, 17, 33, 50]),
                                        (3, 5000, 24, [24])])
 def test_similarity_odd_sizes(device, B, N, D, dims):
     q, x = make(B, N, D, torch.float32, device)

@@ -1,10 +1,12 @@
 // matryoshka_similarity and matryoshka_inv_norms on CPU.
 //
-// similarity: the corpus is streamed in row tiles (parallel over tiles). Per tile, the raw dot
-// products of every query with every row are accumulated segment by segment
-// (R += Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T, ATen BLAS), and after segment p the tile's scores
-// at prefix d_p are written out (scaled by the per-prefix inverse norms for cosine). The GEMM work
-// is that of ONE full-dims.back() GEMM, whatever the number of prefixes.
+// similarity: the corpus is streamed in row tiles, handed to the threads dynamically. The GEMM
+// work is that of ONE full-dims.back() GEMM, whatever the number of prefixes:
+//   - float32 scores (float32/float16/bfloat16 inputs): each tile is packed into d-major panels
+//     and run through the register-blocked prefix micro kernel (prefix_gemm.h), which writes the
+//     scores at every prefix from the same accumulators (cosine: times both inverse norms);
+//   - float64: the raw dot products are accumulated segment by segment with ATen BLAS
+//     (R += Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T) and written after each segment.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,10 +17,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "common/dispatch.h"
+#include "common/memory.h"
 #include "matryoshka/cpu_kernels.h"
 #include "matryoshka/matryoshka.h"
+#include "matryoshka/prefix_gemm.h"
 #include "matryoshka/topk.h"
 
 namespace embedops {
@@ -27,6 +32,74 @@ namespace {
 int64_t gemm_tile_rows(int64_t B) {
   const int64_t t = (65536 / std::max<int64_t>(B, 1) + 63) / 64 * 64;
   return std::clamp<int64_t>(t, 256, 4096);
+}
+
+// float32 scores through the prefix micro kernel. q_acc: (B, D) float32 contiguous.
+template <typename scalar_t>
+void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const MatryoshkaShape& s, at::Tensor& out) {
+  using mat::kMR;
+  using mat::kNR;
+  const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
+  const int64_t dmax = s.dims.back();
+  const float* q = q_acc.const_data_ptr<float>();
+  const int64_t D = q_acc.size(1);
+  std::vector<float> qinv(P * B);
+  mat::prefix_inv_norms(q, D, B, s.dims, qinv.data(), B);
+  const int64_t nqp = (B + kMR - 1) / kMR;
+  std::vector<float> qp(static_cast<size_t>(nqp * dmax * kMR));
+  for (int64_t i = 0; i < nqp; ++i) {
+    mat::pack_query_panel(q + i * kMR * D, D, std::min<int64_t>(kMR, B - i * kMR), dmax, qp.data() + i * dmax * kMR);
+  }
+  float* o = out.data_ptr<float>();
+  constexpr int64_t kPanels = 8;  // a tile of 256 rows: 8 packed panels (dmax=768: 768 KB, in L2)
+  constexpr int64_t T = kPanels * kNR;
+  const int64_t ntiles = (N + T - 1) / T;
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    mat::TileRows<scalar_t, float> tiles{x.const_data_ptr<scalar_t>(), x.stride(0), dmax, {}};
+    std::vector<float> xp(static_cast<size_t>(kPanels * dmax * kNR));
+    std::vector<float> xinv(static_cast<size_t>(kPanels * P * kNR));
+    for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      const int64_t npanels = (nt + kNR - 1) / kNR;
+      int64_t ld = 0;
+      const float* rows = tiles.load(n0, nt, ld);
+      for (int64_t j = 0; j < npanels; ++j) {
+        float* xpj = xp.data() + j * dmax * kNR;
+        mat::pack_corpus_panel(rows + j * kNR * ld, ld, std::min<int64_t>(kNR, nt - j * kNR), dmax, xpj);
+        if (s.cosine) mat::panel_inv_norms(xpj, s.dims.data(), P, xinv.data() + j * P * kNR);
+      }
+      for (int64_t i = 0; i < nqp; ++i) {
+        const int64_t b0 = i * kMR, mr = std::min<int64_t>(kMR, B - b0);
+        for (int64_t j = 0; j < npanels; ++j) {
+          const int64_t c0 = n0 + j * kNR, nc = std::min<int64_t>(kNR, N - c0);
+          const float* inv = xinv.data() + j * P * kNR;
+          mat::prefix_micro_tile(qp.data() + i * dmax * kMR, xp.data() + j * dmax * kNR, s.dims.data(), P,
+                                 [&](int64_t p, const mat::vf (&acc)[kMR][2]) {
+                                   for (int64_t r = 0; r < mr; ++r) {
+                                     mat::vf v0 = acc[r][0], v1 = acc[r][1];
+                                     if (s.cosine) {
+                                       const float iq = qinv[p * B + b0 + r];
+                                       v0 = mat::cosine16(v0, iq, mat::loadu(inv + p * kNR));
+                                       v1 = mat::cosine16(v1, iq, mat::loadu(inv + p * kNR + mat::kVec));
+                                     }
+                                     float* dst = o + (p * B + b0 + r) * N + c0;
+                                     if (nc == kNR) {
+                                       mat::storeu(dst, v0);
+                                       mat::storeu(dst + mat::kVec, v1);
+                                     } else {
+                                       float buf[kNR];
+                                       mat::storeu(buf, v0);
+                                       mat::storeu(buf + mat::kVec, v1);
+                                       std::copy(buf, buf + nc, dst);
+                                     }
+                                   }
+                                 });
+        }
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -87,10 +160,16 @@ at::Tensor matryoshka_similarity_cpu(const at::Tensor& queries, const at::Tensor
   const int64_t P = static_cast<int64_t>(s.dims.size());
   at::Tensor out = at::empty({P, s.B, s.N}, queries.options().dtype(acc));
   if (s.B == 0 || s.N == 0) return out;
+  advise_huge_pages(out);
   const at::Tensor q = queries.to(acc).contiguous();
   const at::Tensor x = rows_unit_stride(corpus);
-  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_similarity_cpu",
-                             [&] { similarity_kernel<scalar_t>(q, x, s, out); });
+  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_similarity_cpu", [&] {
+    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      similarity_packed<scalar_t>(q, x, s, out);
+    } else {
+      similarity_kernel<scalar_t>(q, x, s, out);
+    }
+  });
   return out;
 }
 

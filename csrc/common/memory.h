@@ -1,0 +1,32 @@
+#pragma once
+// Fresh large outputs. glibc serves an allocation above its mmap threshold (at most 32 MB) with a
+// new mapping, so an op that returns a large tensor page-faults all of it in 4 KB pages on every
+// call (measured here: ~0.3-0.7 ms per MB, more than writing the data). Asking for transparent
+// huge pages on the tensor's 2 MB-aligned interior before the kernel first touches it makes
+// those faults several times cheaper. Advice only: the data and the result never change.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace embedops {
+
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (!t.is_cpu() || bytes < 4 * kHuge) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (a + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (a + bytes) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+}  // namespace embedops

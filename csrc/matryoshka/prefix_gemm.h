@@ -1,0 +1,148 @@
+#pragma once
+// A register-blocked float32 GEMM for prefix scores: S = Q X^T accumulated over d in [0, dmax)
+// with the accumulators checkpointed at every prefix boundary d = dims[p]. Every prefix's scores
+// come out of ONE pass over a corpus tile and the partial sums never leave registers between
+// prefixes (a per-segment BLAS call re-reads and re-writes the score tile once per segment, and
+// runs at short, inefficient K).
+//
+// Layout (both operands d-major, so the inner loop is one broadcast and two vector loads per d):
+//   queries: panels of kMR rows, qp[d * kMR + i] = q[b0 + i][d] (rows past B are zero);
+//   corpus:  panels of kNR rows, xp[d * kNR + r] = x[n0 + r][d] (rows past N are zero), packed
+//            with an in-register 16x16 transpose.
+// A micro tile is kMR queries x kNR rows: 2 * kMR vector accumulators.
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "matryoshka/cpu_kernels.h"
+#include "matryoshka/topk.h"
+
+namespace embedops {
+namespace mat {
+
+using vf = simd_t<float>;
+constexpr int kVec = kLanes<float>;  // 16
+constexpr int kNR = 2 * kVec;        // corpus rows per panel
+#if defined(__AVX512F__)
+constexpr int kMR = 12;  // 24 accumulators + 2 corpus vectors + 1 broadcast of 32 zmm registers
+#else
+constexpr int kMR = 2;  // a 64-byte vector is two ymm registers: keep within 16 of them
+#endif
+
+// --- 16 x 16 transpose, in four butterfly stages ------------------------------------------
+// Stage b pairs rows i and i + b (i & b == 0) and swaps their off-diagonal b-wide blocks:
+//   lo[t] = t % 2b < b ? v_i[t] : v_{i+b}[t - b]      hi[t] = t % 2b < b ? v_i[t + b] : v_{i+b}[t]
+template <int b, int... T>
+inline vf butterfly_lo(vf x, vf y, std::integer_sequence<int, T...>) {
+  return __builtin_shufflevector(x, y, ((T % (2 * b)) < b ? T : kVec + T - b)...);
+}
+template <int b, int... T>
+inline vf butterfly_hi(vf x, vf y, std::integer_sequence<int, T...>) {
+  return __builtin_shufflevector(x, y, ((T % (2 * b)) < b ? T + b : kVec + T)...);
+}
+template <int b>
+inline void butterfly_stage(vf* v) {
+  using Seq = std::make_integer_sequence<int, kVec>;
+#pragma GCC unroll 16
+  for (int i = 0; i < kVec; ++i) {
+    if (i & b) continue;
+    const vf lo = butterfly_lo<b>(v[i], v[i + b], Seq{});
+    const vf hi = butterfly_hi<b>(v[i], v[i + b], Seq{});
+    v[i] = lo;
+    v[i + b] = hi;
+  }
+}
+// v[r][c] -> v[c][r]
+inline void transpose16(vf* v) {
+  butterfly_stage<8>(v);
+  butterfly_stage<4>(v);
+  butterfly_stage<2>(v);
+  butterfly_stage<1>(v);
+}
+
+// Loads x[0:n] (n <= 16) into a vector, zeros past n; never reads past x[n - 1].
+inline vf load_partial(const float* x, int64_t n) {
+  if (n >= kVec) return loadu(x);
+  vf v = {};
+  if (n > 0) std::memcpy(&v, x, static_cast<size_t>(n) * sizeof(float));
+  return v;
+}
+
+inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Packs rows [0, nr) (nr <= kNR) of `rows` (row stride ld) into the corpus panel xp (dmax x kNR);
+// rows nr..kNR-1 are zero.
+inline void pack_corpus_panel(const float* rows, int64_t ld, int64_t nr, int64_t dmax, float* __restrict__ xp) {
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r0 = half * kVec;
+    for (int64_t d0 = 0; d0 < dmax; d0 += kVec) {
+      const int64_t w = std::min<int64_t>(kVec, dmax - d0);
+      vf v[kVec];
+      for (int r = 0; r < kVec; ++r) v[r] = r0 + r < nr ? load_partial(rows + (r0 + r) * ld + d0, w) : vf{};
+      transpose16(v);
+      for (int64_t t = 0; t < w; ++t) storeu(xp + (d0 + t) * kNR + r0, v[t]);
+    }
+  }
+}
+
+// Packs queries [0, mr) (mr <= kMR) of q (row stride ldq) into the query panel qp (dmax x kMR).
+inline void pack_query_panel(const float* q, int64_t ldq, int64_t mr, int64_t dmax, float* __restrict__ qp) {
+  for (int64_t d = 0; d < dmax; ++d) {
+    for (int i = 0; i < kMR; ++i) qp[d * kMR + i] = i < mr ? q[i * ldq + d] : 0.f;
+  }
+}
+
+// Per-prefix inverse norms of a packed corpus panel: inv[p * kNR + r] = inv_norm(||x_r[:dims[p]]||).
+inline void panel_inv_norms(const float* __restrict__ xp, const int64_t* dims, int64_t P, float* __restrict__ inv) {
+  vf sq0 = {}, sq1 = {};
+  int64_t d = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    for (; d < dims[p]; ++d) {
+      const vf a = loadu(xp + d * kNR), b = loadu(xp + d * kNR + kVec);
+      sq0 += a * a;
+      sq1 += b * b;
+    }
+    for (int r = 0; r < kVec; ++r) {
+      inv[p * kNR + r] = inv_norm_from_sq(sq0[r]);
+      inv[p * kNR + kVec + r] = inv_norm_from_sq(sq1[r]);
+    }
+  }
+}
+
+// The micro kernel: accumulates one query panel against one corpus panel over d in [0, dims[P-1])
+// and calls store(p, acc) after each prefix boundary, acc[i][h] holding the dot products of query
+// i with rows h*16 .. h*16+15 at prefix dims[p].
+template <typename Store>
+inline void prefix_micro_tile(const float* __restrict__ qp, const float* __restrict__ xp, const int64_t* dims,
+                              int64_t P, Store&& store) {
+  vf acc[kMR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = vf{};
+  int64_t d = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = dims[p];
+    for (; d < e; ++d) {
+      const vf x0 = loadu(xp + d * kNR), x1 = loadu(xp + d * kNR + kVec);
+      const float* qd = qp + d * kMR;
+#pragma GCC unroll 12
+      for (int i = 0; i < kMR; ++i) {
+        const float s = qd[i];
+        acc[i][0] += s * x0;
+        acc[i][1] += s * x1;
+      }
+    }
+    store(p, acc);
+  }
+}
+
+// Cosine of 16 lanes at one prefix: dot * inv_q * inv_x, 0 where either prefix is zero
+// (cosine_from_dot's rule, lane by lane).
+inline vf cosine16(vf dot, float inv_q, vf inv_x) {
+  if (inv_q == 0.f) return vf{};
+  const vf r = dot * inv_q * inv_x;
+  return inv_x != 0.f ? r : vf{};
+}
+
+}  // namespace mat
+}  // namespace embedops
