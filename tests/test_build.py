@@ -56,3 +56,21 @@ def test_version_mismatch_message(monkeypatch):
     assert "0.0.0-not-this-torch" in msg and torch.__version__ in msg
     assert "pip install --no-build-isolation" in msg
     importlib.reload(_build_config)
+
+
+def test_advise_huge_pages_is_advice_only():
+    """Huge-page advice (used for index storage and large outputs) never changes data, and is a
+    no-op for small ranges, a null pointer and unaligned ranges."""
+    from embedops import _C
+
+    t = torch.arange(5_000_000, dtype=torch.float32)  # 20 MB, already written
+    before = t.clone()
+    _C.advise_huge_pages(t.data_ptr(), t.nbytes)
+    _C.advise_huge_pages(t.data_ptr() + 4, t.nbytes - 8)  # not 2 MB aligned at either end
+    _C.advise_huge_pages(0, 1 << 30)
+    _C.advise_huge_pages(t.data_ptr(), 16)
+    assert torch.equal(t, before)
+    fresh = torch.empty(5_000_000)
+    _C.advise_huge_pages(fresh.data_ptr(), fresh.nbytes)
+    fresh.copy_(before)  # first touch after the advice
+    assert torch.equal(fresh, before)

@@ -15,18 +15,22 @@
 
 namespace embedops {
 
-inline void advise_huge_pages(const at::Tensor& t) {
+// Host memory [ptr, ptr + bytes); a no-op below 8 MB.
+inline void advise_huge_pages(uintptr_t ptr, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (!t.is_cpu() || bytes < 4 * kHuge) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (a + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (a + bytes) & ~(kHuge - 1);
+  if (ptr == 0 || bytes < 4 * kHuge) return;
+  const uintptr_t b = (ptr + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (ptr + bytes) & ~(kHuge - 1);
   if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
 #else
-  (void)t;
+  (void)ptr;
+  (void)bytes;
 #endif
+}
+
+inline void advise_huge_pages(const at::Tensor& t) {
+  if (t.is_cpu()) advise_huge_pages(reinterpret_cast<uintptr_t>(t.data_ptr()), t.nbytes());
 }
 
 }  // namespace embedops

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._load import _C
 from ._utils import _WITH_CUDA, check_int, to_tensor
 from .matryoshka import _check_dims, _check_metric, _funnel_plan
 
@@ -132,6 +133,8 @@ class MatryoshkaIndex:
             grown = []
             for blk in self._blocks:
                 g = torch.empty((cap, blk.shape[1]), dtype=self.dtype, device=self.device)
+                if g.device.type == "cpu":  # before first touch: the scans stream this memory
+                    _C.advise_huge_pages(g.data_ptr(), g.nbytes)
                 g[: self._n] = blk[: self._n]
                 grown.append(g)
             self._blocks = grown
