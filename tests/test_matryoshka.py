@@ -143,7 +143,8 @@ def test_topk_matches_reference(device, dtype, metric, B):
 
 
 @pytest.mark.parametrize("B,N,D,k,dims", [(1, 1, 1, 1, [1]), (2, 5, 13, 5, [4, 13]), (5, 10, 8, 10, [8]),
-                                          (12, 4097, 9, 1, [2, 9]), (1, 4097, 9, 300, [9]), (6, 3, 3, 0, [3])])
+                                          (12, 4097, 9, 1, [2, 9]), (1, 4097, 9, 300, [9]), (6, 3, 3, 0, [3]),
+                                          (29, 1000, 50, 7, [3, 17, 50])])
 def test_topk_odd_sizes(device, B, N, D, k, dims):
     q, x = make(B, N, D, torch.float32, device)
     for metric in METRICS:

@@ -11,6 +11,7 @@
 //            with an in-register 16x16 transpose.
 // A micro tile is kMR queries x kNR rows: 2 * kMR vector accumulators.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -71,17 +72,20 @@ inline vf load_partial(const float* x, int64_t n) {
 
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Packs rows [0, nr) (nr <= kNR) of `rows` (row stride ld) into the corpus panel xp (dmax x kNR);
-// rows nr..kNR-1 are zero.
-inline void pack_corpus_panel(const float* rows, int64_t ld, int64_t nr, int64_t dmax, float* __restrict__ xp) {
+// Packs columns [c_lo, c_hi) of rows [0, nr) (nr <= kNR) of `rows` (row stride ld) into rows
+// d_off .. d_off + (c_hi - c_lo) of the corpus panel xp (d-major, kNR wide); rows nr..kNR-1 are
+// zero. A corpus stored as column blocks packs block by block into one panel.
+inline void pack_corpus_panel(const float* rows, int64_t ld, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d_off,
+                              float* __restrict__ xp) {
   for (int half = 0; half < 2; ++half) {
     const int64_t r0 = half * kVec;
-    for (int64_t d0 = 0; d0 < dmax; d0 += kVec) {
-      const int64_t w = std::min<int64_t>(kVec, dmax - d0);
+    for (int64_t c0 = c_lo; c0 < c_hi; c0 += kVec) {
+      const int64_t w = std::min<int64_t>(kVec, c_hi - c0);
       vf v[kVec];
-      for (int r = 0; r < kVec; ++r) v[r] = r0 + r < nr ? load_partial(rows + (r0 + r) * ld + d0, w) : vf{};
+      for (int r = 0; r < kVec; ++r) v[r] = r0 + r < nr ? load_partial(rows + (r0 + r) * ld + c0, w) : vf{};
       transpose16(v);
-      for (int64_t t = 0; t < w; ++t) storeu(xp + (d0 + t) * kNR + r0, v[t]);
+      float* dst = xp + (d_off + c0 - c_lo) * kNR + r0;
+      for (int64_t t = 0; t < w; ++t) storeu(dst + t * kNR, v[t]);
     }
   }
 }
@@ -142,6 +146,18 @@ inline vf cosine16(vf dot, float inv_q, vf inv_x) {
   if (inv_q == 0.f) return vf{};
   const vf r = dot * inv_q * inv_x;
   return inv_x != 0.f ? r : vf{};
+}
+
+// True if some lane is not below thr (v >= thr, or either is NaN): the lanes that threshold-first
+// admission must look at. Almost always false once a top-k heap is full.
+inline bool any_not_below(vf v, float thr) {
+  typedef int32_t vi __attribute__((vector_size(64)));
+  const vi m = ~(v < thr);
+  int32_t lanes[kVec];
+  std::memcpy(lanes, &m, sizeof(m));
+  int32_t any = 0;
+  for (int i = 0; i < kVec; ++i) any |= lanes[i];
+  return any != 0;
 }
 
 }  // namespace mat

@@ -67,7 +67,7 @@ void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const Matry
       const float* rows = tiles.load(n0, nt, ld);
       for (int64_t j = 0; j < npanels; ++j) {
         float* xpj = xp.data() + j * dmax * kNR;
-        mat::pack_corpus_panel(rows + j * kNR * ld, ld, std::min<int64_t>(kNR, nt - j * kNR), dmax, xpj);
+        mat::pack_corpus_panel(rows + j * kNR * ld, ld, std::min<int64_t>(kNR, nt - j * kNR), 0, dmax, 0, xpj);
         if (s.cosine) mat::panel_inv_norms(xpj, s.dims.data(), P, xinv.data() + j * P * kNR);
       }
       for (int64_t i = 0; i < nqp; ++i) {

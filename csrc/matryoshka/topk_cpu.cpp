@@ -4,7 +4,12 @@
 // thread). Per tile the raw dot products are accumulated segment by segment (prefix d_{p-1}..d_p):
 //   - B <= 4 (GEMV-shaped): one fused pass per row computes the dots of every query and the row's
 //     sums of squares for every prefix (vectorised lanes), no score matrix at all;
-//   - B > 4: R(B x T) += Q_seg X_seg^T with ATen BLAS, one GEMM per segment.
+//   - B > 4, float32 scores: the tile is packed into d-major panels and run through the prefix
+//     micro kernel (prefix_gemm.h); at each prefix boundary the scores go straight from the
+//     accumulators to admission (one vector compare per 16 scores against the heap's worst
+//     entry), no score tile at all;
+//   - otherwise (B > 4 in float64, or B <= 4 with the dot metric / given norms):
+//     R(B x T) += Q_seg X_seg^T (ATen BLAS, or a 4-row GEMV kernel for B = 1), one per segment.
 // After segment p each score goes through threshold-first admission into the thread's top-k heap
 // of (p, query): one compare against the heap's worst entry rejects almost every candidate.
 // At the end the per-thread heaps are merged per (p, query) by the total order of topk.h
@@ -26,11 +31,13 @@
 #include <atomic>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "matryoshka/cpu_kernels.h"
 #include "matryoshka/matryoshka.h"
+#include "matryoshka/prefix_gemm.h"
 #include "matryoshka/topk.h"
 
 namespace embedops {
@@ -144,6 +151,63 @@ void direct_tile(const std::vector<const acc_t*>& rows, const std::vector<int64_
   }
 }
 
+// One tile of rows [n0, n0 + nt) (nt <= 8 * kNR) on the packed path: pack every block's columns
+// below dims.back() into d-major panels, then per (query panel, row panel) the prefix micro
+// kernel hands each prefix's scores straight to admission.
+template <typename scalar_t>
+void packed_tile(const BlockTiles<scalar_t, float>& tiles, const Blocks<scalar_t>& bl, int64_t nt, int64_t n0,
+                 const MatryoshkaShape& s, const float* qp, int64_t nqp, const float* qinv, const float* given_inv,
+                 float* xp, float* xinv, float* hs, int64_t* hi, int64_t k) {
+  using mat::kMR;
+  using mat::kNR;
+  using mat::kVec;
+  const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size()), dmax = s.dims.back();
+  const int64_t npanels = (nt + kNR - 1) / kNR;
+  for (int64_t j = 0; j < npanels; ++j) {
+    float* xpj = xp + j * dmax * kNR;
+    const int64_t nr = std::min<int64_t>(kNR, nt - j * kNR);
+    for (size_t i = 0; i < bl.ptr.size(); ++i) {
+      const int64_t w = std::min(dmax, bl.c1[i]) - bl.c0[i];
+      if (w > 0) mat::pack_corpus_panel(tiles.rows[i] + j * kNR * tiles.ld[i], tiles.ld[i], nr, 0, w, bl.c0[i], xpj);
+    }
+    if (s.cosine && given_inv == nullptr) mat::panel_inv_norms(xpj, s.dims.data(), P, xinv + j * P * kNR);
+  }
+  for (int64_t i = 0; i < nqp; ++i) {
+    const int64_t b0 = i * kMR, mr = std::min<int64_t>(kMR, B - b0);
+    for (int64_t j = 0; j < npanels; ++j) {
+      const int64_t c0 = n0 + j * kNR, nc = std::min<int64_t>(kNR, nt - j * kNR);
+      mat::prefix_micro_tile(qp + i * dmax * kMR, xp + j * dmax * kNR, s.dims.data(), P,
+                             [&](int64_t p, const mat::vf (&acc)[kMR][2]) {
+                               mat::vf ix0 = {}, ix1 = {};
+                               if (s.cosine) {
+                                 if (given_inv) {
+                                   const float* g = given_inv + p * N + c0;
+                                   ix0 = mat::load_partial(g, nc);
+                                   ix1 = mat::load_partial(g + kVec, nc - kVec);
+                                 } else {
+                                   ix0 = mat::loadu(xinv + (j * P + p) * kNR);
+                                   ix1 = mat::loadu(xinv + (j * P + p) * kNR + kVec);
+                                 }
+                               }
+                               for (int64_t r = 0; r < mr; ++r) {
+                                 const int64_t pb = p * B + b0 + r;
+                                 mat::vf v0 = acc[r][0], v1 = acc[r][1];
+                                 if (s.cosine) {
+                                   v0 = mat::cosine16(v0, qinv[pb], ix0);
+                                   v1 = mat::cosine16(v1, qinv[pb], ix1);
+                                 }
+                                 float* h = hs + pb * k;
+                                 if (!mat::any_not_below(v0, h[0]) && !mat::any_not_below(v1, h[0])) continue;
+                                 float sc[kNR];
+                                 mat::storeu(sc, v0);
+                                 mat::storeu(sc + kVec, v1);
+                                 admit_row<float>(sc, nc, c0, false, 1.f, nullptr, h, hi + pb * k, k);
+                               }
+                             });
+    }
+  }
+}
+
 template <typename scalar_t>
 void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s, int64_t k,
                  const at::opmath_type<scalar_t>* given_inv, at::Tensor& values, at::Tensor& indices) {
@@ -161,11 +225,25 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
     row_bytes[i] = bl.ld[i] * static_cast<int64_t>(sizeof(scalar_t)) >= 2 * bytes + 256 ? bytes : 0;
   }
   // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
-  // row; otherwise (dot metric, or norms given) BLAS streams the tile at full bandwidth.
-  // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
   // row; otherwise (dot metric, or norms given) BLAS streams the tile (faster than our loops).
   const bool direct = B <= kDirectMaxB && s.cosine && given_inv == nullptr;
-  const int64_t T = direct ? 2048 : std::clamp<int64_t>((65536 / B + 63) / 64 * 64, 256, 16384);
+  constexpr bool kFloatScores = std::is_same_v<acc_t, float>;
+  const bool packed = kFloatScores && B > kDirectMaxB;
+  constexpr int64_t kPanels = 8;
+  const int64_t T = direct   ? 2048
+                    : packed ? kPanels * mat::kNR
+                             : std::clamp<int64_t>((65536 / B + 63) / 64 * 64, 256, 16384);
+  std::vector<float> qp;  // packed query panels (packed path)
+  const int64_t nqp = (B + mat::kMR - 1) / mat::kMR;
+  if constexpr (kFloatScores) {
+    if (packed) {
+      qp.resize(static_cast<size_t>(nqp * dmax * mat::kMR));
+      for (int64_t i = 0; i < nqp; ++i) {
+        mat::pack_query_panel(q + i * mat::kMR * D, D, std::min<int64_t>(mat::kMR, B - i * mat::kMR), dmax,
+                              qp.data() + i * dmax * mat::kMR);
+      }
+    }
+  }
   const int64_t ntiles = (N + T - 1) / T;
   const int64_t nthreads = std::max(1, at::get_num_threads());
   std::vector<Heaps<acc_t>> heaps(nthreads);
@@ -187,7 +265,11 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
     BlockTiles<scalar_t, acc_t> tiles(bl, dmax);
     at::Tensor R;
     std::vector<acc_t> xinv;
-    if (!direct) {
+    std::vector<float> xp;
+    if (packed) {
+      xp.resize(static_cast<size_t>(kPanels * dmax * mat::kNR));
+      xinv.resize(kPanels * P * mat::kNR);
+    } else if (!direct) {
       R = at::empty({B, T}, acc_opts);
       xinv.resize(P * T);
     }
@@ -209,6 +291,13 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
           default: TORCH_INTERNAL_ASSERT(false);
         }
         continue;
+      }
+      if constexpr (kFloatScores) {
+        if (packed) {
+          packed_tile(tiles, bl, nt, n0, s, qp.data(), nqp, qinv.data(), given_inv, xp.data(), xinv.data(),
+                      h.s.data(), h.id.data(), k);
+          continue;
+        }
       }
       const acc_t* ix_base = nullptr;
       int64_t ix_stride = 0;
