@@ -177,7 +177,7 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @given(
-    B=st.integers(1, 5), N=st.integers(1, 300), D=st.integers(1, 48), data=st.data(),
+    B=st.integers(1, 30), N=st.integers(1, 300), D=st.integers(1, 48), data=st.data(),
     metric=st.sampled_from(["cosine", "dot"]), dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**31), zero_rows=st.booleans(),
 )
