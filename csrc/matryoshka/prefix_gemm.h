@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "matryoshka/cpu_kernels.h"
 #include "matryoshka/topk.h"
@@ -90,11 +91,19 @@ inline void pack_corpus_panel(const float* rows, int64_t ld, int64_t nr, int64_t
   }
 }
 
-// Packs queries [0, mr) (mr <= kMR) of q (row stride ldq) into the query panel qp (dmax x kMR).
-inline void pack_query_panel(const float* q, int64_t ldq, int64_t mr, int64_t dmax, float* __restrict__ qp) {
-  for (int64_t d = 0; d < dmax; ++d) {
-    for (int i = 0; i < kMR; ++i) qp[d * kMR + i] = i < mr ? q[i * ldq + d] : 0.f;
+// Packs the B queries of q (B x ldq) into ceil(B / kMR) query panels of dmax x kMR each, d-major
+// (qp[(i * dmax + d) * kMR + r] = q[i * kMR + r][d], zero past B).
+inline std::vector<float> pack_query_panels(const float* q, int64_t ldq, int64_t B, int64_t dmax) {
+  const int64_t npanels = (B + kMR - 1) / kMR;
+  std::vector<float> qp(static_cast<size_t>(npanels * dmax * kMR));
+  for (int64_t i = 0; i < npanels; ++i) {
+    const int64_t mr = std::min<int64_t>(kMR, B - i * kMR);
+    float* dst = qp.data() + i * dmax * kMR;
+    for (int64_t d = 0; d < dmax; ++d) {
+      for (int r = 0; r < kMR; ++r) dst[d * kMR + r] = r < mr ? q[(i * kMR + r) * ldq + d] : 0.f;
+    }
   }
+  return qp;
 }
 
 // Per-prefix inverse norms of a packed corpus panel: inv[p * kNR + r] = inv_norm(||x_r[:dims[p]]||).

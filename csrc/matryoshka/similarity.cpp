@@ -46,10 +46,7 @@ void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const Matry
   std::vector<float> qinv(P * B);
   mat::prefix_inv_norms(q, D, B, s.dims, qinv.data(), B);
   const int64_t nqp = (B + kMR - 1) / kMR;
-  std::vector<float> qp(static_cast<size_t>(nqp * dmax * kMR));
-  for (int64_t i = 0; i < nqp; ++i) {
-    mat::pack_query_panel(q + i * kMR * D, D, std::min<int64_t>(kMR, B - i * kMR), dmax, qp.data() + i * dmax * kMR);
-  }
+  const std::vector<float> qp = mat::pack_query_panels(q, D, B, dmax);
   float* o = out.data_ptr<float>();
   constexpr int64_t kPanels = 8;  // a tile of 256 rows: 8 packed panels (dmax=768: 768 KB, in L2)
   constexpr int64_t T = kPanels * kNR;

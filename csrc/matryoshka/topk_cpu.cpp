@@ -236,13 +236,7 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   std::vector<float> qp;  // packed query panels (packed path)
   const int64_t nqp = (B + mat::kMR - 1) / mat::kMR;
   if constexpr (kFloatScores) {
-    if (packed) {
-      qp.resize(static_cast<size_t>(nqp * dmax * mat::kMR));
-      for (int64_t i = 0; i < nqp; ++i) {
-        mat::pack_query_panel(q + i * mat::kMR * D, D, std::min<int64_t>(mat::kMR, B - i * mat::kMR), dmax,
-                              qp.data() + i * dmax * mat::kMR);
-      }
-    }
+    if (packed) qp = mat::pack_query_panels(q, D, B, dmax);
   }
   const int64_t ntiles = (N + T - 1) / T;
   const int64_t nthreads = std::max(1, at::get_num_threads());
