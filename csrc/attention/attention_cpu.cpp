@@ -29,6 +29,7 @@
 #include "attention/attention.h"
 #include "attention/attention_cpu_tiles.h"
 #include "common/dispatch.h"
+#include "common/memory.h"
 
 namespace embedops {
 namespace {
@@ -154,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = Dv;
   const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
-  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor out = empty_output(out_shape, q.options());  // long Lq: tens of MB, fresh on every call
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
   if (out.numel() == 0) return {out, lse};
   const Seqs s(desc);
@@ -179,9 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
   const at::Tensor lc = lse.contiguous();
   const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = zeros_output(q.sizes(), q.options());
+  at::Tensor dk = zeros_output(k.sizes(), k.options());
+  at::Tensor dv = zeros_output(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
   const Seqs s(desc);
   const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);

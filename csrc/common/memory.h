@@ -6,6 +6,7 @@
 // those faults several times cheaper. Advice only: the data and the result never change.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 
@@ -31,6 +32,19 @@ inline void advise_huge_pages(uintptr_t ptr, size_t bytes) {
 
 inline void advise_huge_pages(const at::Tensor& t) {
   if (t.is_cpu()) advise_huge_pages(reinterpret_cast<uintptr_t>(t.data_ptr()), t.nbytes());
+}
+
+// at::empty / at::zeros for outputs that may be large: the advice comes before the first touch.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
+}
+
+inline at::Tensor zeros_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = empty_output(sizes, options);
+  t.zero_();
+  return t;
 }
 
 }  // namespace embedops

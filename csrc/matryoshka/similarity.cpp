@@ -155,9 +155,8 @@ at::Tensor matryoshka_similarity_cpu(const at::Tensor& queries, const at::Tensor
   const MatryoshkaShape s = check_matryoshka_args("matryoshka_similarity", queries, corpus, dims, metric);
   const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
   const int64_t P = static_cast<int64_t>(s.dims.size());
-  at::Tensor out = at::empty({P, s.B, s.N}, queries.options().dtype(acc));
+  at::Tensor out = empty_output({P, s.B, s.N}, queries.options().dtype(acc));
   if (s.B == 0 || s.N == 0) return out;
-  advise_huge_pages(out);
   const at::Tensor q = queries.to(acc).contiguous();
   const at::Tensor x = rows_unit_stride(corpus);
   EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_similarity_cpu", [&] {
