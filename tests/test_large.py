@@ -11,9 +11,9 @@ rather than a compact ``.contiguous()`` copy, which would not exercise the large
 
 Results are compared with the float64 references of ``embedops.reference`` on compact copies of
 the same data. Tests taking ``device`` run the same body on CUDA when a GPU is there; the big
-tensors are then real (zero-filled) device memory, up to ~45 GB per test. ``test_embedding_offsets_beyond_2_31`` hashes 2^31 ids (10-25 s
-on 2 cores): it runs only with EMBEDOPS_LARGE_TESTS=1 (the CI's plain pass sets it) and never
-under the sanitizers.
+tensors are then real (zero-filled) device memory, up to ~50 GB per test.
+``test_embedding_offsets_beyond_2_31`` hashes 2^31 ids (10-25 s on 2 cores): it runs only with
+EMBEDOPS_LARGE_TESTS=1 (the CI's plain pass sets it) and never under the sanitizers.
 """
 
 from __future__ import annotations
