@@ -386,6 +386,14 @@ def test_embedding_max_mode_refuses_more_than_int32_values(lazy):
         embedops.multiplexed_embedding_bag(weight, values, offsets, mode="max")
 
 
+def test_lengths_to_offsets_int32_lengths_summing_past_2_32():
+    """int32 bag lengths whose total passes 2^32 give exact int64 offsets (no int32 running sum)."""
+    lengths = torch.tensor([2**31 - 1, 2**31 - 1, 7, 2**30, 0], dtype=torch.int32)
+    offsets = embedops.lengths_to_offsets(lengths)
+    assert offsets.dtype == torch.int64
+    assert offsets.tolist() == [0, 2**31 - 1, 2**32 - 2, 2**32 + 5, 2**32 + 5 + 2**30, 2**32 + 5 + 2**30]
+
+
 @pytest.mark.skipif(os.environ.get("EMBEDOPS_LARGE_TESTS") != "1" or bool(os.environ.get("EMBEDOPS_SANITIZER")),
                     reason="hashes 2^31 ids (10-25 s on 2 cores): set EMBEDOPS_LARGE_TESTS=1 (not under sanitizers)")
 def test_embedding_offsets_beyond_2_31(lazy):
