@@ -22,6 +22,7 @@
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
 
+#include <limits>
 #include <tuple>
 
 #include "common/checks.h"
@@ -195,6 +196,23 @@ __global__ void psw_grad_kernel(DeviceLayout L, const index_t* __restrict__ vals
   }
 }
 
+// The (row, k) pairs of the sorted-row pass: one per (id, probe) for sum/mean pooling, one per
+// argmax element for max pooling.
+int64_t contribution_count(const BagLayout& L, int64_t num_values) {
+  return L.mode == PoolMode::kMax ? L.batch * L.num_blocks * L.dim : num_values * L.max_probes;
+}
+
+// cub::DeviceRunLengthEncode::Encode takes its item count as int (CCCL 3.0): a larger count would
+// be truncated (rows silently dropped from the gradient, or a negative count), so it is refused.
+void check_contribution_count(const char* op, const BagLayout& L, int64_t num_values) {
+  const int64_t K = contribution_count(L, num_values);
+  TORCH_CHECK_VALUE(K <= std::numeric_limits<int>::max(), op, ": on CUDA the gradient reduction handles at most ",
+                    std::numeric_limits<int>::max(), " ",
+                    L.mode == PoolMode::kMax ? "argmax elements (B * Q * D)"
+                                             : "(id, probe) pairs (len(values) * max(num_probes))",
+                    " per call, got ", K, "; split the batch into smaller calls");
+}
+
 at::Tensor temp_bytes(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
 }
@@ -208,7 +226,8 @@ void sorted_row_pass(const BagLayout& L, const DeviceLayout& dl, RowOp op, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool is_max = L.mode == PoolMode::kMax;
   const int64_t n = v.numel();
-  const int64_t K = is_max ? L.batch * L.num_blocks * L.dim : n * L.max_probes;
+  const int64_t K = contribution_count(L, n);
+  TORCH_INTERNAL_ASSERT(K <= std::numeric_limits<int>::max());  // check_contribution_count ran
   if (K == 0) return;
   const at::TensorOptions lopt = v.options().dtype(at::kLong);
   at::Tensor keys = at::empty({K}, lopt), kidx = at::empty({K}, lopt);
@@ -294,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, con
   BagBackwardInputs in =
       prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
   const BagLayout& L = in.L;
+  if (weight_grad) check_contribution_count(op, L, values.numel());
   at::Tensor grad_weight = weight_grad ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
   at::Tensor grad_psw = psw_grad ? at::zeros({values.numel()}, weight.options()) : at::empty({0}, weight.options());
   const int64_t nbags = L.num_features * L.batch;
@@ -332,6 +352,7 @@ void update_cuda(const at::Tensor& weight, const at::Tensor& state, const at::Te
   BagBackwardInputs in =
       prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
   const BagLayout& L = in.L;
+  check_contribution_count(op, L, values.numel());
   const at::ScalarType state_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (opt == Optimizer::kRowwiseAdagrad) {
     TORCH_CHECK_VALUE(state.scalar_type() == state_dtype && state.dim() == 1 && state.size(0) == L.num_rows &&
