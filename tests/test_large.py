@@ -139,7 +139,7 @@ def test_matryoshka_strided_corpus_rows_beyond_2_32(lazy, device, dtype):
     x.copy_(compact)
     dims = [8, 20, 48]
     q2 = torch.randn(2, D, generator=g).to(dtype)   # B <= 4: the fused per-row kernel (CPU)
-    q6 = torch.randn(6, D, generator=g).to(dtype)   # B > 4: BLAS on row tiles
+    q6 = torch.randn(6, D, generator=g).to(dtype)   # B > 4: packed micro kernel (float) / BLAS (float64) on row tiles
     for q in (q2, q6):
         qd = q.to(device)
         assert _copies(lambda: embedops.matryoshka_topk(qd, x, 5, dims), device) == []
