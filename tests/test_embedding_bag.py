@@ -88,6 +88,44 @@ def test_forward_vector_widths(device, dim, mode, dtype):
         torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dim", [16, 64])
+def test_forward_long_bags(device, dim):
+    # bags with more (id, probe) rows than the CPU kernel's hash block (2048) are reduced in chunks
+    probes = [3, 1]
+    g = torch.Generator().manual_seed(dim)
+    lengths = torch.tensor([1500, 0, 3, 2049, 700, 5000, 1, 0])  # F=2 features x B=4 bags
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device)
+    values = torch.randint(-(2**62), 2**62, (int(lengths.sum()),), generator=g).to(device)
+    w = torch.randn(300, dim, generator=g, dtype=torch.float64).float().to(device)
+    psw = torch.rand(values.numel(), generator=g, dtype=torch.float64).float().to(device)
+    for mode, combine in [("sum", "concat"), ("mean", "sum"), ("sum", "mean")]:
+        kw = dict(combine=combine, mode=mode, seed=2)
+        if mode == "sum":
+            kw["per_sample_weights"] = psw
+        out = run(w, values, offsets, probes, **kw)
+        if mode == "sum":
+            kw["per_sample_weights"] = psw.double().cpu()
+        want = ref(w.double().cpu(), values.cpu(), offsets.cpu(), probes, **kw)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_forward_big_output(device):
+    # a >= 16 MB output: the CPU kernel may write it with streaming stores (when its pages are
+    # already mapped, as for memory the allocator reuses: hence several calls)
+    probes = [1] * 64
+    w, v, o, _ = make_bags(probes, 4096, num_rows=1000, dim=16, device=device, seed=5, max_len=2)
+    want = ref(w.double().cpu(), v.cpu(), o.cpu(), probes, seed=6)
+    assert want.numel() * 4 >= 16 << 20
+    first = None
+    for _ in range(3):
+        out = run(w, v, o, probes, seed=6)
+        torch.testing.assert_close(out.double().cpu(), want, **TOL[torch.float32])
+        if first is None:
+            first = out.clone()
+        assert torch.equal(out, first)
+        del out
+
+
 def test_empty_bags_give_zeros_and_empty_batch(device):
     w = torch.randn(10, 4, device=device)
     v = torch.tensor([5, 6], device=device)

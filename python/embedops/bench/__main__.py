@@ -1,4 +1,4 @@
-"""CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--json PATH] [--plot DIR]"""
+"""CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--only I,J] [--json PATH] [--plot DIR]"""
 
 from __future__ import annotations
 
@@ -21,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the results (with date, device, torch, build info) here")
     p.add_argument("--plot", metavar="DIR", help="write one PNG chart of speedups per family here")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--only", metavar="I[,J...]",
+                   help="run only these cases of each family, by 0-based position in its case list")
     args = p.parse_args(argv)
 
+    try:
+        only = [int(i) for i in args.only.split(",")] if args.only else None
+    except ValueError:
+        p.error(f"--only: expected comma-separated case positions like 2,3, got {args.only!r}")
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
         p.error(f"unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
@@ -41,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if module is None:
             print(f"(no benchmarks for {name} yet)", file=sys.stderr)
             continue
-        selected[name] = module.cases(args.device, args.quick)
+        builders = module.cases(args.device, args.quick)
+        if only is not None:
+            builders = [builders[i] for i in only if 0 <= i < len(builders)]
+        selected[name] = builders
     report = run(selected, args.device, args.quick)
     print_table(report)
     if args.json:
