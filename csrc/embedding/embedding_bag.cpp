@@ -30,6 +30,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/memory.h"
 #include "embedding/embedding.h"
 #include "embedding/hashing.h"
 
@@ -646,7 +647,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
                                        per_sample_weights);
   check_offsets_cpu(op, in.offs, values.numel());
   const BagLayout& L = in.L;
-  at::Tensor grad_weight = weight_grad ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  // a dense (R, D) gradient: hundreds of MB, fresh on every call
+  at::Tensor grad_weight = weight_grad ? zeros_output(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
   at::Tensor grad_psw = psw_grad ? at::zeros({values.numel()}, weight.options()) : at::empty({0}, weight.options());
   if (L.batch == 0) return {grad_weight, grad_psw};
   const at::Tensor w = weight.contiguous();
