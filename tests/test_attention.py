@@ -74,6 +74,22 @@ def test_forward_matches_reference(device, dtype, shape):
     torch.testing.assert_close(lse.double()[fin], ref_lse[fin], **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_keys_every_register_block(device, dtype):
+    """Keys <= 128 take the CPU's fused short-key pass (16..128 keys in 1..8 vectors of 16, query rows
+    in register groups of 3..8 with tails, Dv in chunks of 4 vectors + a remainder); 129 keys the
+    tiled path. Per batch key lengths hit every vector count and the exact multiples of 16."""
+    for Lk, lengths in ((128, [128, 16, 1, 17]), (112, [112, 64, 65, 33]), (100, [100, 96, 81, 50]),
+                        (129, [129, 128, 127, 2])):
+        q, k, v, _, _ = _inputs((4, 53, Lk, 4, 2, 20, 80), dtype, device, seed=Lk, lengths=False)
+        kvl = torch.tensor(lengths, device=device)
+        out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, return_lse=True)
+        ref, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kvl)
+        low, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, dtype=dtype)
+        _check_close(out, ref, low, dtype, f"out (Lk={Lk})")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 21, 45, 4, 2, 24, 16), (1, 5, 2300, 2, 1, 8, 8)], ids=["small", "long"])
 def test_backward_matches_reference(device, dtype, shape):
