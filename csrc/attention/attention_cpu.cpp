@@ -312,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
   out_shape.back() = Dv;
   const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
   at::Tensor out = at::empty(out_shape, q.options());
+  advise_huge_pages(out);
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
   if (out.numel() == 0) return {out, lse};
   const Seqs s(desc);
