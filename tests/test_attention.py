@@ -531,12 +531,14 @@ def test_co_attention_non_contiguous_and_deterministic(device):
 
 
 # (B, Lq, Lk, Hq, Hkv, D, Dv, segment lengths per batch): M = 3 with an empty modality and padding,
-# segments crossing the key tiles, M = 1, GQA
+# segments crossing the key tiles / chunks, M = 1, GQA
 MIX_CASES = [
     (2, 9, 1300, 4, 2, 16, 8, [[600, 0, 500], [10, 700, 590]]),
     (1, 77, 300, 2, 2, 24, 24, [[100, 150, 50]]),
     (3, 1, 20, 2, 1, 8, 6, [[20], [0], [7]]),
     (2, 130, 64, 3, 3, 8, 8, [[30, 34], [1, 2]]),
+    # the CPU's short-query pass: two query tiles of 125 (8 vectors), 9 heads in groups with a tail
+    (1, 250, 200, 9, 3, 16, 40, [[70, 0, 130]]),
 ]
 
 
