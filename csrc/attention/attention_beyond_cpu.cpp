@@ -423,99 +423,76 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
                        const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse_t, const MixDesc& md,
                        int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, T scale_t) {
   if constexpr (!std::is_same_v<T, float>) {
-    TORCH_INTERNAL_ASSERT(false, "mix_forward_short: float compute only");
+    TORCH_INTERNAL_ASSERT(false, "mix_forward_short: float compute only");  // (called for float only)
   } else {
-  float* lse = lse_t;
-  const float scale = scale_t;
-  const int64_t M = md.M;
-  const int64_t nqb = (Lq + kShortQMax - 1) / kShortQMax;
-  const int64_t kBlockQ = (Lq + nqb - 1) / nqb;
-  const int64_t group = Hq / Hkv;
-  // heads per task: as many as still leave >= 4 tasks per thread, at most 8
-  int64_t G = 8;
-  while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 4 * at::get_num_threads()) G /= 2;
-  G = std::min(G, Hq);
-  const int64_t ng = (Hq + G - 1) / G;
-  const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
-  auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
-  auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
-  at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(2 * G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
-        out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
-      const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, Lq - i0);
-      const int64_t h0 = hg * G, gn = std::min(G, Hq - h0);
-      short_query_dispatch(qn, [&](auto nqv) {
-        constexpr int NQV = decltype(nqv)::value;
-        constexpr int NB = short_query_nb<NQV>();
-        constexpr int64_t qp = NQV * kVec;
-        for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, i0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
-        std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
-        ShortQState<NQV> state[8];
-        // The chunks of all modalities in order; chunk c's rows sit in kv buffer c % 2. While a head
-        // computes on chunk c, its rows of chunk c + 1 are copied a few at a time (from the
-        // short_query_chunk callback): the loads overlap the FMAs instead of stalling in one burst.
-        auto chunk_after = [&](int64_t m, int64_t j0) {  // the (modality, first key) of the next chunk
-          if (j0 + C < md.len[b * M + m]) return std::pair<int64_t, int64_t>(m, j0 + C);
-          for (++m; m < M && md.len[b * M + m] == 0; ++m) {
-          }
-          return std::pair<int64_t, int64_t>(m, 0);
-        };
-        auto copy_rows = [&](float* buf, int64_t g, int64_t m, int64_t j0, int64_t lo, int64_t hi) {
-          const int64_t hk = (h0 + g) / group, ks = md.start[b * M + m];
-          float* kc = buf + g * C * (D + Dv);
-          for (int64_t j = lo; j < hi; ++j) {
-            copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
-            copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
-          }
-        };
-        auto [cm, cj] = chunk_after(0, -C);  // the first chunk (m == M: no keys at all)
-        if (cm < M) {
-          const int64_t kn = std::min(C, md.len[b * M + cm] - cj);
-          for (int64_t g = 0; g < gn; ++g) copy_rows(kv.data(), g, cm, cj, 0, kn);
-        }
-        int64_t parity = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t klen = md.len[b * M + m];
-          for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
-          for (int64_t j0 = 0; j0 < klen; j0 += C) {
-            const int64_t kn = std::min(C, klen - j0);
-            const auto [nm, nj] = chunk_after(m, j0);
-            const int64_t nkn = nm < M ? std::min(C, md.len[b * M + nm] - nj) : 0;
-            float* cur = kv.data() + parity * G * C * (D + Dv);
-            float* nxt = kv.data() + (1 - parity) * G * C * (D + Dv);
+    float* lse = lse_t;
+    const float scale = scale_t;
+    const int64_t M = md.M;
+    const int64_t nqb = (Lq + kShortQMax - 1) / kShortQMax;
+    const int64_t kBlockQ = (Lq + nqb - 1) / nqb;
+    const int64_t group = Hq / Hkv;
+    // heads per task: as many as still leave >= 4 tasks per thread, at most 8
+    int64_t G = 8;
+    while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 4 * at::get_num_threads()) G /= 2;
+    G = std::min(G, Hq);
+    const int64_t ng = (Hq + G - 1) / G;
+    const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
+    auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
+    auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
+    at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
+          out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
+        const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, Lq - i0);
+        const int64_t h0 = hg * G, gn = std::min(G, Hq - h0);
+        short_query_dispatch(qn, [&](auto nqv) {
+          constexpr int NQV = decltype(nqv)::value;
+          constexpr int NB = short_query_nb<NQV>();
+          constexpr int64_t qp = NQV * kVec;
+          for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, i0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
+          std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
+          ShortQState<NQV> state[8];
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
+            for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
+            for (int64_t j0 = 0; j0 < klen; j0 += C) {
+              const int64_t kn = std::min(C, klen - j0);
+              for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads (adjacent in memory)
+                for (int64_t g = 0; g < gn; ++g) {
+                  const int64_t hk = (h0 + g) / group;
+                  float* kc = kv.data() + g * C * (D + Dv);
+                  copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
+                  copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
+                }
+              }
+              for (int64_t g = 0; g < gn; ++g) {
+                const float* kc = kv.data() + g * C * (D + Dv);
+                short_query_chunk<NQV, NB>(state[g], D, Dv, qt.data() + g * D * qp, kc, kc + C * D, kn, st.data(),
+                                           ot.data() + g * Dv * qp);
+              }
+            }
             for (int64_t g = 0; g < gn; ++g) {
-              const float* kc = cur + g * C * (D + Dv);
-              auto prefetch = [&](int64_t step, int64_t steps) {
-                if (nkn > 0) copy_rows(nxt, g, nm, nj, nkn * step / steps, nkn * (step + 1) / steps);
-              };
-              short_query_chunk<NQV, NB>(state[g], D, Dv, qt.data() + g * D * qp, kc, kc + C * D, kn, st.data(),
-                                         ot.data() + g * Dv * qp, prefetch);
-            }
-            parity = 1 - parity;
-          }
-          for (int64_t g = 0; g < gn; ++g) {
-            const int64_t h = h0 + g;
-            short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
-            for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
-              const float inv = attn::softmax_inv_denominator(l[r]);
-              store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
-              lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
-              const float wm = static_cast<float>(W.at(b, i0 + r, h, m)) * inv;
-              const float* a = acc.data() + r * Dv;
-              float* o = out.data() + (g * qn + r) * Dv;
-#pragma omp simd
-              for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
+              const int64_t h = h0 + g;
+              short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
+              for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
+                const float inv = attn::softmax_inv_denominator(l[r]);
+                store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
+                lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
+                const float wm = static_cast<float>(W.at(b, i0 + r, h, m)) * inv;
+                const float* a = acc.data() + r * Dv;
+                float* o = out.data() + (g * qn + r) * Dv;
+  #pragma omp simd
+                for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
+              }
             }
           }
-        }
-        for (int64_t g = 0; g < gn; ++g)
-          for (int64_t r = 0; r < qn; ++r)
-            store_row(O.at(b, i0 + r, h0 + g), out.data() + (g * qn + r) * Dv, Dv, 1.0f);
-      });
-    }
-  });
+          for (int64_t g = 0; g < gn; ++g)
+            for (int64_t r = 0; r < qn; ++r)
+              store_row(O.at(b, i0 + r, h0 + g), out.data() + (g * qn + r) * Dv, Dv, 1.0f);
+        });
+      }
+    });
   }
 }
 

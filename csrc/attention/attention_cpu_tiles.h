@@ -359,15 +359,11 @@ void short_query_begin(ShortQState<NQV>& s, float* ot, int64_t Dv) {
 // One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) contiguous
 // floats, qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
 // (kShortQChunk x QP) scratch. NB: key rows / output dims per register group (NB x NQV accumulators).
-// prefetch(step, steps) is called once per group of key rows (the caller's memory requests for
-// the next chunk, spread over the compute instead of one burst that stalls on the fill buffers).
-template <int NQV, int NB, typename Prefetch>
+template <int NQV, int NB>
 void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, const float* vc,
-                       int64_t kn, float* st, float* ot, Prefetch&& prefetch) {
+                       int64_t kn, float* st, float* ot) {
   constexpr int64_t QP = NQV * kVec;
-  const int64_t steps = (kn + NB - 1) / NB;
   for (int64_t jb = 0; jb < kn; jb += NB) {  // S^T rows jb..jb+NB (a tail group repeats the last key)
-    prefetch(jb / NB, steps);
     const float* kr[NB];
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t) kr[t] = kc + std::min<int64_t>(jb + t, kn - 1) * D;
