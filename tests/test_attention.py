@@ -76,11 +76,11 @@ def test_forward_matches_reference(device, dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_short_keys_every_register_block(device, dtype):
-    """Keys <= 128 take the CPU's fused short-key pass (16..128 keys in 1..8 vectors of 16, query rows
-    in register groups of 3..8 with tails, Dv in chunks of 4 vectors + a remainder); 129 keys the
-    tiled path. Per batch key lengths hit every vector count and the exact multiples of 16."""
-    for Lk, lengths in ((128, [128, 16, 1, 17]), (112, [112, 64, 65, 33]), (100, [100, 96, 81, 50]),
-                        (129, [129, 128, 127, 2])):
+    """Keys <= 80 take the CPU's fused short-key pass (1..80 keys in 1..5 vectors of 16, query rows
+    in register groups of 5..8 with tails, Dv in chunks of 4 vectors + a remainder); longer ones the
+    tiled path, also within one call. Key lengths hit every vector count and the multiples of 16."""
+    for Lk, lengths in ((80, [80, 16, 1, 17]), (65, [65, 64, 33, 48]), (81, [81, 80, 79, 2]),
+                        (200, [200, 77, 50, 3])):
         q, k, v, _, _ = _inputs((4, 53, Lk, 4, 2, 20, 80), dtype, device, seed=Lk, lengths=False)
         kvl = torch.tensor(lengths, device=device)
         out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, return_lse=True)

@@ -15,7 +15,9 @@
 // mixture_attention: one task per (batch, head, query tile); the M contiguous key segments are
 // visited in order (one pass over the keys), each with its own online-softmax state; at the end of a
 // segment its normalised output is stored (seg_out, used by the backward) and added to the output
-// with the row's weight. Backward: one task per (batch, kv head) like cross_attention's.
+// with the row's weight. A short query side (float compute) runs mix_forward_short instead: per
+// (batch, head group, query tile), transposed scores, no BLAS. Backward: one task per (batch, kv
+// head) like cross_attention's.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

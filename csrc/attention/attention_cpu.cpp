@@ -3,7 +3,8 @@
 // Forward: parallel over (batch, query head, query block). Per query block, key blocks are
 // visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
 // update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
-// never stored; a query block holds one (BQ x BK) tile of it.
+// never stored; a query block holds one (BQ x BK) tile of it. Sequences with at most kMaxShortK
+// valid keys (image->text) take a fused short-key pass instead (no BLAS, see below).
 // Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
 // and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
 // fixed order (deterministic, no atomics). P is recomputed from lse.
@@ -42,8 +43,9 @@ using namespace attn_cpu;  // the shared tile helpers (attention_cpu_tiles.h)
 // of each row is taken in registers (key lanes >= kn masked to -inf), P goes to a small L1 buffer
 // and O = P V is accumulated in registers from the (zero-padded) V rows. No score tile in memory,
 // no per-row scalar loops; the GEMMs of the tiled path are too small here (m ~ 54, k = 64) to
-// run near the machine's rate.
-constexpr int64_t kMaxShortK = 128;
+// run near the machine's rate. Up to 5 key vectors: beyond, the register groups get too short
+// (measured: slower than the tiled path from 96 keys on).
+constexpr int64_t kMaxShortK = 80;
 
 // the 16-lane vectors of the output a PV chunk holds in registers
 constexpr int kChunkV = 4;
@@ -74,8 +76,9 @@ inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float*
     for (int c = 0; c < CH; ++c) store16(obuf + r * ldo + c * kVec, acc[r][c]);
 }
 
-// One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= 16 NV keys: kt (D x 16 NV, pre-scaled K^T),
-// vp (kn x Dvp, Dv padded to a multiple of 16 with zeros). Writes O rows (multiplied by 1/l) and lse.
+// One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= 16 NV keys:
+// kt (D x 16 NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
+// Writes O rows (multiplied by 1/l) and lse.
 template <int NV, int R, typename in_t>
 void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
                      const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
@@ -140,7 +143,8 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
   }
 }
 
-// R query rows per register group: about 24 score accumulators (32 vector registers on AVX-512).
+// R query rows per register group: 16..25 score accumulators, no spills (32 vector registers on
+// AVX-512; measured per width).
 template <typename in_t>
 void short_key_dispatch(int64_t nv, int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
                         const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
@@ -154,10 +158,7 @@ void short_key_dispatch(int64_t nv, int64_t qn, const float* q, int64_t ldq, int
     EMBEDOPS_SHORT_K(2, 8)
     EMBEDOPS_SHORT_K(3, 8)
     EMBEDOPS_SHORT_K(4, 6)
-    EMBEDOPS_SHORT_K(5, 4)
-    EMBEDOPS_SHORT_K(6, 4)
-    EMBEDOPS_SHORT_K(7, 3)
-    EMBEDOPS_SHORT_K(8, 3)
+    EMBEDOPS_SHORT_K(5, 5)
     default: TORCH_INTERNAL_ASSERT(false, "short_key_dispatch: nv out of range");
   }
 #undef EMBEDOPS_SHORT_K
