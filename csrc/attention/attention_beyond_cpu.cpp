@@ -299,6 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_cpu(
   const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
   const auto lse_opts = qx.options().dtype(lse_dtype(qx.scalar_type()));
   at::Tensor ox = at::empty({B, Lx, H, Dvy}, qx.options()), oy = at::empty({B, Ly, H, Dvx}, qx.options());
+  advise_huge_pages(ox);
+  advise_huge_pages(oy);
   at::Tensor lx = at::empty({B, H, Lx}, lse_opts), ly = at::empty({B, H, Ly}, lse_opts);
   if (B * H == 0) return {ox, oy, lx, ly};
   const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
@@ -329,8 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
   check_lse_like(op, "lse_y", lse_y, qx, {B, H, Ly});
   if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, qx, {B, H, Lx});
   if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, qx, {B, H, Ly});
-  at::Tensor dqx = at::zeros(qx.sizes(), qx.options()), dky = at::zeros(ky.sizes(), ky.options());
-  at::Tensor dvx = at::zeros(vx.sizes(), vx.options()), dvy = at::zeros(vy.sizes(), vy.options());
+  at::Tensor dqx = zeros_advised(qx.sizes(), qx.options()), dky = zeros_advised(ky.sizes(), ky.options());
+  at::Tensor dvx = zeros_advised(vx.sizes(), vx.options()), dvy = zeros_advised(vy.sizes(), vy.options());
   if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
   const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
   const at::Tensor oxc = prepare(ox, false), oyc = prepare(oy, false), doxc = prepare(dox, false),
@@ -625,8 +627,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
                    lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({B, Hq, Lq, M}), op, ": lse must have shape ",
                     at::IntArrayRef({B, Hq, Lq, M}), ", got ", lse.sizes());
-  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = zeros_advised(q.sizes(), q.options()), dk = zeros_advised(k.sizes(), k.options());
+  at::Tensor dv = zeros_advised(v.sizes(), v.options());
   at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
   if (dq.numel() > 0 && dv.numel() > 0) {
     const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false),

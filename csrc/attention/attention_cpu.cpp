@@ -338,9 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
   const at::Tensor lc = lse.contiguous();
   const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = zeros_advised(q.sizes(), q.options());
+  at::Tensor dk = zeros_advised(k.sizes(), k.options());
+  at::Tensor dv = zeros_advised(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
   const Seqs s(desc);
   const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);

@@ -5,6 +5,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
@@ -44,6 +45,13 @@ inline void advise_huge_pages(const at::Tensor& t) {
   const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 #endif
+}
+
+// A zero-filled tensor (a gradient) with the same advice taken before the zero fill touches it.
+inline at::Tensor zeros_advised(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  advise_huge_pages(t);
+  return t.zero_();
 }
 
 // ---- GEMM on raw tiles ---------------------------------------------------------------------
