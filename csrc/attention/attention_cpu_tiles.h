@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -37,8 +38,15 @@ namespace attn_cpu {
 // is a third of the image->text forward. Asking for transparent huge pages on the buffer (what
 // c10's allocator does under THP_MEM_ALLOC_ENABLE) makes it one fault per 2 MiB. Only the
 // 2 MiB-aligned interior is advised; a no-op where THP is off or the memory is already mapped.
+// Where the kernel compacts memory on such faults (THP defrag "madvise") a fragmented machine can
+// make them slower instead: EMBEDOPS_ATTN_HUGE_PAGES=0 turns the advice off.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* e = std::getenv("EMBEDOPS_ATTN_HUGE_PAGES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (!enabled) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), n = t.nbytes();
   if (n < 4 * kHuge) return;
