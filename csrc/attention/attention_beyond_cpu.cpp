@@ -436,7 +436,7 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
     const int64_t kBlockQ = (Lq + nqb - 1) / nqb;
     const int64_t group = Hq / Hkv;
     // heads per task: as many as still leave >= 2 tasks per thread, at most 8 (measured: fewer,
-  // more contiguous row reads beat finer load balancing here)
+    // more contiguous row reads beat finer load balancing here)
     int64_t G = 8;
     while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 2 * at::get_num_threads()) G /= 2;
     G = std::min(G, Hq);
