@@ -74,6 +74,22 @@ def test_forward_matches_reference(device, dtype, shape):
     torch.testing.assert_close(lse.double()[fin], ref_lse[fin], **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_keys_every_register_block(device, dtype):
+    """Keys <= 80 take the CPU's fused short-key pass (1..80 keys in 1..5 vectors of 16, query rows
+    in register groups of 5..8 with tails, Dv in chunks of 4 vectors + a remainder); longer ones the
+    tiled path, also within one call. Key lengths hit every vector count and the multiples of 16."""
+    for Lk, lengths in ((80, [80, 16, 1, 17]), (65, [65, 64, 33, 48]), (81, [81, 80, 79, 2]),
+                        (200, [200, 77, 50, 3])):
+        q, k, v, _, _ = _inputs((4, 53, Lk, 4, 2, 20, 80), dtype, device, seed=Lk, lengths=False)
+        kvl = torch.tensor(lengths, device=device)
+        out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, return_lse=True)
+        ref, ref_lse = reference.cross_attention(q, k, v, kv_lengths=kvl)
+        low, _ = reference.cross_attention(q, k, v, kv_lengths=kvl, dtype=dtype)
+        _check_close(out, ref, low, dtype, f"out (Lk={Lk})")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 21, 45, 4, 2, 24, 16), (1, 5, 2300, 2, 1, 8, 8)], ids=["small", "long"])
 def test_backward_matches_reference(device, dtype, shape):
@@ -515,12 +531,14 @@ def test_co_attention_non_contiguous_and_deterministic(device):
 
 
 # (B, Lq, Lk, Hq, Hkv, D, Dv, segment lengths per batch): M = 3 with an empty modality and padding,
-# segments crossing the key tiles, M = 1, GQA
+# segments crossing the key tiles / chunks, M = 1, GQA
 MIX_CASES = [
     (2, 9, 1300, 4, 2, 16, 8, [[600, 0, 500], [10, 700, 590]]),
     (1, 77, 300, 2, 2, 24, 24, [[100, 150, 50]]),
     (3, 1, 20, 2, 1, 8, 6, [[20], [0], [7]]),
     (2, 130, 64, 3, 3, 8, 8, [[30, 34], [1, 2]]),
+    # the CPU's short-query pass: two query tiles of 125 (8 vectors), 9 heads in groups with a tail
+    (1, 250, 200, 9, 3, 16, 40, [[70, 0, 130]]),
 ]
 
 

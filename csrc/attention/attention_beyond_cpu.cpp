@@ -15,7 +15,9 @@
 // mixture_attention: one task per (batch, head, query tile); the M contiguous key segments are
 // visited in order (one pass over the keys), each with its own online-softmax state; at the end of a
 // segment its normalised output is stored (seg_out, used by the backward) and added to the output
-// with the row's weight. Backward: one task per (batch, kv head) like cross_attention's.
+// with the row's weight. A short query side (float compute) runs mix_forward_short instead: per
+// (batch, head group, query tile), transposed scores, no BLAS. Backward: one task per (batch, kv
+// head) like cross_attention's.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -32,6 +34,7 @@
 #include "attention/attention_cpu_tiles.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/memory.h"
 
 namespace embedops {
 namespace {
@@ -296,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_cpu(
   const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
   const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
   const auto lse_opts = qx.options().dtype(lse_dtype(qx.scalar_type()));
-  at::Tensor ox = at::empty({B, Lx, H, Dvy}, qx.options()), oy = at::empty({B, Ly, H, Dvx}, qx.options());
+  at::Tensor ox = empty_output({B, Lx, H, Dvy}, qx.options()), oy = empty_output({B, Ly, H, Dvx}, qx.options());
   at::Tensor lx = at::empty({B, H, Lx}, lse_opts), ly = at::empty({B, H, Ly}, lse_opts);
   if (B * H == 0) return {ox, oy, lx, ly};
   const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
@@ -327,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
   check_lse_like(op, "lse_y", lse_y, qx, {B, H, Ly});
   if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, qx, {B, H, Lx});
   if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, qx, {B, H, Ly});
-  at::Tensor dqx = at::zeros(qx.sizes(), qx.options()), dky = at::zeros(ky.sizes(), ky.options());
-  at::Tensor dvx = at::zeros(vx.sizes(), vx.options()), dvy = at::zeros(vy.sizes(), vy.options());
+  at::Tensor dqx = zeros_output(qx.sizes(), qx.options()), dky = zeros_output(ky.sizes(), ky.options());
+  at::Tensor dvx = zeros_output(vx.sizes(), vx.options()), dvy = zeros_output(vy.sizes(), vy.options());
   if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
   const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
   const at::Tensor oxc = prepare(ox, false), oyc = prepare(oy, false), doxc = prepare(dox, false),
@@ -411,6 +414,90 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
       for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out.data() + r * Dv, Dv, T(1));
     }
   });
+}
+
+// Short query side (float compute, Lq <= 2 kShortQMax, text against image/audio/... keys): one task
+// per (batch, group of G heads, query tile). Per modality the keys are visited in chunks; a chunk's
+// rows of the G heads (adjacent in a (B, L, H, D) tensor: one contiguous read instead of G reads of
+// 256 bytes 2 KiB apart) are copied once, then each head takes its online-softmax step over them
+// with the scores transposed (attention_cpu_tiles.h, short query side). No BLAS calls.
+template <typename in_t, typename T>
+void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
+                       const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse_t, const MixDesc& md,
+                       int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, T scale_t) {
+  if constexpr (!std::is_same_v<T, float>) {
+    TORCH_INTERNAL_ASSERT(false, "mix_forward_short: float compute only");  // (called for float only)
+  } else {
+    float* lse = lse_t;
+    const float scale = scale_t;
+    const int64_t M = md.M;
+    const int64_t nqb = (Lq + kShortQMax - 1) / kShortQMax;
+    const int64_t kBlockQ = (Lq + nqb - 1) / nqb;
+    const int64_t group = Hq / Hkv;
+    // heads per task: as many as still leave >= 2 tasks per thread, at most 8 (measured: fewer,
+    // more contiguous row reads beat finer load balancing here)
+    int64_t G = 8;
+    while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 2 * at::get_num_threads()) G /= 2;
+    G = std::min(G, Hq);
+    const int64_t ng = (Hq + G - 1) / G;
+    const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
+    auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
+    auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
+    at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
+          out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
+        const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, Lq - i0);
+        const int64_t h0 = hg * G, gn = std::min(G, Hq - h0);
+        short_query_dispatch(qn, [&](auto nqv) {
+          constexpr int NQV = decltype(nqv)::value;
+          constexpr int NB = short_query_nb<NQV>();
+          constexpr int64_t qp = NQV * kVec;
+          for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, i0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
+          std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
+          ShortQState<NQV> state[8];
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
+            for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
+            for (int64_t j0 = 0; j0 < klen; j0 += C) {
+              const int64_t kn = std::min(C, klen - j0);
+              for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads (adjacent in memory)
+                for (int64_t g = 0; g < gn; ++g) {
+                  const int64_t hk = (h0 + g) / group;
+                  float* kc = kv.data() + g * C * (D + Dv);
+                  copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
+                  copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
+                }
+              }
+              for (int64_t g = 0; g < gn; ++g) {
+                const float* kc = kv.data() + g * C * (D + Dv);
+                short_query_chunk<NQV, NB>(state[g], D, Dv, qt.data() + g * D * qp, kc, kc + C * D, kn, st.data(),
+                                           ot.data() + g * Dv * qp);
+              }
+            }
+            for (int64_t g = 0; g < gn; ++g) {
+              const int64_t h = h0 + g;
+              short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
+              for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
+                const float inv = attn::softmax_inv_denominator(l[r]);
+                store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
+                lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
+                const float wm = static_cast<float>(W.at(b, i0 + r, h, m)) * inv;
+                const float* a = acc.data() + r * Dv;
+                float* o = out.data() + (g * qn + r) * Dv;
+  #pragma omp simd
+                for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
+              }
+            }
+          }
+          for (int64_t g = 0; g < gn; ++g)
+            for (int64_t r = 0; r < qn; ++r)
+              store_row(O.at(b, i0 + r, h0 + g), out.data() + (g * qn + r) * Dv, Dv, 1.0f);
+        });
+      }
+    });
+  }
 }
 
 template <typename in_t, typename T>
@@ -502,13 +589,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_attention_cpu(const at::T
   const double sc = resolve_scale(op, scale, q.size(3));
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t M = md.M;
-  at::Tensor out = at::empty({B, Lq, Hq, Dv}, q.options());
+  at::Tensor out = empty_output({B, Lq, Hq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
-  at::Tensor seg_out = at::empty({B, Lq, Hq, M, Dv}, q.options());
+  at::Tensor seg_out = empty_output({B, Lq, Hq, M, Dv}, q.options());
   if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity()), seg_out};
   const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false);
   EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "mixture_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
+    if (std::is_same_v<T, float> && Lq <= 2 * kShortQMax) {
+      {
+        mix_forward_short<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+                                    rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
+                                    rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<T>(), md,
+                                    B, Lq, Hq, Hkv, D, Dv, static_cast<T>(sc));
+        return;
+      }
+    }
     mix_forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
                                     rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
                                     rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<T>(), md,
@@ -531,8 +627,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
                    lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({B, Hq, Lq, M}), op, ": lse must have shape ",
                     at::IntArrayRef({B, Hq, Lq, M}), ", got ", lse.sizes());
-  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = zeros_output(q.sizes(), q.options()), dk = zeros_output(k.sizes(), k.options());
+  at::Tensor dv = zeros_output(v.sizes(), v.options());
   at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
   if (dq.numel() > 0 && dv.numel() > 0) {
     const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false),

@@ -3,7 +3,8 @@
 // Forward: parallel over (batch, query head, query block). Per query block, key blocks are
 // visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
 // update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
-// never stored; a query block holds one (BQ x BK) tile of it.
+// never stored; a query block holds one (BQ x BK) tile of it. Sequences with at most kMaxShortK
+// valid keys (image->text) take a fused short-key pass instead (no BLAS, see below).
 // Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
 // and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
 // fixed order (deterministic, no atomics). P is recomputed from lse.
@@ -36,6 +37,134 @@ namespace {
 
 using namespace attn_cpu;  // the shared tile helpers (attention_cpu_tiles.h)
 
+// ---- short keys (image->text: Lk ~ 77): one fused pass per query block, float32 compute ----------
+// When all of a sequence's keys fit in kMaxShortK, a query block needs no online softmax and no
+// BLAS: per group of R query rows, S (R x NV*16 scores) is accumulated in registers by
+// broadcast-FMA against K^T (transposed and pre-scaled once per (batch, kv head)), the exact softmax
+// of each row is taken in registers (key lanes >= kn masked to -inf), P goes to a small L1 buffer
+// and O = P V is accumulated in registers from the (zero-padded) V rows. No score tile in memory,
+// no per-row scalar loops; the GEMMs of the tiled path are too small here (m ~ 54, k = 64) to
+// run near the machine's rate. Up to 5 key vectors: beyond, the register groups get too short
+// (measured: slower than the tiled path from 96 keys on).
+constexpr int64_t kMaxShortK = 80;
+
+// the 16-lane vectors of the output a PV chunk holds in registers
+constexpr int kChunkV = 4;
+
+// obuf rows [0, R) x [0, 16 CH) = P (R x kn, ld ldp) V (kn x 16 CH, ld ldv)
+template <int R, int CH>
+inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float* vp, int64_t ldv, float* obuf,
+                           int64_t ldo) {
+  vf16 acc[R][CH];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) acc[r][c] = vf16{};
+  for (int64_t j = 0; j < kn; ++j) {
+    vf16 vv[CH];
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) vv[c] = load16(vp + j * ldv + c * kVec);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf16 p = splat16(P[r * ldp + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CH; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) store16(obuf + r * ldo + c * kVec, acc[r][c]);
+}
+
+// One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= 16 NV keys:
+// kt (D x 16 NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
+// Writes O rows (multiplied by 1/l) and lse.
+template <int NV, int R, typename in_t>
+void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
+                     const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
+                     float* lse_row) {
+  constexpr int64_t kp = NV * kVec;
+  vi16 lane;
+  for (int i = 0; i < kVec; ++i) lane[i] = i;
+  const vi16 valid = lane < static_cast<int32_t>(kn - (NV - 1) * kVec);  // lanes of the last key vector
+  const vf16 ninf = splat16(attn::neg_inf<float>());
+  float inv[R];
+  for (int64_t i0 = 0; i0 < qn; i0 += R) {
+    const int64_t rows = std::min<int64_t>(R, qn - i0);
+    const float* qr[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;  // tail rows repeat the last
+    vf16 s[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) s[r][v] = vf16{};
+    for (int64_t d = 0; d < D; ++d) {  // S = Q (scale K)^T
+      vf16 kk[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) kk[v] = load16(kt + d * kp + v * kVec);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const vf16 qb = splat16(qr[r][d]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) s[r][v] += qb * kk[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
+      s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;
+      vf16 mv = s[r][0];
+#pragma GCC unroll 8
+      for (int v = 1; v < NV; ++v) mv = s[r][v] > mv ? s[r][v] : mv;
+      const float m = hmax16(mv);
+      const vf16 msplat = splat16(m);
+      vf16 sum{};
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const vf16 e = exp16(s[r][v] - msplat);
+        sum += e;
+        store16(pbuf + r * kp + v * kVec, e);
+      }
+      const float l = hsum16(sum);
+      inv[r] = attn::softmax_inv_denominator(l);
+      if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
+    }
+    const int64_t nvec = Dvp / kVec;
+    int64_t c0 = 0;
+    for (; c0 + kChunkV <= nvec; c0 += kChunkV)
+      short_pv_chunk<R, kChunkV>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp);
+    switch (nvec - c0) {
+      case 1: short_pv_chunk<R, 1>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
+      case 2: short_pv_chunk<R, 2>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
+      case 3: short_pv_chunk<R, 3>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
+      default: break;
+    }
+    for (int64_t r = 0; r < rows; ++r) store_row(out + (i0 + r) * ldo, obuf + r * Dvp, Dv, inv[r]);
+  }
+}
+
+// R query rows per register group: 16..25 score accumulators, no spills (32 vector registers on
+// AVX-512; measured per width).
+template <typename in_t>
+void short_key_dispatch(int64_t nv, int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
+                        const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
+                        float* lse_row) {
+#define EMBEDOPS_SHORT_K(NV, R)                                                                                  \
+  case NV:                                                                                                       \
+    short_key_block<NV, R, in_t>(qn, q, ldq, D, kt, kn, vp, Dv, Dvp, pbuf, obuf, out, ldo, lse_row); \
+    break;
+  switch (nv) {
+    EMBEDOPS_SHORT_K(1, 8)
+    EMBEDOPS_SHORT_K(2, 8)
+    EMBEDOPS_SHORT_K(3, 8)
+    EMBEDOPS_SHORT_K(4, 6)
+    EMBEDOPS_SHORT_K(5, 5)
+    default: TORCH_INTERNAL_ASSERT(false, "short_key_dispatch: nv out of range");
+  }
+#undef EMBEDOPS_SHORT_K
+}
+
 // in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
 template <typename in_t, typename T>
 void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
@@ -48,9 +177,17 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
   const int64_t group = Hq / Hkv;
   const int64_t ntasks = B * Hq * nqb;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ);
+    // the tiled path's buffers (not needed when every sequence takes the short-key pass)
+    const bool all_short = std::is_same_v<T, float> && max_k <= kMaxShortK;
+    std::vector<T> S(all_short ? 0 : kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ);
     std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), kbuf(kConvert ? kBlockK * D : 0),
         vbuf(kConvert ? kBlockK * Dv : 0);
+    // the short-key pass's buffers (float compute, keys <= kMaxShortK)
+    constexpr bool short_k = std::is_same_v<T, float>;
+    const int64_t Dvp = padded_len(Dv);
+    std::vector<float> kt(short_k ? D * kMaxShortK : 0), vp(short_k ? kMaxShortK * Dvp : 0),
+        pbuf(short_k ? 8 * kMaxShortK : 0), obuf(short_k ? 8 * Dvp : 0);
+    int64_t prep_b = -1, prep_hk = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
       const int64_t i0 = qb * kBlockQ;
@@ -67,10 +204,31 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
       const int64_t hk = h / group;
       int64_t ldq, ldk, ldv;
       const T* qptr = tile(Q.at(b, tok0, h), Q.sl, qn, D, qbuf.data(), &ldq);
+      const int64_t klen = s.k_len[b];
+      if constexpr (std::is_same_v<T, float>) {
+        if (klen > 0 && klen <= kMaxShortK) {  // the fused short-key pass
+          const int64_t nv = (klen + kVec - 1) / kVec, kp = nv * kVec;
+          if (b != prep_b || hk != prep_hk) {  // K^T (pre-scaled) and V of this (batch, kv head), once
+            prep_b = b;
+            prep_hk = hk;
+            for (int64_t j = 0; j < klen; ++j) {
+              const in_t* kr = K.at(b, s.k_start[b] + j, hk);
+              for (int64_t d = 0; d < D; ++d) kt[d * kp + j] = scale * static_cast<float>(kr[d]);
+              const in_t* vr = V.at(b, s.k_start[b] + j, hk);
+              float* vd = vp.data() + j * Dvp;
+              for (int64_t d = 0; d < Dv; ++d) vd[d] = static_cast<float>(vr[d]);
+              std::fill(vd + Dv, vd + Dvp, 0.0f);
+            }
+            for (int64_t d = 0; d < D; ++d) std::fill(kt.data() + d * kp + klen, kt.data() + (d + 1) * kp, 0.0f);
+          }
+          short_key_dispatch<in_t>(nv, qn, qptr, ldq, D, kt.data(), klen, vp.data(), Dv, Dvp, pbuf.data(), obuf.data(),
+                                   O.at(b, tok0, h), O.sl, lse_row);
+          continue;
+        }
+      }
       std::fill(m.begin(), m.begin() + qn, attn::neg_inf<T>());
       std::fill(l.begin(), l.begin() + qn, T(0));
       std::fill(acc.begin(), acc.begin() + qn * Dv, T(0));
-      const int64_t klen = s.k_len[b];
       for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
         const int64_t kn = std::min(kBlockK, klen - j0);
         const int64_t lds = padded_len(kn);

@@ -5,6 +5,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
 
 #include "attention/attention.h"
 
@@ -163,7 +165,8 @@ inline vf16 load16(const float* p) {
   return v;
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf16 splat16(float x) { return vf16{} + x; }
+// (not vf16{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per broadcast)
+inline vf16 splat16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
 inline vf16 exp16(vf16 x) {
@@ -186,15 +189,25 @@ inline vf16 exp16(vf16 x) {
   return x < lo ? vf16{} : res;
 }
 
+// Horizontal sum / max of the 16 lanes: a shuffle tree (4 steps) instead of 15 scalar ops.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+inline vf4 halves_max(vf16 v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vf8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf8 m8 = a > b ? a : b;
+  const vf4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  return c > d ? c : d;
+}
 inline float hsum16(vf16 v) {
-  float s = 0;
-  for (int i = 0; i < kVec; ++i) s += v[i];
-  return s;
+  const vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 inline float hmax16(vf16 v) {
-  float m = v[0];
-  for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
-  return m;
+  const vf4 m4 = halves_max(v);
+  return std::max(std::max(m4[0], m4[2]), std::max(m4[1], m4[3]));
 }
 
 template <typename T>
@@ -298,6 +311,174 @@ void backward_tile(int64_t qn, int64_t kn, int64_t D, int64_t Dv, T scale, const
   // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
   gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP, lds, T(1), dq, D);
   gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP, lds, T(1), dk, D);
+}
+
+// ---- short query side (text ~77 queries against long keys), float32 ---------------------------
+// The scores are kept transposed, S^T (keys x queries, queries in the 16 lanes), so every softmax
+// statistic is a vertical vector op (no horizontal reductions, no per-row scalar work), and both
+// products are broadcast-FMA in registers: S^T[j] += K[j][d] * Q^T[d] with Q^T (D x QP, pre-scaled)
+// prepared once per query tile, O^T[e] += V[j][e] * P^T[j]. No BLAS packing of key tiles that are
+// used once, no score tile beyond one L1-sized chunk of keys. A caller runs several heads over the
+// same chunk of keys (their rows are adjacent in a (B, L, H, D) tensor: one contiguous read).
+constexpr int64_t kShortQMax = 128;   // queries per tile (8 vectors)
+constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
+
+// the running (max, sum) of 16 NQV queries
+template <int NQV>
+struct ShortQState {
+  vf16 m[NQV], l[NQV];
+};
+
+template <int NQV>
+void short_query_begin(ShortQState<NQV>& s, float* ot, int64_t Dv) {
+  for (int q = 0; q < NQV; ++q) {
+    s.m[q] = splat16(attn::neg_inf<float>());
+    s.l[q] = vf16{};
+  }
+  std::fill(ot, ot + Dv * NQV * kVec, 0.0f);
+}
+
+// One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) contiguous
+// floats, qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
+// (kShortQChunk x QP) scratch. NB: key rows / output dims per register group (NB x NQV accumulators).
+template <int NQV, int NB>
+void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, const float* vc,
+                       int64_t kn, float* st, float* ot) {
+  constexpr int64_t QP = NQV * kVec;
+  for (int64_t jb = 0; jb < kn; jb += NB) {  // S^T rows jb..jb+NB (a tail group repeats the last key)
+    const float* kr[NB];
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t) kr[t] = kc + std::min<int64_t>(jb + t, kn - 1) * D;
+    vf16 acc[NB][NQV];
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t)
+#pragma GCC unroll 8
+      for (int q = 0; q < NQV; ++q) acc[t][q] = vf16{};
+    for (int64_t d = 0; d < D; ++d) {
+      vf16 qv[NQV];
+#pragma GCC unroll 8
+      for (int q = 0; q < NQV; ++q) qv[q] = load16(qt + d * QP + q * kVec);
+#pragma GCC unroll 8
+      for (int t = 0; t < NB; ++t) {
+        const vf16 kb = splat16(kr[t][d]);
+#pragma GCC unroll 8
+        for (int q = 0; q < NQV; ++q) acc[t][q] += kb * qv[q];
+      }
+    }
+    const int64_t nt = std::min<int64_t>(NB, kn - jb);
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t)
+      if (t < nt)
+#pragma GCC unroll 8
+        for (int q = 0; q < NQV; ++q) store16(st + (jb + t) * QP + q * kVec, acc[t][q]);
+  }
+  vf16 al[NQV];
+#pragma GCC unroll 8
+  for (int q = 0; q < NQV; ++q) {  // the online-softmax step of attention.h, 16 queries per vector
+    float* col = st + q * kVec;
+    vf16 mx = load16(col);
+    for (int64_t j = 1; j < kn; ++j) {
+      const vf16 x = load16(col + j * QP);
+      mx = x > mx ? x : mx;
+    }
+    const vf16 mn = mx > s.m[q] ? mx : s.m[q];
+    al[q] = exp16(s.m[q] - mn);  // m_old = -inf (first chunk): exp16 gives 0
+    vf16 sum{};
+    for (int64_t j = 0; j < kn; ++j) {
+      const vf16 e = exp16(load16(col + j * QP) - mn);
+      store16(col + j * QP, e);
+      sum += e;
+    }
+    s.l[q] = s.l[q] * al[q] + sum;
+    s.m[q] = mn;
+  }
+  for (int64_t e0 = 0; e0 < Dv; e0 += NB) {  // O^T rows e0..e0+NB: rescale, += V^T P^T
+    const float* vr[NB];
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t) vr[t] = vc + std::min<int64_t>(e0 + t, Dv - 1);
+    const int64_t ne = std::min<int64_t>(NB, Dv - e0);
+    vf16 o[NB][NQV];
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t)
+#pragma GCC unroll 8
+      for (int q = 0; q < NQV; ++q) o[t][q] = t < ne ? load16(ot + (e0 + t) * QP + q * kVec) * al[q] : vf16{};
+    for (int64_t j = 0; j < kn; ++j) {
+      vf16 pv[NQV];
+#pragma GCC unroll 8
+      for (int q = 0; q < NQV; ++q) pv[q] = load16(st + j * QP + q * kVec);
+#pragma GCC unroll 8
+      for (int t = 0; t < NB; ++t) {
+        const vf16 vb = splat16(vr[t][j * Dv]);
+#pragma GCC unroll 8
+        for (int q = 0; q < NQV; ++q) o[t][q] += vb * pv[q];
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t)
+      if (t < ne)
+#pragma GCC unroll 8
+        for (int q = 0; q < NQV; ++q) store16(ot + (e0 + t) * QP + q * kVec, o[t][q]);
+  }
+}
+
+// The state as forward_tile_update leaves it: per query row the max m[i], the sum l[i] and the
+// un-normalised acc (qn x Dv, row-major). A segment without keys: m = -inf, l = 0, acc = 0.
+template <int NQV>
+void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const float* ot, float* m, float* l,
+                     float* acc) {
+  constexpr int64_t QP = NQV * kVec;
+  float mq[QP], lq[QP];
+  for (int q = 0; q < NQV; ++q) {
+    store16(mq + q * kVec, s.m[q]);
+    store16(lq + q * kVec, s.l[q]);
+  }
+  for (int64_t i = 0; i < qn; ++i) {
+    m[i] = mq[i];
+    l[i] = lq[i];
+    float* a = acc + i * Dv;
+    for (int64_t e = 0; e < Dv; ++e) a[e] = ot[e * QP + i];
+  }
+}
+
+// the register-group height for NQV query vectors: about 24 accumulators
+template <int NQV>
+constexpr int short_query_nb() {
+  return NQV <= 3 ? 8 : NQV == 4 ? 6 : NQV <= 6 ? 4 : 3;
+}
+
+// f(std::integral_constant<int, NQV>) for NQV = ceil(qn / 16), qn <= kShortQMax
+template <typename F>
+void short_query_dispatch(int64_t qn, F&& f) {
+  switch ((qn + kVec - 1) / kVec) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 8: return f(std::integral_constant<int, 8>());
+    default: TORCH_INTERNAL_ASSERT(false, "short_query_dispatch: more than kShortQMax queries");
+  }
+}
+
+// Q^T for short_query_chunk: qt (D x QP) = scale * rows of q (qn x D, ld ldq), lanes >= qn zero.
+template <typename in_t>
+void short_query_qt(const in_t* q, int64_t ldq, int64_t qn, int64_t D, float scale, float* qt) {
+  const int64_t QP = (qn + kVec - 1) / kVec * kVec;
+  std::fill(qt, qt + D * QP, 0.0f);
+  for (int64_t i = 0; i < qn; ++i)
+    for (int64_t d = 0; d < D; ++d) qt[d * QP + i] = scale * static_cast<float>(q[i * ldq + d]);
+}
+
+// dst[0, n) = float(src[0, n)), inline (a memcpy call per 256-byte row costs more than the copy)
+template <typename in_t>
+inline void copy_row_f32(float* dst, const in_t* src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<in_t, float>) {
+    for (; i + kVec <= n; i += kVec) store16(dst + i, load16(src + i));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // Rows of a (.., L, H, X) tensor as a GEMM operand in the compute type T: the rows themselves

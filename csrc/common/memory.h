@@ -4,11 +4,15 @@
 // call (measured here: ~0.3-0.7 ms per MB, more than writing the data). Asking for transparent
 // huge pages on the tensor's 2 MB-aligned interior before the kernel first touches it makes
 // those faults several times cheaper. Advice only: the data and the result never change.
+// Where the kernel compacts memory synchronously on such faults (THP defrag "madvise"), a
+// fragmented machine can make them slower instead: EMBEDOPS_HUGE_PAGES=0 turns the advice off.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -19,8 +23,12 @@ namespace embedops {
 // Host memory [ptr, ptr + bytes); a no-op below 8 MB.
 inline void advise_huge_pages(uintptr_t ptr, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* e = std::getenv("EMBEDOPS_HUGE_PAGES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (ptr == 0 || bytes < 4 * kHuge) return;
+  if (!enabled || ptr == 0 || bytes < 4 * kHuge) return;
   const uintptr_t b = (ptr + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t e = (ptr + bytes) & ~(kHuge - 1);
   if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
