@@ -17,6 +17,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
 #include "matryoshka/cpu_kernels.h"
 #include "matryoshka/topk.h"
 
@@ -72,6 +76,30 @@ inline vf load_partial(const float* x, int64_t n) {
 }
 
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// A streaming (non-temporal) store of 16 floats to a 64-byte aligned p: a large output written
+// once skips the read-for-ownership of every line. Pair with stream_fence() before the writes
+// are published to other threads.
+inline void store_stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  __m512 r;
+  std::memcpy(&r, &v, sizeof(r));
+  _mm512_stream_ps(p, r);
+#elif defined(__AVX__)
+  __m256 r[2];
+  std::memcpy(r, &v, sizeof(r));
+  _mm256_stream_ps(p, r[0]);
+  _mm256_stream_ps(p + 8, r[1]);
+#else
+  storeu(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
 
 // Packs columns [c_lo, c_hi) of rows [0, nr) (nr <= kNR) of `rows` (row stride ld) into rows
 // d_off .. d_off + (c_hi - c_lo) of the corpus panel xp (d-major, kNR wide); rows nr..kNR-1 are
@@ -135,6 +163,7 @@ inline void prefix_micro_tile(const float* __restrict__ qp, const float* __restr
   int64_t d = 0;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = dims[p];
+#pragma GCC unroll 4
     for (; d < e; ++d) {
       const vf x0 = loadu(xp + d * kNR), x1 = loadu(xp + d * kNR + kVec);
       const float* qd = qp + d * kMR;

@@ -53,6 +53,8 @@ void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const Matry
   const int64_t ntiles = (N + T - 1) / T;
   std::atomic<int64_t> next_tile{0};
   const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  // outputs of several MB are written with streaming stores (each score line is written once)
+  const bool stream = out.nbytes() >= (size_t(8) << 20);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     mat::TileRows<scalar_t, float> tiles{x.const_data_ptr<scalar_t>(), x.stride(0), dmax, {}};
     std::vector<float> xp(static_cast<size_t>(kPanels * dmax * kNR));
@@ -82,7 +84,10 @@ void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const Matry
                                        v1 = mat::cosine16(v1, iq, mat::loadu(inv + p * kNR + mat::kVec));
                                      }
                                      float* dst = o + (p * B + b0 + r) * N + c0;
-                                     if (nc == kNR) {
+                                     if (nc == kNR && stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+                                       mat::store_stream(dst, v0);
+                                       mat::store_stream(dst + mat::kVec, v1);
+                                     } else if (nc == kNR) {
                                        mat::storeu(dst, v0);
                                        mat::storeu(dst + mat::kVec, v1);
                                      } else {
@@ -96,6 +101,7 @@ void similarity_packed(const at::Tensor& q_acc, const at::Tensor& x, const Matry
         }
       }
     }
+    if (stream) mat::stream_fence();
   });
 }
 
