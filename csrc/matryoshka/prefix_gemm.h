@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -134,6 +135,23 @@ inline std::vector<float> pack_query_panels(const float* q, int64_t ldq, int64_t
   return qp;
 }
 
+// inv_norm_from_sq (topk.h) on 16 lanes: 1/sqrt(sq) (correctly rounded, the same bits as the
+// scalar rule), 0 where sq == 0, NaN where sq is not finite.
+inline vf inv_norm16(vf sq) {
+  vf r;
+#if defined(__AVX512F__)
+  __m512 s;
+  std::memcpy(&s, &sq, sizeof(s));
+  const __m512 v = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_sqrt_ps(s));
+  std::memcpy(&r, &v, sizeof(r));
+#else
+  for (int i = 0; i < kVec; ++i) r[i] = inv_norm_from_sq(sq[i]);
+#endif
+  r = sq == 0.f ? vf{} : r;
+  const vf nan = vf{} + std::numeric_limits<float>::quiet_NaN();
+  return sq <= std::numeric_limits<float>::max() ? r : nan;
+}
+
 // Per-prefix inverse norms of a packed corpus panel: inv[p * kNR + r] = inv_norm(||x_r[:dims[p]]||).
 inline void panel_inv_norms(const float* __restrict__ xp, const int64_t* dims, int64_t P, float* __restrict__ inv) {
   vf sq0 = {}, sq1 = {};
@@ -144,10 +162,8 @@ inline void panel_inv_norms(const float* __restrict__ xp, const int64_t* dims, i
       sq0 += a * a;
       sq1 += b * b;
     }
-    for (int r = 0; r < kVec; ++r) {
-      inv[p * kNR + r] = inv_norm_from_sq(sq0[r]);
-      inv[p * kNR + kVec + r] = inv_norm_from_sq(sq1[r]);
-    }
+    storeu(inv + p * kNR, inv_norm16(sq0));
+    storeu(inv + p * kNR + kVec, inv_norm16(sq1));
   }
 }
 
