@@ -60,17 +60,9 @@ inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float*
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < CH; ++c) acc[r][c] = vf16{};
-  for (int64_t j = 0; j < kn; ++j) {
-    vf16 vv[CH];
-#pragma GCC unroll 4
-    for (int c = 0; c < CH; ++c) vv[c] = load16(vp + j * ldv + c * kVec);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf16 p = splat16(P[r * ldp + j]);
-#pragma GCC unroll 4
-      for (int c = 0; c < CH; ++c) acc[r][c] += p * vv[c];
-    }
-  }
+  broadcast_fma(
+      kn, acc, [&](int r, int64_t j) { return P[r * ldp + j]; },
+      [&](int64_t j, int c) { return load16(vp + j * ldv + c * kVec); });
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -100,17 +92,9 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) s[r][v] = vf16{};
-    for (int64_t d = 0; d < D; ++d) {  // S = Q (scale K)^T
-      vf16 kk[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) kk[v] = load16(kt + d * kp + v * kVec);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const vf16 qb = splat16(qr[r][d]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) s[r][v] += qb * kk[v];
-      }
-    }
+    broadcast_fma(  // S = Q (scale K)^T
+        D, s, [&](int r, int64_t d) { return qr[r][d]; },
+        [&](int64_t d, int v) { return load16(kt + d * kp + v * kVec); });
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
       s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;

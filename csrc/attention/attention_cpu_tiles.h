@@ -168,6 +168,24 @@ inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 // (not vf16{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per broadcast)
 inline vf16 splat16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
+// The register-blocked product the short-key / short-query passes are made of:
+// acc[r][c] += a(r, j) * b(j, c) for j < n, with one broadcast per (r, j) and one vector load per
+// (j, c); R x C vector accumulators stay in registers (R * C + C + 1 <= 32 on AVX-512).
+template <int R, int C, typename A, typename Bv>
+inline void broadcast_fma(int64_t n, vf16 (&acc)[R][C], const A& a, const Bv& b) {
+  for (int64_t j = 0; j < n; ++j) {
+    vf16 bv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) bv[c] = b(j, c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf16 x = splat16(a(r, j));
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] += x * bv[c];
+    }
+  }
+}
+
 // exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
 inline vf16 exp16(vf16 x) {
   const vf16 lo = splat16(-87.0f), hi = splat16(88.0f), magic = splat16(12582912.0f);
@@ -354,17 +372,9 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
     for (int t = 0; t < NB; ++t)
 #pragma GCC unroll 8
       for (int q = 0; q < NQV; ++q) acc[t][q] = vf16{};
-    for (int64_t d = 0; d < D; ++d) {
-      vf16 qv[NQV];
-#pragma GCC unroll 8
-      for (int q = 0; q < NQV; ++q) qv[q] = load16(qt + d * QP + q * kVec);
-#pragma GCC unroll 8
-      for (int t = 0; t < NB; ++t) {
-        const vf16 kb = splat16(kr[t][d]);
-#pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) acc[t][q] += kb * qv[q];
-      }
-    }
+    broadcast_fma(
+        D, acc, [&](int t, int64_t d) { return kr[t][d]; },
+        [&](int64_t d, int q) { return load16(qt + d * QP + q * kVec); });
     const int64_t nt = std::min<int64_t>(NB, kn - jb);
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t)
@@ -402,17 +412,9 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
     for (int t = 0; t < NB; ++t)
 #pragma GCC unroll 8
       for (int q = 0; q < NQV; ++q) o[t][q] = t < ne ? load16(ot + (e0 + t) * QP + q * kVec) * al[q] : vf16{};
-    for (int64_t j = 0; j < kn; ++j) {
-      vf16 pv[NQV];
-#pragma GCC unroll 8
-      for (int q = 0; q < NQV; ++q) pv[q] = load16(st + j * QP + q * kVec);
-#pragma GCC unroll 8
-      for (int t = 0; t < NB; ++t) {
-        const vf16 vb = splat16(vr[t][j * Dv]);
-#pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) o[t][q] += vb * pv[q];
-      }
-    }
+    broadcast_fma(
+        kn, o, [&](int t, int64_t j) { return vr[t][j * Dv]; },
+        [&](int64_t j, int q) { return load16(st + j * QP + q * kVec); });
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t)
       if (t < ne)
