@@ -363,6 +363,26 @@ struct W4 {
   T at(int64_t b, int64_t i, int64_t h, int64_t m) const { return p[b * sb + i * si + h * sh + m * sm]; }
 };
 
+// Ends modality m for query rows i0 .. i0 + qn of head h: writes the segment's normalised output
+// (seg_row) and lse (lse_at) from the online-softmax state (acc, mx, l), and adds the weighted
+// segment output to the rows' running outputs out (qn x Dv). An empty modality has l = 0: its
+// segment output is 0, its lse -inf, and it adds 0.
+template <typename T, typename Wt, typename SegRow, typename LseAt>
+inline void finish_modality(int64_t b, int64_t i0, int64_t h, int64_t m, int64_t qn, int64_t Dv, const T* acc,
+                            const T* mx, const T* l, const W4<Wt>& W, const SegRow& seg_row, const LseAt& lse_at,
+                            T* out) {
+  for (int64_t r = 0; r < qn; ++r) {
+    const T inv = attn::softmax_inv_denominator(l[r]);
+    store_row(seg_row(b, i0 + r, h, m), acc + r * Dv, Dv, inv);
+    lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
+    const T wm = static_cast<T>(W.at(b, i0 + r, h, m)) * inv;
+    const T* a = acc + r * Dv;
+    T* o = out + r * Dv;
+#pragma omp simd
+    for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
+  }
+}
+
 template <typename in_t, typename T>
 void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                         const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse, const MixDesc& md, int64_t B,
@@ -400,16 +420,7 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
                S.data(), lds);
           forward_tile_update(qn, kn, Dv, S.data(), mx.data(), l.data(), acc.data(), vptr, ldv, j0 == 0);
         }
-        for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
-          const T inv = attn::softmax_inv_denominator(l[r]);
-          store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
-          lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
-          const T wm = static_cast<T>(W.at(b, i0 + r, h, m)) * inv;
-          const T* a = acc.data() + r * Dv;
-          T* o = out.data() + r * Dv;
-#pragma omp simd
-          for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
-        }
+        finish_modality(b, i0, h, m, qn, Dv, acc.data(), mx.data(), l.data(), W, seg_row, lse_at, out.data());
       }
       for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out.data() + r * Dv, Dv, T(1));
     }
@@ -479,16 +490,8 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
             for (int64_t g = 0; g < gn; ++g) {
               const int64_t h = h0 + g;
               short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
-              for (int64_t r = 0; r < qn; ++r) {  // an empty modality: l = 0 -> seg_out 0, lse -inf, adds 0
-                const float inv = attn::softmax_inv_denominator(l[r]);
-                store_row(seg_row(b, i0 + r, h, m), acc.data() + r * Dv, Dv, inv);
-                lse_at(b, h, i0 + r, m) = attn::softmax_lse(mx[r], l[r]);
-                const float wm = static_cast<float>(W.at(b, i0 + r, h, m)) * inv;
-                const float* a = acc.data() + r * Dv;
-                float* o = out.data() + (g * qn + r) * Dv;
-  #pragma omp simd
-                for (int64_t d = 0; d < Dv; ++d) o[d] += wm * a[d];
-              }
+              finish_modality(b, i0, h, m, qn, Dv, acc.data(), mx.data(), l.data(), W, seg_row, lse_at,
+                              out.data() + g * qn * Dv);
             }
           }
           for (int64_t g = 0; g < gn; ++g)

@@ -56,10 +56,7 @@ template <int R, int CH>
 inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float* vp, int64_t ldv, float* obuf,
                            int64_t ldo) {
   vf16 acc[R][CH];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < CH; ++c) acc[r][c] = vf16{};
+  zero_acc(acc);
   broadcast_fma(
       kn, acc, [&](int r, int64_t j) { return P[r * ldp + j]; },
       [&](int64_t j, int c) { return load16(vp + j * ldv + c * kVec); });
@@ -88,10 +85,7 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;  // tail rows repeat the last
     vf16 s[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) s[r][v] = vf16{};
+    zero_acc(s);
     broadcast_fma(  // S = Q (scale K)^T
         D, s, [&](int r, int64_t d) { return qr[r][d]; },
         [&](int64_t d, int v) { return load16(kt + d * kp + v * kVec); });

@@ -171,6 +171,14 @@ inline vf16 splat16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x
 // The register-blocked product the short-key / short-query passes are made of:
 // acc[r][c] += a(r, j) * b(j, c) for j < n, with one broadcast per (r, j) and one vector load per
 // (j, c); R x C vector accumulators stay in registers (R * C + C + 1 <= 32 on AVX-512).
+template <int R, int C>
+inline void zero_acc(vf16 (&acc)[R][C]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = vf16{};
+}
+
 template <int R, int C, typename A, typename Bv>
 inline void broadcast_fma(int64_t n, vf16 (&acc)[R][C], const A& a, const Bv& b) {
   for (int64_t j = 0; j < n; ++j) {
@@ -368,10 +376,7 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t) kr[t] = kc + std::min<int64_t>(jb + t, kn - 1) * D;
     vf16 acc[NB][NQV];
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t)
-#pragma GCC unroll 8
-      for (int q = 0; q < NQV; ++q) acc[t][q] = vf16{};
+    zero_acc(acc);
     broadcast_fma(
         D, acc, [&](int t, int64_t d) { return kr[t][d]; },
         [&](int64_t d, int q) { return load16(qt + d * QP + q * kVec); });
