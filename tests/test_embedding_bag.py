@@ -50,6 +50,17 @@ def ref(weight, values, offsets, probes, **kw):
     return reference.multiplexed_embedding_bag(weight, values, offsets, probes, **kw)
 
 
+def check_forward(weight, values, offsets, probes, tol, **kw):
+    """The op's output against the float64 reference on the same bags; returns the output."""
+    out = run(weight, values, offsets, probes, **kw)
+    ref_kw = dict(kw)
+    if ref_kw.get("per_sample_weights") is not None:
+        ref_kw["per_sample_weights"] = ref_kw["per_sample_weights"].double().cpu()
+    want = ref(weight.double().cpu(), values.cpu(), offsets.cpu(), probes, **ref_kw)
+    torch.testing.assert_close(out.double().cpu(), want, **tol)
+    return out
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("combine", COMBINES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
@@ -60,14 +71,9 @@ def test_forward_matches_reference(device, mode, combine, dtype, index_dtype):
     kw = dict(combine=combine, mode=mode, seed=11)
     if mode == "sum":
         kw["per_sample_weights"] = psw
-    out = run(w, v, o, probes, **kw)
-    ref_kw = dict(kw)
-    if "per_sample_weights" in ref_kw:
-        ref_kw["per_sample_weights"] = psw.double().cpu()
-    want = ref(w.double().cpu(), v.cpu(), o.cpu(), probes, **ref_kw)
+    out = check_forward(w, v, o, probes, TOL[dtype], **kw)
     assert out.dtype == dtype and out.device.type == device
     assert out.shape == (7, (6 if combine == "concat" else 3) * 12)
-    torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dim", [16, 32, 64, 128])
@@ -81,11 +87,7 @@ def test_forward_vector_widths(device, dim, mode, dtype):
         kw = dict(combine=combine, mode=mode, seed=4)
         if mode == "sum":
             kw["per_sample_weights"] = psw
-        out = run(w, v, o, probes, **kw)
-        if mode == "sum":
-            kw["per_sample_weights"] = psw.double().cpu()
-        want = ref(w.double().cpu(), v.cpu(), o.cpu(), probes, **kw)
-        torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
+        check_forward(w, v, o, probes, TOL[dtype], **kw)
 
 
 @pytest.mark.parametrize("dim", [16, 64])
@@ -102,11 +104,7 @@ def test_forward_long_bags(device, dim):
         kw = dict(combine=combine, mode=mode, seed=2)
         if mode == "sum":
             kw["per_sample_weights"] = psw
-        out = run(w, values, offsets, probes, **kw)
-        if mode == "sum":
-            kw["per_sample_weights"] = psw.double().cpu()
-        want = ref(w.double().cpu(), values.cpu(), offsets.cpu(), probes, **kw)
-        torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-4)
+        check_forward(w, values, offsets, probes, dict(rtol=1e-5, atol=1e-4), **kw)
 
 
 def test_forward_big_output(device):
