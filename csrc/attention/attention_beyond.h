@@ -29,12 +29,20 @@ struct MixDesc {
 MixDesc check_mixture_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& seg, const at::Tensor& w);
 
-// lse-like tensor: lse_dtype(q), q's device, the given shape.
-void check_lse_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
-                    at::IntArrayRef shape);
-// t: ref's dtype and device, the given shape.
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                      const at::Tensor& ref, at::IntArrayRef shape);
+// co_attention_backward: the forward's arguments, plus gradients / outputs / lse consistent with them.
+CoDesc check_co_attention_backward_args(const char* op, const at::Tensor& dox, const at::Tensor& doy,
+                                        const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
+                                        const at::Tensor& vy, const at::Tensor& ox, const at::Tensor& oy,
+                                        const at::Tensor& lse_x, const at::Tensor& lse_y,
+                                        const std::optional<at::Tensor>& dlse_x,
+                                        const std::optional<at::Tensor>& dlse_y,
+                                        const std::optional<at::Tensor>& x_lengths,
+                                        const std::optional<at::Tensor>& y_lengths);
+
+// mixture_attention_backward: the forward's arguments, plus dout / seg_out / lse consistent with them.
+MixDesc check_mixture_backward_args(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& seg, const at::Tensor& w,
+                                    const at::Tensor& seg_out, const at::Tensor& lse);
 
 // A padded-layout SeqDesc (q_start = 0) with per-batch query lengths / slots and key ranges.
 SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int64_t* k_start, const int64_t* k_len);

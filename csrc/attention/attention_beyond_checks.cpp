@@ -29,6 +29,23 @@ std::vector<int64_t> read_lengths(const char* op, const char* name, const std::o
   return out;
 }
 
+// lse-like tensor: lse_dtype(q), q's device, the given shape.
+void check_lse_like(const char* op, const char* name, const at::Tensor& t, const char* q_name, const at::Tensor& q,
+                    at::IntArrayRef shape) {
+  check_same_device(op, name, t, q_name, q);
+  TORCH_CHECK_TYPE(t.scalar_type() == lse_dtype(q.scalar_type()), op, ": ", name, " must have dtype ",
+                   lse_dtype(q.scalar_type()), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// t: ref's dtype and device, the given shape.
+void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref, at::IntArrayRef shape) {
+  check_same_dtype(op, name, t, ref_name, ref);
+  check_same_device(op, name, t, ref_name, ref);
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
 }  // namespace
 
 CoDesc check_co_attention_args(const char* op, const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
@@ -62,20 +79,6 @@ CoDesc check_co_attention_args(const char* op, const at::Tensor& qx, const at::T
   return {read_lengths(op, "x_lengths", x_lengths, qx, B, Lx), read_lengths(op, "y_lengths", y_lengths, qx, B, Ly)};
 }
 
-void check_lse_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
-                    at::IntArrayRef shape) {
-  check_same_device(op, name, t, "qx", q);
-  TORCH_CHECK_TYPE(t.scalar_type() == lse_dtype(q.scalar_type()), op, ": ", name, " must have dtype ",
-                   lse_dtype(q.scalar_type()), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                      const at::Tensor& ref, at::IntArrayRef shape) {
-  check_same_dtype(op, name, t, ref_name, ref);
-  check_same_device(op, name, t, ref_name, ref);
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
 
 MixDesc check_mixture_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& seg, const at::Tensor& w) {
@@ -147,6 +150,39 @@ SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int
     s.max_k = std::max(s.max_k, k_len[b]);
   }
   return s;
+}
+
+CoDesc check_co_attention_backward_args(const char* op, const at::Tensor& dox, const at::Tensor& doy,
+                                        const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
+                                        const at::Tensor& vy, const at::Tensor& ox, const at::Tensor& oy,
+                                        const at::Tensor& lse_x, const at::Tensor& lse_y,
+                                        const std::optional<at::Tensor>& dlse_x,
+                                        const std::optional<at::Tensor>& dlse_y,
+                                        const std::optional<at::Tensor>& x_lengths,
+                                        const std::optional<at::Tensor>& y_lengths) {
+  CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
+  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
+  const int64_t Dvx = vx.size(3), Dvy = vy.size(3);
+  check_same_shape(op, "dox", dox, "qx", qx, {B, Lx, H, Dvy});
+  check_same_shape(op, "ox", ox, "qx", qx, {B, Lx, H, Dvy});
+  check_same_shape(op, "doy", doy, "qx", qx, {B, Ly, H, Dvx});
+  check_same_shape(op, "oy", oy, "qx", qx, {B, Ly, H, Dvx});
+  check_lse_like(op, "lse_x", lse_x, "qx", qx, {B, H, Lx});
+  check_lse_like(op, "lse_y", lse_y, "qx", qx, {B, H, Ly});
+  if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, "qx", qx, {B, H, Lx});
+  if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, "qx", qx, {B, H, Ly});
+  return cd;
+}
+
+MixDesc check_mixture_backward_args(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& seg, const at::Tensor& w,
+                                    const at::Tensor& seg_out, const at::Tensor& lse) {
+  MixDesc md = check_mixture_args(op, q, k, v, seg, w);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Dv = v.size(3), M = md.M;
+  check_same_shape(op, "dout", dout, "q", q, {B, Lq, Hq, Dv});
+  check_same_shape(op, "seg_out", seg_out, "q", q, {B, Lq, Hq, M, Dv});
+  check_lse_like(op, "lse", lse, "q", q, {B, Hq, Lq, M});
+  return md;
 }
 
 }  // namespace embedops

@@ -319,17 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
     const std::optional<at::Tensor>& dlse_x, const std::optional<at::Tensor>& dlse_y,
     const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths, double scale) {
   const char* op = "co_attention_backward";
-  const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
+  const CoDesc cd = check_co_attention_backward_args(op, dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x,
+                                                     dlse_y, x_lengths, y_lengths);
   const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
   const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
-  check_same_shape(op, "dox", dox, "qx", qx, {B, Lx, H, Dvy});
-  check_same_shape(op, "ox", ox, "qx", qx, {B, Lx, H, Dvy});
-  check_same_shape(op, "doy", doy, "qx", qx, {B, Ly, H, Dvx});
-  check_same_shape(op, "oy", oy, "qx", qx, {B, Ly, H, Dvx});
-  check_lse_like(op, "lse_x", lse_x, qx, {B, H, Lx});
-  check_lse_like(op, "lse_y", lse_y, qx, {B, H, Ly});
-  if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, qx, {B, H, Lx});
-  if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, qx, {B, H, Ly});
   at::Tensor dqx = zeros_output(qx.sizes(), qx.options()), dky = zeros_output(ky.sizes(), ky.options());
   at::Tensor dvx = zeros_output(vx.sizes(), vx.options()), dvy = zeros_output(vy.sizes(), vy.options());
   if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
@@ -620,16 +613,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg,
     const at::Tensor& weights, const at::Tensor& seg_out, const at::Tensor& lse, double scale) {
   const char* op = "mixture_attention_backward";
-  const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
+  const MixDesc md = check_mixture_backward_args(op, dout, q, k, v, seg, weights, seg_out, lse);
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t Lk = k.size(1), M = md.M;
-  check_same_shape(op, "dout", dout, "q", q, {B, Lq, Hq, Dv});
-  check_same_shape(op, "seg_out", seg_out, "q", q, {B, Lq, Hq, M, Dv});
-  check_same_device(op, "lse", lse, "q", q);
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must have dtype ",
-                   lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({B, Hq, Lq, M}), op, ": lse must have shape ",
-                    at::IntArrayRef({B, Hq, Lq, M}), ", got ", lse.sizes());
   at::Tensor dq = zeros_output(q.sizes(), q.options()), dk = zeros_output(k.sizes(), k.options());
   at::Tensor dv = zeros_output(v.sizes(), v.options());
   at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -56,16 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
     const std::optional<at::Tensor>& dlse_x, const std::optional<at::Tensor>& dlse_y,
     const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths, double scale) {
   const char* op = "co_attention_backward";
-  const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
-  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
-  check_same_shape(op, "dox", dox, "qx", qx, {B, Lx, H, vy.size(3)});
-  check_same_shape(op, "ox", ox, "qx", qx, {B, Lx, H, vy.size(3)});
-  check_same_shape(op, "doy", doy, "qx", qx, {B, Ly, H, vx.size(3)});
-  check_same_shape(op, "oy", oy, "qx", qx, {B, Ly, H, vx.size(3)});
-  check_lse_like(op, "lse_x", lse_x, qx, {B, H, Lx});
-  check_lse_like(op, "lse_y", lse_y, qx, {B, H, Ly});
-  if (dlse_x.has_value()) check_lse_like(op, "dlse_x", *dlse_x, qx, {B, H, Lx});
-  if (dlse_y.has_value()) check_lse_like(op, "dlse_y", *dlse_y, qx, {B, H, Ly});
+  const CoDesc cd = check_co_attention_backward_args(op, dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x,
+                                                     dlse_y, x_lengths, y_lengths);
+  const int64_t B = qx.size(0), Lx = qx.size(1), Ly = ky.size(1);
   const c10::cuda::CUDAGuard guard(qx.device());
   const CoSeqs s = co_seqs(cd, B, Lx, Ly);
   auto [dqx, dky, dvy] = backward_cuda(op, dox, qx, ky, vy, ox, lse_x, dlse_x, s.rows, scale, false);
@@ -119,11 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg,
     const at::Tensor& weights, const at::Tensor& seg_out, const at::Tensor& lse, double scale) {
   const char* op = "mixture_attention_backward";
-  const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Dv = v.size(3), M = md.M;
-  check_same_shape(op, "dout", dout, "q", q, {B, Lq, Hq, Dv});
-  check_same_shape(op, "seg_out", seg_out, "q", q, {B, Lq, Hq, M, Dv});
-  check_lse_like(op, "lse", lse, q, {B, Hq, Lq, M});
+  const MixDesc md = check_mixture_backward_args(op, dout, q, k, v, seg, weights, seg_out, lse);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), M = md.M;
   const c10::cuda::CUDAGuard guard(q.device());
   const auto acc = lse_dtype(q.scalar_type());
   at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));

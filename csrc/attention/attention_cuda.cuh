@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
+#include "common/cuda_warp.cuh"
 
 namespace embedops {
 namespace attn_cuda {
@@ -60,21 +61,6 @@ struct SeqPtrs {
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const T w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = w > v ? w : v;
-  }
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Copies rows [0, n) of a (rows x cols) tile into shared memory with row stride `ld` (converted to
 // acc_t); rows [n, rows) are zero-filled so no lane ever reads uninitialised memory.

@@ -1,5 +1,5 @@
 #pragma once
-// CUDA building blocks of the matryoshka kernels (device side only): warp reductions, per-prefix
+// CUDA building blocks of the matryoshka kernels (device side only): per-prefix
 // inverse norms, and a block-wide top-k selection kept in shared memory. The ranking order and
 // the norm/cosine rules come from topk.h, the same functions the CPU kernels use.
 //
@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_warp.cuh"
 #include "matryoshka/topk.h"
 
 namespace embedops {
@@ -25,12 +26,6 @@ struct DimList {
   int64_t d[kMaxDimsCuda];
   int n;
 };
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // One warp per row: out[p * out_ld + row] = inv_norm(||x[row, :dims[p]]||), rows grid-strided.
 template <typename scalar_t, typename acc_t>

@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
       const acc_t v = static_cast<acc_t>(xr[j]);
       sq += v * v;
     }
-    sq = mat::warp_sum(sq);
+    sq = warp_sum(sq);
     if (lane == 0) {
       const acc_t sc = v0[b * k0 + c];
       const acc_t ix = mat::inv_norm_from_sq(sq), iq = m.qinv[0];
@@ -267,8 +267,8 @@ __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
         d += qb[j] * v;
         sq += v * v;
       }
-      d = mat::warp_sum(d);
-      sq = mat::warp_sum(sq);
+      d = warp_sum(d);
+      sq = warp_sum(sq);
       if (lane == 0) {
         const acc_t dot = m.dot[c] + d, s2 = m.sq[c] + sq;
         m.dot[c] = dot;
