@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
+#include "common/cpu_capability.h"
 #include "common/memory.h"
 
 namespace py = pybind11;
@@ -24,7 +27,14 @@ py::dict build_info() {
   d["cuda_compiler"] = "";
 #endif
   d["cxx_compiler"] = EMBEDOPS_CXX_COMPILER;
-  d["cpu_arch"] = EMBEDOPS_CPU_ARCH;
+  d["cpu_arch"] = EMBEDOPS_CPU_ARCH;  // an extra -march for the highest level, if any
+  d["cpu_capabilities"] = embedops::compiled_cpu_capabilities();
+  try {
+    d["cpu_capability"] = embedops::cpu_capability_name(embedops::cpu_capability());
+  } catch (const c10::Error& e) {
+    throw py::value_error(e.what_without_backtrace());
+  }
+  d["cpu_supports"] = embedops::supported_cpu_capabilities();
 #ifdef _OPENMP
   d["openmp"] = true;
 #else
@@ -39,6 +49,16 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "embedops native extension: registers the torch.ops.embedops.* kernels";
   m.def("build_info", &build_info, "How this extension was built (version, torch, CUDA, compiler, threads).");
+  m.def(
+      "_check_cpu_capability",
+      [] {
+        try {
+          return std::string(embedops::cpu_capability_name(embedops::cpu_capability()));
+        } catch (const c10::Error& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      "The CPU level the kernels run at; raises ValueError for a bad EMBEDOPS_CPU_CAPABILITY.");
   m.def(
       "advise_huge_pages",
       [](uintptr_t ptr, size_t nbytes) { embedops::advise_huge_pages(ptr, nbytes); }, py::arg("ptr"),

@@ -118,4 +118,12 @@ BagBackwardInputs prepare_bag_backward(c10::string_view op, const at::Tensor& gr
   return in;
 }
 
+void check_hash_ids_args(const at::Tensor& values, int64_t feature, int64_t probe, int64_t num_rows) {
+  check_index_dtype("hash_ids", "values", values);
+  TORCH_CHECK_VALUE(feature >= 0 && feature <= UINT32_MAX, "hash_ids: feature must be in [0, 2^32), got ",
+                    feature);
+  TORCH_CHECK_VALUE(probe >= 0 && probe <= UINT32_MAX, "hash_ids: probe must be in [0, 2^32), got ", probe);
+  check_positive("hash_ids", "num_rows", num_rows);
+}
+
 }  // namespace embedops

@@ -1,4 +1,5 @@
-// hash_ids: the multiplexed-embedding hash as an op (CPU kernel + the shared argument checks).
+// hash_ids: the multiplexed-embedding hash as an op, CPU (the checks: embedding_bag_checks.cpp).
+// A scalar loop of 64-bit multiplies: compiled once, it runs at the same speed on every CPU level.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,14 +12,6 @@
 #include "embedding/hashing.h"
 
 namespace embedops {
-
-void check_hash_ids_args(const at::Tensor& values, int64_t feature, int64_t probe, int64_t num_rows) {
-  check_index_dtype("hash_ids", "values", values);
-  TORCH_CHECK_VALUE(feature >= 0 && feature <= UINT32_MAX, "hash_ids: feature must be in [0, 2^32), got ",
-                    feature);
-  TORCH_CHECK_VALUE(probe >= 0 && probe <= UINT32_MAX, "hash_ids: probe must be in [0, 2^32), got ", probe);
-  check_positive("hash_ids", "num_rows", num_rows);
-}
 
 namespace {
 

@@ -24,7 +24,10 @@ def build_info() -> dict:
 
     Returns a dict with: ``version``, ``torch_version`` (the torch it was built against),
     ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs`` (comma-separated SM list),
-    ``cuda_compiler``, ``cxx_compiler``, ``cpu_arch`` (-march value), ``openmp`` (bool),
+    ``cuda_compiler``, ``cxx_compiler``, ``cpu_arch`` (an extra -march for the highest CPU level,
+    usually empty), ``cpu_capabilities`` (the CPU levels compiled in, e.g. ``["default", "avx2",
+    "avx512"]``), ``cpu_capability`` (the level the kernels run at: the best one this CPU supports,
+    or ``EMBEDOPS_CPU_CAPABILITY``), ``cpu_supports`` (the levels this CPU can run), ``openmp`` (bool),
     ``num_threads`` (ATen intra-op threads now), and ``cuda_available`` (a usable GPU right now).
     """
     info = dict(_C.build_info())

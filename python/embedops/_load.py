@@ -27,6 +27,9 @@ def _load():
         from . import _C
     except ImportError as e:
         raise ImportError(f"embedops: could not load the native extension: {e}. " + _REBUILD) from e
+    # the CPU level the kernels will run at; a bad EMBEDOPS_CPU_CAPABILITY (unknown, or a level
+    # this CPU or build lacks) fails here, at import, with what the CPU supports
+    _C._check_cpu_capability()
     return _C
 
 

@@ -1,13 +1,19 @@
 #pragma once
-// CPU building blocks of the matryoshka kernels: segment dot products / sums of squares written
-// as independent lanes so that -O3 -march=native vectorises them (no reassociation needed).
+// CPU building blocks of the matryoshka kernels (per CPU level): segment dot products / sums of
+// squares on register-wide vectors (common/vec.h), corpus row tiles in the compute type, and
+// per-prefix inverse norms.
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
+#include "common/vec.h"
 #include "matryoshka/topk.h"
 
 namespace embedops {
+namespace CPU_CAPABILITY {
 namespace mat {
+using namespace ::embedops::mat;  // the shared math (topk.h)
 
 // Prefetches the first `bytes` bytes of a row (rows are read a prefix at a time with a large
 // stride, which the hardware prefetchers follow poorly).
@@ -16,43 +22,12 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-// 64-byte SIMD vectors via GCC/Clang vector extensions (one AVX-512 register, or two AVX2 ones).
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
+using simd_t = vec::vec_t<T>;
 template <typename T>
-using simd_t = typename Simd<T>::type;
-template <typename T>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
-
-template <typename T>
-inline simd_t<T> loadu(const T* p) {
-  simd_t<T> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float hsum(simd_t<float> v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline double hsum(simd_t<double> v) {
-  typedef double v4 __attribute__((vector_size(32)));
-  const v4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  return (a[0] + a[2]) + (a[1] + a[3]);
-}
+constexpr int kLanes = vec::kLanes<T>;
+using vec::hsum;
+using vec::loadu;
 
 // sq += sum(x[a:e]^2)
 template <typename T>
@@ -131,14 +106,7 @@ inline void rows_dot1(const T* __restrict__ x, int64_t ld, int64_t nrows, const 
   }
 }
 
-}  // namespace mat
-}  // namespace embedops
 
-#include <type_traits>
-#include <vector>
-
-namespace embedops {
-namespace mat {
 
 // Rows [n0, n0+nt) of a (N, ldx)-strided corpus as acc_t rows: the corpus itself when its dtype
 // is acc_t, else the first `width` columns converted into a per-thread buffer.
@@ -185,4 +153,5 @@ inline void prefix_inv_norms(const acc_t* rows, int64_t ld, int64_t nrows, const
 }
 
 }  // namespace mat
+}  // namespace CPU_CAPABILITY
 }  // namespace embedops

@@ -1,4 +1,5 @@
-// Cross attention on the CPU: flash-style tiles, forward and backward.
+// Cross attention on the CPU: flash-style tiles, forward and backward. Kernels, compiled once per
+// CPU level (the host side, checks and outputs, is ../cross_attention.cpp).
 //
 // Forward: parallel over (batch, query head, query block). Per query block, key blocks are
 // visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
@@ -15,9 +16,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
@@ -28,14 +26,15 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "attention/attention_cpu_tiles.h"
+#include "attention/attention_cpu.h"
+#include "attention/cpu/tiles.h"
 #include "common/dispatch.h"
-#include "common/memory.h"
 
 namespace embedops {
+namespace CPU_CAPABILITY {
 namespace {
 
-using namespace attn_cpu;  // the shared tile helpers (attention_cpu_tiles.h)
+using namespace attn_cpu;  // the shared tile helpers (cpu/tiles.h)
 
 // ---- short keys (image->text: Lk ~ 77): one fused pass per query block, float32 compute ----------
 // When all of a sequence's keys fit in kMaxShortK, a query block needs no online softmax and no
@@ -44,103 +43,116 @@ using namespace attn_cpu;  // the shared tile helpers (attention_cpu_tiles.h)
 // of each row is taken in registers (key lanes >= kn masked to -inf), P goes to a small L1 buffer
 // and O = P V is accumulated in registers from the (zero-padded) V rows. No score tile in memory,
 // no per-row scalar loops; the GEMMs of the tiled path are too small here (m ~ 54, k = 64) to
-// run near the machine's rate. Up to 5 key vectors: beyond, the register groups get too short
-// (measured: slower than the tiled path from 96 keys on).
-constexpr int64_t kMaxShortK = 80;
+// run near the machine's rate. avx512: up to 5 key vectors (80 keys); beyond, the register
+// groups get too short (measured: slower than the tiled path from 96 keys on). avx2: the same 80
+// keys in 10 ymm vectors, one query row per group at the top. default (4 lanes): 32 keys.
+constexpr int kMaxShortKVec = vec::kFloats >= 16 ? 5 : vec::kFloats == 8 ? 10 : 8;
+constexpr int64_t kMaxShortK = kMaxShortKVec * kVec;
 
-// the 16-lane vectors of the output a PV chunk holds in registers
-constexpr int kChunkV = 4;
+// Query rows per register group for NV key vectors: R * NV score accumulators, about 25 of 32 zmm
+// on avx512 (the heights measured there: 8 8 8 6 5), 12 of 16 registers below (8 6 4 3 2 2 1 ...).
+template <int NV>
+constexpr int short_key_rows() {
+  constexpr int acc = vec::kRegisters >= 32 ? 25 : 12;
+  return acc / NV >= 8 ? 8 : acc / NV >= 1 ? acc / NV : 1;
+}
+constexpr int kShortKMaxRows = 8;
+
+// the output vectors a PV chunk of R rows holds in registers: 4 on avx512; R x CH <= 12 below
+template <int R>
+constexpr int short_pv_vectors() {
+  if constexpr (vec::kRegisters >= 32) return 4;
+  return 12 / R >= 4 ? 4 : 12 / R >= 1 ? 12 / R : 1;
+}
 
 // obuf rows [0, R) x [0, 16 CH) = P (R x kn, ld ldp) V (kn x 16 CH, ld ldv)
 template <int R, int CH>
 inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float* vp, int64_t ldv, float* obuf,
                            int64_t ldo) {
-  vf16 acc[R][CH];
+  vf acc[R][CH];
   zero_acc(acc);
   broadcast_fma(
       kn, acc, [&](int r, int64_t j) { return P[r * ldp + j]; },
-      [&](int64_t j, int c) { return load16(vp + j * ldv + c * kVec); });
+      [&](int64_t j, int c) { return vec::loadu(vp + j * ldv + c * kVec); });
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < CH; ++c) store16(obuf + r * ldo + c * kVec, acc[r][c]);
+    for (int c = 0; c < CH; ++c) vec::storeu(obuf + r * ldo + c * kVec, acc[r][c]);
 }
 
-// One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= 16 NV keys:
-// kt (D x 16 NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
+// the last nvec < CH + 1 output vectors of a row group, one chunk of exactly nvec
+template <int R, int CH>
+inline void short_pv_tail(int64_t nvec, int64_t kn, const float* P, int64_t ldp, const float* vp, int64_t ldv,
+                          float* obuf, int64_t ldo) {
+  if constexpr (CH > 0) {
+    if (nvec == CH) return short_pv_chunk<R, CH>(kn, P, ldp, vp, ldv, obuf, ldo);
+    short_pv_tail<R, CH - 1>(nvec, kn, P, ldp, vp, ldv, obuf, ldo);
+  }
+}
+
+// One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= kVec NV keys:
+// kt (D x kVec NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
 // Writes O rows (multiplied by 1/l) and lse.
 template <int NV, int R, typename in_t>
 void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
                      const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
                      float* lse_row) {
   constexpr int64_t kp = NV * kVec;
-  vi16 lane;
-  for (int i = 0; i < kVec; ++i) lane[i] = i;
-  const vi16 valid = lane < static_cast<int32_t>(kn - (NV - 1) * kVec);  // lanes of the last key vector
-  const vf16 ninf = splat16(attn::neg_inf<float>());
+  const vi lane = vec::lane_index();
+  const vi valid = lane < static_cast<int32_t>(kn - (NV - 1) * kVec);  // lanes of the last key vector
+  const vf ninf = vec::splat(attn::neg_inf<float>());
   float inv[R];
   for (int64_t i0 = 0; i0 < qn; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, qn - i0);
     const float* qr[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;  // tail rows repeat the last
-    vf16 s[R][NV];
+    vf s[R][NV];
     zero_acc(s);
     broadcast_fma(  // S = Q (scale K)^T
         D, s, [&](int r, int64_t d) { return qr[r][d]; },
-        [&](int64_t d, int v) { return load16(kt + d * kp + v * kVec); });
+        [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
       s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;
-      vf16 mv = s[r][0];
+      vf mv = s[r][0];
 #pragma GCC unroll 8
       for (int v = 1; v < NV; ++v) mv = s[r][v] > mv ? s[r][v] : mv;
-      const float m = hmax16(mv);
-      const vf16 msplat = splat16(m);
-      vf16 sum{};
+      const float m = vec::hmax(mv);
+      const vf msplat = vec::splat(m);
+      vf sum{};
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        const vf16 e = exp16(s[r][v] - msplat);
+        const vf e = vec::exp(s[r][v] - msplat);
         sum += e;
-        store16(pbuf + r * kp + v * kVec, e);
+        vec::storeu(pbuf + r * kp + v * kVec, e);
       }
-      const float l = hsum16(sum);
+      const float l = vec::hsum(sum);
       inv[r] = attn::softmax_inv_denominator(l);
       if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
     }
+    constexpr int CH = short_pv_vectors<R>();
     const int64_t nvec = Dvp / kVec;
     int64_t c0 = 0;
-    for (; c0 + kChunkV <= nvec; c0 += kChunkV)
-      short_pv_chunk<R, kChunkV>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp);
-    switch (nvec - c0) {
-      case 1: short_pv_chunk<R, 1>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
-      case 2: short_pv_chunk<R, 2>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
-      case 3: short_pv_chunk<R, 3>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp); break;
-      default: break;
-    }
+    for (; c0 + CH <= nvec; c0 += CH) short_pv_chunk<R, CH>(kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp);
+    short_pv_tail<R, CH - 1>(nvec - c0, kn, pbuf, kp, vp + c0 * kVec, Dvp, obuf + c0 * kVec, Dvp);
     for (int64_t r = 0; r < rows; ++r) store_row(out + (i0 + r) * ldo, obuf + r * Dvp, Dv, inv[r]);
   }
 }
 
-// R query rows per register group: 16..25 score accumulators, no spills (32 vector registers on
-// AVX-512; measured per width).
-template <typename in_t>
+// The short-key block for nv = ceil(kn / kVec) key vectors (1 <= nv <= kMaxShortKVec).
+template <typename in_t, int NV = 1>
 void short_key_dispatch(int64_t nv, int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, int64_t kn,
                         const float* vp, int64_t Dv, int64_t Dvp, float* pbuf, float* obuf, in_t* out, int64_t ldo,
                         float* lse_row) {
-#define EMBEDOPS_SHORT_K(NV, R)                                                                                  \
-  case NV:                                                                                                       \
-    short_key_block<NV, R, in_t>(qn, q, ldq, D, kt, kn, vp, Dv, Dvp, pbuf, obuf, out, ldo, lse_row); \
-    break;
-  switch (nv) {
-    EMBEDOPS_SHORT_K(1, 8)
-    EMBEDOPS_SHORT_K(2, 8)
-    EMBEDOPS_SHORT_K(3, 8)
-    EMBEDOPS_SHORT_K(4, 6)
-    EMBEDOPS_SHORT_K(5, 5)
-    default: TORCH_INTERNAL_ASSERT(false, "short_key_dispatch: nv out of range");
+  if constexpr (NV <= kMaxShortKVec) {
+    if (nv == NV)
+      return short_key_block<NV, short_key_rows<NV>(), in_t>(qn, q, ldq, D, kt, kn, vp, Dv, Dvp, pbuf, obuf, out,
+                                                             ldo, lse_row);
+    return short_key_dispatch<in_t, NV + 1>(nv, qn, q, ldq, D, kt, kn, vp, Dv, Dvp, pbuf, obuf, out, ldo, lse_row);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "short_key_dispatch: nv out of range");
   }
-#undef EMBEDOPS_SHORT_K
 }
 
 // in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
@@ -164,7 +176,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
     constexpr bool short_k = std::is_same_v<T, float>;
     const int64_t Dvp = padded_len(Dv);
     std::vector<float> kt(short_k ? D * kMaxShortK : 0), vp(short_k ? kMaxShortK * Dvp : 0),
-        pbuf(short_k ? 8 * kMaxShortK : 0), obuf(short_k ? 8 * Dvp : 0);
+        pbuf(short_k ? kShortKMaxRows * kMaxShortK : 0), obuf(short_k ? kShortKMaxRows * Dvp : 0);
     int64_t prep_b = -1, prep_hk = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
@@ -284,45 +296,29 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen) {
-  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
-  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
-  out_shape.back() = Dv;
-  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
-  at::Tensor out = empty_output(out_shape, q.options());  // long Lq: tens of MB, fresh on every call
-  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
-  if (out.numel() == 0) return {out, lse};
+void cross_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
+                                        const SeqDesc& desc, double scale, bool varlen, at::Tensor& out,
+                                        at::Tensor& lse) {
+  const int64_t Hq = qc.size(-2), Hkv = kc.size(-2), D = qc.size(-1), Dv = vc.size(-1);
   const Seqs s(desc);
   const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);
-  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_cpu", [&] {
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "cross_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen),
                                 rows_of<const scalar_t>(vc, varlen), rows_of<scalar_t>(out, varlen),
                                 lse.data_ptr<T>(), lse_sb, lse_sh, s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
                                 desc.max_k, static_cast<T>(scale));
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& dout, const at::Tensor& q,
-                                                             const at::Tensor& k, const at::Tensor& v,
-                                                             const at::Tensor& out, const at::Tensor& lse,
-                                                             const std::optional<at::Tensor>& dlse,
-                                                             const SeqDesc& desc, double scale, bool varlen) {
-  const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
-  const at::Tensor oc = prepare(out, varlen), doc = prepare(dout, varlen);
-  const at::Tensor lc = lse.contiguous();
-  const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
-  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  at::Tensor dq = zeros_output(q.sizes(), q.options());
-  at::Tensor dk = zeros_output(k.sizes(), k.options());
-  at::Tensor dv = zeros_output(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0 || dv.numel() == 0) return {dq, dk, dv};
+void cross_attention_backward_cpu_kernel(const at::Tensor& doc, const at::Tensor& qc, const at::Tensor& kc,
+                                         const at::Tensor& vc, const at::Tensor& oc, const at::Tensor& lc,
+                                         const at::Tensor& dlc, const SeqDesc& desc, double scale, bool varlen,
+                                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t Hq = qc.size(-2), Hkv = kc.size(-2), D = qc.size(-1), Dv = vc.size(-1);
   const Seqs s(desc);
   const int64_t lse_sb = varlen ? 0 : lc.stride(0), lse_sh = varlen ? lc.stride(0) : lc.stride(1);
-  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "cross_attention_backward_cpu", [&] {
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "cross_attention_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t, T>(
         rows_of<const scalar_t>(qc, varlen), rows_of<const scalar_t>(kc, varlen), rows_of<const scalar_t>(vc, varlen),
@@ -331,56 +327,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
         rows_of<scalar_t>(dk, varlen), rows_of<scalar_t>(dv, varlen), s, desc.batch, Hq, Hkv, D, Dv, desc.max_q_slot,
         desc.max_k, static_cast<T>(scale));
   });
-  return {dq, dk, dv};
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                       const std::optional<at::Tensor>& kv_lengths,
-                                                       const std::optional<at::Tensor>& q_lengths,
-                                                       std::optional<double> scale) {
-  const char* op = "cross_attention";
-  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
-  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(3)), false);
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                              int64_t max_seqlen_k, std::optional<double> scale) {
-  const char* op = "cross_attention_varlen";
-  const SeqDesc desc =
-      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return forward_impl(op, q, k, v, desc, resolve_scale(op, scale, q.size(2)), true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& kv_lengths,
-    const std::optional<at::Tensor>& q_lengths, double scale) {
-  const char* op = "cross_attention_backward";
-  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
-  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, false);
-  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
-  const char* op = "cross_attention_varlen_backward";
-  const SeqDesc desc =
-      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  check_cross_attention_backward_args(op, dout, q, v, out, lse, dlse, true);
-  return backward_impl(dout, q, k, v, out, lse, dlse, desc, scale, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CPU, m) {
-  m.impl("cross_attention", &cross_attention_cpu);
-  m.impl("cross_attention_varlen", &cross_attention_varlen_cpu);
-  m.impl("cross_attention_backward", &cross_attention_backward_cpu);
-  m.impl("cross_attention_varlen_backward", &cross_attention_varlen_backward_cpu);
-}
+EMBEDOPS_REGISTER_CPU_KERNEL(cross_attention_forward_stub, &cross_attention_forward_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(cross_attention_backward_stub, &cross_attention_backward_cpu_kernel);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace embedops

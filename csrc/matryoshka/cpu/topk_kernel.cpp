@@ -1,4 +1,5 @@
-// matryoshka_topk and matryoshka_funnel on CPU.
+// matryoshka_topk and matryoshka_funnel, CPU kernels (compiled once per CPU level; the host side
+// is ../topk.cpp).
 //
 // topk streams the corpus in row tiles, parallel over tiles (one contiguous run of tiles per
 // thread). Per tile the raw dot products are accumulated segment by segment (prefix d_{p-1}..d_p):
@@ -6,7 +7,7 @@
 //     sums of squares for every prefix (vectorised lanes), no score matrix at all;
 //   - B > 4, float32 scores: the tile is packed into d-major panels and run through the prefix
 //     micro kernel (prefix_gemm.h); at each prefix boundary the scores go straight from the
-//     accumulators to admission (one vector compare per 16 scores against the heap's worst
+//     accumulators to admission (one vector compare per vector of scores against the heap's worst
 //     entry), no score tile at all;
 //   - otherwise (B > 4 in float64, or B <= 4 with the dot metric / given norms):
 //     R(B x T) += Q_seg X_seg^T (ATen BLAS, or a 4-row GEMV kernel for B = 1), one per segment.
@@ -25,7 +26,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,14 +33,15 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/checks.h"
 #include "common/dispatch.h"
-#include "matryoshka/cpu_kernels.h"
+#include "matryoshka/cpu/prefix_gemm.h"
+#include "matryoshka/cpu/segments.h"
 #include "matryoshka/matryoshka.h"
-#include "matryoshka/prefix_gemm.h"
+#include "matryoshka/matryoshka_cpu.h"
 #include "matryoshka/topk.h"
 
 namespace embedops {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kDirectMaxB = 4;
@@ -193,8 +194,8 @@ void packed_tile(const BlockTiles<scalar_t, float>& tiles, const Blocks<scalar_t
                                  const int64_t pb = p * B + b0 + r;
                                  mat::vf v0 = acc[r][0], v1 = acc[r][1];
                                  if (s.cosine) {
-                                   v0 = mat::cosine16(v0, qinv[pb], ix0);
-                                   v1 = mat::cosine16(v1, qinv[pb], ix1);
+                                   v0 = mat::cosine_lanes(v0, qinv[pb], ix0);
+                                   v1 = mat::cosine_lanes(v1, qinv[pb], ix1);
                                  }
                                  float* h = hs + pb * k;
                                  if (!mat::any_not_below(v0, h[0]) && !mat::any_not_below(v1, h[0])) continue;
@@ -361,28 +362,6 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   });
 }
 
-// A plain corpus or a list of column blocks, validated, with unit column stride.
-std::vector<at::Tensor> corpus_blocks(const char* op, const at::Tensor& queries, at::TensorList blocks,
-                                      MatryoshkaShape& s) {
-  TORCH_CHECK_VALUE(!blocks.empty(), op, ": blocks must be a non-empty list of (N, w) tensors");
-  std::vector<at::Tensor> out;
-  int64_t D = 0;
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    const at::Tensor& b = blocks[i];
-    TORCH_CHECK_VALUE(b.dim() == 2, op, ": blocks[", i, "] must have 2 dims (N, w), got ", b.dim());
-    check_same_dtype(op, "blocks", b, "queries", queries);
-    check_same_device(op, "blocks", b, "queries", queries);
-    TORCH_CHECK_VALUE(b.size(0) == blocks[0].size(0), op, ": every block must have N=", blocks[0].size(0),
-                      " rows, blocks[", i, "] has ", b.size(0));
-    TORCH_CHECK_VALUE(b.size(1) >= 1, op, ": blocks[", i, "] has no columns");
-    D += b.size(1);
-    out.push_back(rows_unit_stride(b));
-  }
-  TORCH_CHECK_VALUE(D == s.D, op, ": the blocks' widths must add up to D=", s.D, ", got ", D);
-  s.N = blocks[0].size(0);
-  return out;
-}
-
 template <typename scalar_t>
 Blocks<scalar_t> make_blocks(const std::vector<at::Tensor>& ts) {
   Blocks<scalar_t> bl;
@@ -395,46 +374,6 @@ Blocks<scalar_t> make_blocks(const std::vector<at::Tensor>& ts) {
     bl.c1.push_back(c);
   }
   return bl;
-}
-
-std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& queries, const std::vector<at::Tensor>& blocks,
-                                             int64_t k, const MatryoshkaShape& s,
-                                             const std::optional<at::Tensor>& corpus_inv_norms) {
-  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
-  const int64_t P = static_cast<int64_t>(s.dims.size());
-  at::Tensor values = at::empty({P, s.B, k}, queries.options().dtype(acc));
-  at::Tensor indices = at::empty({P, s.B, k}, queries.options().dtype(at::kLong));
-  if (s.B == 0 || k == 0) return {values, indices};
-  const at::Tensor q = queries.to(acc).contiguous();
-  at::Tensor inv;
-  if (corpus_inv_norms.has_value() && s.cosine) inv = corpus_inv_norms->contiguous();
-  EMBEDOPS_DISPATCH_FLOATING(queries.scalar_type(), "matryoshka_topk_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    topk_kernel<scalar_t>(q, make_blocks<scalar_t>(blocks), s, k,
-                          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, values, indices);
-  });
-  return {values, indices};
-}
-
-std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cpu(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
-                                                       at::IntArrayRef dims, c10::string_view metric,
-                                                       const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_topk";
-  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
-  check_topk_k(op, k, s.N);
-  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, corpus);
-  return topk_impl(queries, {rows_unit_stride(corpus)}, k, s, corpus_inv_norms);
-}
-
-std::tuple<at::Tensor, at::Tensor> matryoshka_topk_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
-                                                              int64_t k, at::IntArrayRef dims, c10::string_view metric,
-                                                              const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_topk_blocks";
-  MatryoshkaShape s = check_matryoshka_args(op, queries, queries, dims, metric);
-  const auto bl = corpus_blocks(op, queries, blocks, s);
-  check_topk_k(op, k, s.N);
-  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, bl[0]);
-  return topk_impl(queries, bl, k, s, corpus_inv_norms);
 }
 
 template <typename scalar_t>
@@ -517,54 +456,27 @@ void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Ma
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> funnel_impl(const char* op, const at::Tensor& queries,
-                                               const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
-                                               at::IntArrayRef ks, const std::optional<at::Tensor>& corpus_inv_norms) {
-  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
-  const int64_t kl = ks.back();
-  at::Tensor values = at::empty({s.B, kl}, queries.options().dtype(acc));
-  at::Tensor indices = at::empty({s.B, kl}, queries.options().dtype(at::kLong));
-  if (s.B == 0 || kl == 0) return {values, indices};
-  MatryoshkaShape s0 = s;
-  s0.dims = {s.dims[0]};
-  auto [v0, i0] = topk_impl(queries, blocks, ks[0], s0, corpus_inv_norms);
-  const at::Tensor q = queries.to(acc).contiguous();
-  EMBEDOPS_DISPATCH_FLOATING(queries.scalar_type(), "matryoshka_funnel_cpu", [&] {
-    funnel_rerank<scalar_t>(q, make_blocks<scalar_t>(blocks), s, ks, v0, i0, values, indices);
+void topk_cpu_kernel(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
+                     int64_t k, const at::Tensor& inv, at::Tensor& values, at::Tensor& indices) {
+  EMBEDOPS_DISPATCH_FLOATING(blocks[0].scalar_type(), "matryoshka_topk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    topk_kernel<scalar_t>(q_acc, make_blocks<scalar_t>(blocks), s, k,
+                          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, values, indices);
   });
-  return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cpu(const at::Tensor& queries, const at::Tensor& corpus,
-                                                         at::IntArrayRef dims, at::IntArrayRef ks,
-                                                         c10::string_view metric,
-                                                         const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_funnel";
-  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
-  check_funnel_ks(op, dims, ks, s.N);
-  check_inv_norms(op, corpus_inv_norms, 1, s.N, corpus);
-  return funnel_impl(op, queries, {rows_unit_stride(corpus)}, s, ks, corpus_inv_norms);
-}
-
-std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
-                                                                at::IntArrayRef dims, at::IntArrayRef ks,
-                                                                c10::string_view metric,
-                                                                const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_funnel_blocks";
-  MatryoshkaShape s = check_matryoshka_args(op, queries, queries, dims, metric);
-  const auto bl = corpus_blocks(op, queries, blocks, s);
-  check_funnel_ks(op, dims, ks, s.N);
-  check_inv_norms(op, corpus_inv_norms, 1, s.N, bl[0]);
-  return funnel_impl(op, queries, bl, s, ks, corpus_inv_norms);
+void funnel_rerank_cpu_kernel(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks,
+                              const MatryoshkaShape& s, at::IntArrayRef ks, const at::Tensor& v0,
+                              const at::Tensor& i0, at::Tensor& values, at::Tensor& indices) {
+  EMBEDOPS_DISPATCH_FLOATING(blocks[0].scalar_type(), "matryoshka_funnel_cpu", [&] {
+    funnel_rerank<scalar_t>(q_acc, make_blocks<scalar_t>(blocks), s, ks, v0, i0, values, indices);
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CPU, m) {
-  m.impl("matryoshka_topk", &matryoshka_topk_cpu);
-  m.impl("matryoshka_funnel", &matryoshka_funnel_cpu);
-  m.impl("matryoshka_topk_blocks", &matryoshka_topk_blocks_cpu);
-  m.impl("matryoshka_funnel_blocks", &matryoshka_funnel_blocks_cpu);
-}
+EMBEDOPS_REGISTER_CPU_KERNEL(matryoshka_topk_stub, &topk_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(matryoshka_funnel_rerank_stub, &funnel_rerank_cpu_kernel);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace embedops

@@ -1,7 +1,8 @@
 #pragma once
-// Attention family, CPU: the tile helpers every CPU attention kernel shares (cross_attention,
-// co_attention, mixture_attention): BLAS GEMM on raw strided tiles, 16-lane exp/max for the
-// softmax rows, tile conversion for float16/bfloat16, tile-size heuristics, row addressing.
+// Attention family, CPU (per CPU level): the tile helpers every CPU attention kernel shares
+// (cross_attention, co_attention, mixture_attention): BLAS GEMM on raw strided tiles, vector
+// exp/max for the softmax rows (common/vec.h: as wide as the level's registers), tile conversion
+// for float16/bfloat16, tile-size heuristics, row addressing, the register-blocked short passes.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,8 @@
 
 
 #include "attention/attention.h"
+#include "attention/attention_cpu.h"
+#include "common/vec.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -26,6 +29,7 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 }
 
 namespace embedops {
+namespace CPU_CAPABILITY {
 namespace attn_cpu {
 
 // ---- GEMM on raw tiles ---------------------------------------------------------------------
@@ -80,8 +84,9 @@ constexpr int64_t kMinBlockK = 512;
 // online-softmax rescales, larger GEMMs). A multiple of 16.
 inline int64_t block_k_for(int64_t block_q) { return std::clamp<int64_t>((32768 / block_q) / 16 * 16, kMinBlockK, 2048); }
 
-// Score rows are stored with a stride rounded up to the 16-lane vector width; the padding holds
-// -inf, so the row max / exp loops run without a scalar tail (exp(-inf) = 0 adds nothing).
+// Score rows are stored with a stride rounded up to 16 floats (a multiple of every level's vector
+// width); the padding holds -inf, so the row max / exp loops run without a scalar tail
+// (exp(-inf) = 0 adds nothing).
 inline int64_t padded_len(int64_t kn) { return (kn + 15) / 16 * 16; }
 
 // Query rows per tile: about 32K scores per (BQ x BK) tile, so short key sequences (image->text,
@@ -109,15 +114,6 @@ Rows<T> rows_of(const at::Tensor& t, bool varlen) {
   return {p, t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The kernels read rows with BLAS: the last dim must be contiguous and the token stride a valid
-// leading dimension. Anything else (e.g. broadcast views) is copied once.
-inline at::Tensor prepare(const at::Tensor& t, bool varlen) {
-  at::Tensor c = t;
-  const int64_t tok_dim = varlen ? 0 : 1;
-  if (c.stride(-1) != 1 || c.stride(tok_dim) < c.size(-1)) c = c.contiguous();
-  return c;
-}
-
 struct Seqs {
   const int64_t *q_start, *q_len, *q_slot, *k_start, *k_len;
   explicit Seqs(const SeqDesc& d) {
@@ -131,109 +127,41 @@ struct Seqs {
   }
 };
 
-// exp(x) for float, branch-free so the loops below vectorise (-O3 -march=native): 2^n * p(r)
-// with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (rel. error ~2e-7).
-// x below -87 (2^-126) gives 0.
-inline float exp_f32(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  const float scale = std::bit_cast<float>(e);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
+using vec::exp_f32;
 inline double exp_any(double x) { return std::exp(x); }
 inline float exp_any(float x) { return exp_f32(x); }
 
-// 16-float vectors (GCC/Clang vector extensions: AVX-512, or two AVX2 registers) for the
-// per-row softmax work; the compiler's auto-vectoriser kept the scalar loop inside the kernel.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-constexpr int64_t kVec = 16;
-
-inline vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
-// (not vf16{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per broadcast)
-inline vf16 splat16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// Register-wide float vectors (common/vec.h) for the per-row softmax work; the compiler's
+// auto-vectoriser kept the scalar loop inside the kernel.
+using vf = vec::vfloat;
+using vi = vec::vint;
+constexpr int64_t kVec = vec::kFloats;
 
 // The register-blocked product the short-key / short-query passes are made of:
 // acc[r][c] += a(r, j) * b(j, c) for j < n, with one broadcast per (r, j) and one vector load per
-// (j, c); R x C vector accumulators stay in registers (R * C + C + 1 <= 32 on AVX-512).
+// (j, c); R x C vector accumulators stay in registers (R * C + C + 1 within vec::kRegisters; the
+// b vectors may also be memory operands of the FMAs).
 template <int R, int C>
-inline void zero_acc(vf16 (&acc)[R][C]) {
+inline void zero_acc(vf (&acc)[R][C]) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = vf16{};
+    for (int c = 0; c < C; ++c) acc[r][c] = vf{};
 }
 
 template <int R, int C, typename A, typename Bv>
-inline void broadcast_fma(int64_t n, vf16 (&acc)[R][C], const A& a, const Bv& b) {
+inline void broadcast_fma(int64_t n, vf (&acc)[R][C], const A& a, const Bv& b) {
   for (int64_t j = 0; j < n; ++j) {
-    vf16 bv[C];
+    vf bv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) bv[c] = b(j, c);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf16 x = splat16(a(r, j));
+      const vf x = vec::splat(a(r, j));
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) acc[r][c] += x * bv[c];
     }
   }
-}
-
-// exp_f32 on 16 lanes (same formula; round-to-nearest by the 1.5 * 2^23 trick).
-inline vf16 exp16(vf16 x) {
-  const vf16 lo = splat16(-87.0f), hi = splat16(88.0f), magic = splat16(12582912.0f);
-  vf16 xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const vf16 n = (xc * 1.44269504088896341f + magic) - magic;
-  const vf16 r = xc - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-  vf16 p = splat16(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
-  vf16 pow2n;
-  std::memcpy(&pow2n, &e, sizeof(pow2n));
-  const vf16 res = p * pow2n;
-  return x < lo ? vf16{} : res;
-}
-
-// Horizontal sum / max of the 16 lanes: a shuffle tree (4 steps) instead of 15 scalar ops.
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-inline vf4 halves_max(vf16 v) {
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const vf8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf8 m8 = a > b ? a : b;
-  const vf4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  return c > d ? c : d;
-}
-inline float hsum16(vf16 v) {
-  const vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-inline float hmax16(vf16 v) {
-  const vf4 m4 = halves_max(v);
-  return std::max(std::max(m4[0], m4[2]), std::max(m4[1], m4[3]));
 }
 
 template <typename T>
@@ -242,12 +170,12 @@ T row_max(const T* x, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
     if (n >= kVec) {
-      vf16 m = load16(x);
+      vf m = vec::loadu(x);
       for (j = kVec; j + kVec <= n; j += kVec) {
-        const vf16 y = load16(x + j);
+        const vf y = vec::loadu(x + j);
         m = y > m ? y : m;
       }
-      mx = hmax16(m);
+      mx = vec::hmax(m);
     }
   }
   for (; j < n; ++j) mx = std::max(mx, x[j]);
@@ -264,14 +192,14 @@ T exp_row(T* x, int64_t n, T m) {
   T sum = 0;
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    vf16 acc{};
-    const vf16 mv = splat16(m);
+    vf acc{};
+    const vf mv = vec::splat(m);
     for (; j + kVec <= n; j += kVec) {
-      const vf16 e = exp16(load16(x + j) - mv);
-      store16(x + j, e);
+      const vf e = vec::exp(vec::loadu(x + j) - mv);
+      vec::storeu(x + j, e);
       acc += e;
     }
-    sum = hsum16(acc);
+    sum = vec::hsum(acc);
   }
   for (; j < n; ++j) {
     const T e = exp_any(x[j] - m);
@@ -340,26 +268,26 @@ void backward_tile(int64_t qn, int64_t kn, int64_t D, int64_t Dv, T scale, const
 }
 
 // ---- short query side (text ~77 queries against long keys), float32 ---------------------------
-// The scores are kept transposed, S^T (keys x queries, queries in the 16 lanes), so every softmax
+// The scores are kept transposed, S^T (keys x queries, queries in the vector lanes), so every softmax
 // statistic is a vertical vector op (no horizontal reductions, no per-row scalar work), and both
 // products are broadcast-FMA in registers: S^T[j] += K[j][d] * Q^T[d] with Q^T (D x QP, pre-scaled)
 // prepared once per query tile, O^T[e] += V[j][e] * P^T[j]. No BLAS packing of key tiles that are
 // used once, no score tile beyond one L1-sized chunk of keys. A caller runs several heads over the
 // same chunk of keys (their rows are adjacent in a (B, L, H, D) tensor: one contiguous read).
-constexpr int64_t kShortQMax = 128;   // queries per tile (8 vectors)
+constexpr int64_t kShortQMax = 8 * kVec;  // queries per tile (8 vectors: 128 on avx512, 64 on avx2)
 constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
 
-// the running (max, sum) of 16 NQV queries
+// the running (max, sum) of kVec * NQV queries
 template <int NQV>
 struct ShortQState {
-  vf16 m[NQV], l[NQV];
+  vf m[NQV], l[NQV];
 };
 
 template <int NQV>
 void short_query_begin(ShortQState<NQV>& s, float* ot, int64_t Dv) {
   for (int q = 0; q < NQV; ++q) {
-    s.m[q] = splat16(attn::neg_inf<float>());
-    s.l[q] = vf16{};
+    s.m[q] = vec::splat(attn::neg_inf<float>());
+    s.l[q] = vf{};
   }
   std::fill(ot, ot + Dv * NQV * kVec, 0.0f);
 }
@@ -375,33 +303,33 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
     const float* kr[NB];
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t) kr[t] = kc + std::min<int64_t>(jb + t, kn - 1) * D;
-    vf16 acc[NB][NQV];
+    vf acc[NB][NQV];
     zero_acc(acc);
     broadcast_fma(
         D, acc, [&](int t, int64_t d) { return kr[t][d]; },
-        [&](int64_t d, int q) { return load16(qt + d * QP + q * kVec); });
+        [&](int64_t d, int q) { return vec::loadu(qt + d * QP + q * kVec); });
     const int64_t nt = std::min<int64_t>(NB, kn - jb);
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t)
       if (t < nt)
 #pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) store16(st + (jb + t) * QP + q * kVec, acc[t][q]);
+        for (int q = 0; q < NQV; ++q) vec::storeu(st + (jb + t) * QP + q * kVec, acc[t][q]);
   }
-  vf16 al[NQV];
+  vf al[NQV];
 #pragma GCC unroll 8
-  for (int q = 0; q < NQV; ++q) {  // the online-softmax step of attention.h, 16 queries per vector
+  for (int q = 0; q < NQV; ++q) {  // the online-softmax step of attention.h, kVec queries per vector
     float* col = st + q * kVec;
-    vf16 mx = load16(col);
+    vf mx = vec::loadu(col);
     for (int64_t j = 1; j < kn; ++j) {
-      const vf16 x = load16(col + j * QP);
+      const vf x = vec::loadu(col + j * QP);
       mx = x > mx ? x : mx;
     }
-    const vf16 mn = mx > s.m[q] ? mx : s.m[q];
-    al[q] = exp16(s.m[q] - mn);  // m_old = -inf (first chunk): exp16 gives 0
-    vf16 sum{};
+    const vf mn = mx > s.m[q] ? mx : s.m[q];
+    al[q] = vec::exp(s.m[q] - mn);  // m_old = -inf (first chunk): exp gives 0
+    vf sum{};
     for (int64_t j = 0; j < kn; ++j) {
-      const vf16 e = exp16(load16(col + j * QP) - mn);
-      store16(col + j * QP, e);
+      const vf e = vec::exp(vec::loadu(col + j * QP) - mn);
+      vec::storeu(col + j * QP, e);
       sum += e;
     }
     s.l[q] = s.l[q] * al[q] + sum;
@@ -412,19 +340,19 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t) vr[t] = vc + std::min<int64_t>(e0 + t, Dv - 1);
     const int64_t ne = std::min<int64_t>(NB, Dv - e0);
-    vf16 o[NB][NQV];
+    vf o[NB][NQV];
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t)
 #pragma GCC unroll 8
-      for (int q = 0; q < NQV; ++q) o[t][q] = t < ne ? load16(ot + (e0 + t) * QP + q * kVec) * al[q] : vf16{};
+      for (int q = 0; q < NQV; ++q) o[t][q] = t < ne ? vec::loadu(ot + (e0 + t) * QP + q * kVec) * al[q] : vf{};
     broadcast_fma(
         kn, o, [&](int t, int64_t j) { return vr[t][j * Dv]; },
-        [&](int64_t j, int q) { return load16(st + j * QP + q * kVec); });
+        [&](int64_t j, int q) { return vec::loadu(st + j * QP + q * kVec); });
 #pragma GCC unroll 8
     for (int t = 0; t < NB; ++t)
       if (t < ne)
 #pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) store16(ot + (e0 + t) * QP + q * kVec, o[t][q]);
+        for (int q = 0; q < NQV; ++q) vec::storeu(ot + (e0 + t) * QP + q * kVec, o[t][q]);
   }
 }
 
@@ -436,8 +364,8 @@ void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const fl
   constexpr int64_t QP = NQV * kVec;
   float mq[QP], lq[QP];
   for (int q = 0; q < NQV; ++q) {
-    store16(mq + q * kVec, s.m[q]);
-    store16(lq + q * kVec, s.l[q]);
+    vec::storeu(mq + q * kVec, s.m[q]);
+    vec::storeu(lq + q * kVec, s.l[q]);
   }
   for (int64_t i = 0; i < qn; ++i) {
     m[i] = mq[i];
@@ -447,13 +375,15 @@ void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const fl
   }
 }
 
-// the register-group height for NQV query vectors: about 24 accumulators
+// the register-group height for NQV query vectors: about 3/4 of the register file as
+// accumulators (avx512: 24 of 32 zmm, the heights measured before: 8 8 8 6 4 4 3 3; avx2: 12 of 16)
 template <int NQV>
 constexpr int short_query_nb() {
-  return NQV <= 3 ? 8 : NQV == 4 ? 6 : NQV <= 6 ? 4 : 3;
+  constexpr int acc = vec::kRegisters * 3 / 4;
+  return acc / NQV >= 8 ? 8 : acc / NQV >= 1 ? acc / NQV : 1;
 }
 
-// f(std::integral_constant<int, NQV>) for NQV = ceil(qn / 16), qn <= kShortQMax
+// f(std::integral_constant<int, NQV>) for NQV = ceil(qn / kVec), qn <= kShortQMax
 template <typename F>
 void short_query_dispatch(int64_t qn, F&& f) {
   switch ((qn + kVec - 1) / kVec) {
@@ -483,7 +413,7 @@ template <typename in_t>
 inline void copy_row_f32(float* dst, const in_t* src, int64_t n) {
   int64_t i = 0;
   if constexpr (std::is_same_v<in_t, float>) {
-    for (; i + kVec <= n; i += kVec) store16(dst + i, load16(src + i));
+    for (; i + kVec <= n; i += kVec) vec::storeu(dst + i, vec::loadu(src + i));
   }
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -515,4 +445,5 @@ void store_row(in_t* dst, const T* src, int64_t n, T mul) {
 
 
 }  // namespace attn_cpu
+}  // namespace CPU_CAPABILITY
 }  // namespace embedops

@@ -1,6 +1,7 @@
-// co_attention and mixture_attention on the CPU (issue 6: attention beyond the anchors).
+// co_attention and mixture_attention on the CPU: kernels, compiled once per CPU level (the host
+// side, checks and outputs, is ../co_mixture_attention.cpp).
 //
-// Both reuse the cross_attention tiles (attention_cpu_tiles.h: BLAS GEMM on strided tiles, 16-lane
+// Both reuse the cross_attention tiles (cpu/tiles.h: BLAS GEMM on strided tiles, vector
 // exp, per-tile fp16/bf16 conversion) and the online-softmax math of attention.h.
 //
 // co_attention: one task per (batch, head). Query tiles of x are visited in order; for each, the
@@ -23,32 +24,30 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "attention/attention.h"
 #include "attention/attention_beyond.h"
-#include "attention/attention_cpu_tiles.h"
+#include "attention/attention_cpu.h"
+#include "attention/cpu/tiles.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "common/memory.h"
 
 namespace embedops {
+namespace CPU_CAPABILITY {
 namespace {
 
 using namespace attn_cpu;
 
 // ---- small vector helpers on score tiles ------------------------------------------------------
 
-// y[j] = exp(x[j] - c[j]) for j < n (n a multiple of 16 for float); x = -inf gives 0.
+// y[j] = exp(x[j] - c[j]) for j < n (n a multiple of kVec for float); x = -inf gives 0.
 template <typename T>
 void exp_sub_cols(const T* x, const T* c, T* y, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) store16(y + j, exp16(load16(x + j) - load16(c + j)));
+    for (; j + kVec <= n; j += kVec) vec::storeu(y + j, vec::exp(vec::loadu(x + j) - vec::loadu(c + j)));
   }
   for (; j < n; ++j) y[j] = exp_any(x[j] - c[j]);
 }
@@ -289,50 +288,29 @@ void co_backward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_cpu(
-    const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx, const at::Tensor& vy,
-    const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths,
-    std::optional<double> scale) {
-  const char* op = "co_attention";
-  const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
-  const double sc = resolve_scale(op, scale, qx.size(3));
-  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
-  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
-  const auto lse_opts = qx.options().dtype(lse_dtype(qx.scalar_type()));
-  at::Tensor ox = empty_output({B, Lx, H, Dvy}, qx.options()), oy = empty_output({B, Ly, H, Dvx}, qx.options());
-  at::Tensor lx = at::empty({B, H, Lx}, lse_opts), ly = at::empty({B, H, Ly}, lse_opts);
-  if (B * H == 0) return {ox, oy, lx, ly};
-  const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
-  EMBEDOPS_DISPATCH_FLOATING(qx.scalar_type(), "co_attention_cpu", [&] {
+void co_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vxc,
+                                     const at::Tensor& vyc, const CoDesc& cd, double sc, at::Tensor& ox,
+                                     at::Tensor& oy, at::Tensor& lx, at::Tensor& ly) {
+  const int64_t B = qc.size(0), Lx = qc.size(1), H = qc.size(2), Ly = kc.size(1);
+  const int64_t D = qc.size(3), Dvx = vxc.size(3), Dvy = vyc.size(3);
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "co_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     co_forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
                                    rows_of<const scalar_t>(vxc, false), rows_of<const scalar_t>(vyc, false),
                                    rows_of<scalar_t>(ox, false), rows_of<scalar_t>(oy, false), lx.data_ptr<T>(),
                                    ly.data_ptr<T>(), cd, B, H, Lx, Ly, D, Dvx, Dvy, static_cast<T>(sc));
   });
-  return {ox, oy, lx, ly};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward_cpu(
-    const at::Tensor& dox, const at::Tensor& doy, const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
-    const at::Tensor& vy, const at::Tensor& ox, const at::Tensor& oy, const at::Tensor& lse_x, const at::Tensor& lse_y,
-    const std::optional<at::Tensor>& dlse_x, const std::optional<at::Tensor>& dlse_y,
-    const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths, double scale) {
-  const char* op = "co_attention_backward";
-  const CoDesc cd = check_co_attention_backward_args(op, dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x,
-                                                     dlse_y, x_lengths, y_lengths);
-  const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
-  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
-  at::Tensor dqx = zeros_output(qx.sizes(), qx.options()), dky = zeros_output(ky.sizes(), ky.options());
-  at::Tensor dvx = zeros_output(vx.sizes(), vx.options()), dvy = zeros_output(vy.sizes(), vy.options());
-  if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
-  const at::Tensor qc = prepare(qx, false), kc = prepare(ky, false), vxc = prepare(vx, false), vyc = prepare(vy, false);
-  const at::Tensor oxc = prepare(ox, false), oyc = prepare(oy, false), doxc = prepare(dox, false),
-                   doyc = prepare(doy, false);
-  const at::Tensor lxc = lse_x.contiguous(), lyc = lse_y.contiguous();
-  const at::Tensor dlxc = dlse_x.has_value() ? dlse_x->contiguous() : at::Tensor();
-  const at::Tensor dlyc = dlse_y.has_value() ? dlse_y->contiguous() : at::Tensor();
-  EMBEDOPS_DISPATCH_FLOATING(qx.scalar_type(), "co_attention_backward_cpu", [&] {
+void co_attention_backward_cpu_kernel(const at::Tensor& doxc, const at::Tensor& doyc, const at::Tensor& qc,
+                                      const at::Tensor& kc, const at::Tensor& vxc, const at::Tensor& vyc,
+                                      const at::Tensor& oxc, const at::Tensor& oyc, const at::Tensor& lxc,
+                                      const at::Tensor& lyc, const at::Tensor& dlxc, const at::Tensor& dlyc,
+                                      const CoDesc& cd, double scale, at::Tensor& dqx, at::Tensor& dky,
+                                      at::Tensor& dvx, at::Tensor& dvy) {
+  const int64_t B = qc.size(0), Lx = qc.size(1), H = qc.size(2), Ly = kc.size(1);
+  const int64_t D = qc.size(3), Dvx = vxc.size(3), Dvy = vyc.size(3);
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "co_attention_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     co_backward_kernel<scalar_t, T>(
         rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false), rows_of<const scalar_t>(vxc, false),
@@ -343,7 +321,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
         rows_of<scalar_t>(dky, false), rows_of<scalar_t>(dvx, false), rows_of<scalar_t>(dvy, false), cd, B, H, Lx, Ly,
         D, Dvx, Dvy, static_cast<T>(scale));
   });
-  return {dqx, dky, dvx, dvy};
 }
 
 // ---- mixture_attention ----------------------------------------------------------------------------
@@ -424,7 +401,7 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
 // per (batch, group of G heads, query tile). Per modality the keys are visited in chunks; a chunk's
 // rows of the G heads (adjacent in a (B, L, H, D) tensor: one contiguous read instead of G reads of
 // 256 bytes 2 KiB apart) are copied once, then each head takes its online-softmax step over them
-// with the scores transposed (attention_cpu_tiles.h, short query side). No BLAS calls.
+// with the scores transposed (cpu/tiles.h, short query side). No BLAS calls.
 template <typename in_t, typename T>
 void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                        const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse_t, const MixDesc& md,
@@ -576,21 +553,11 @@ int64_t max_segment(const MixDesc& md) {
   return mx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                     const at::Tensor& v, const at::Tensor& seg,
-                                                                     const at::Tensor& weights,
-                                                                     std::optional<double> scale) {
-  const char* op = "mixture_attention";
-  const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
-  const double sc = resolve_scale(op, scale, q.size(3));
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t M = md.M;
-  at::Tensor out = empty_output({B, Lq, Hq, Dv}, q.options());
-  at::Tensor lse = at::empty({B, Hq, Lq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
-  at::Tensor seg_out = empty_output({B, Lq, Hq, M, Dv}, q.options());
-  if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity()), seg_out};
-  const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false);
-  EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "mixture_attention_cpu", [&] {
+void mixture_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
+                                          const at::Tensor& weights, const MixDesc& md, double sc, at::Tensor& out,
+                                          at::Tensor& lse, at::Tensor& seg_out) {
+  const int64_t B = qc.size(0), Lq = qc.size(1), Hq = qc.size(2), Hkv = kc.size(2), D = qc.size(3), Dv = vc.size(3);
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "mixture_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     if (std::is_same_v<T, float> && Lq <= 2 * kShortQMax) {
       {
@@ -606,24 +573,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_attention_cpu(const at::T
                                     rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<T>(), md,
                                     B, Lq, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(sc));
   });
-  return {out, lse, seg_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg,
-    const at::Tensor& weights, const at::Tensor& seg_out, const at::Tensor& lse, double scale) {
-  const char* op = "mixture_attention_backward";
-  const MixDesc md = check_mixture_backward_args(op, dout, q, k, v, seg, weights, seg_out, lse);
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t Lk = k.size(1), M = md.M;
-  at::Tensor dq = zeros_output(q.sizes(), q.options()), dk = zeros_output(k.sizes(), k.options());
-  at::Tensor dv = zeros_output(v.sizes(), v.options());
-  at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
-  if (dq.numel() > 0 && dv.numel() > 0) {
-    const at::Tensor qc = prepare(q, false), kc = prepare(k, false), vc = prepare(v, false),
-                     doc = prepare(dout, false);
-    const at::Tensor soc = seg_out.contiguous(), lc = lse.contiguous();
-    EMBEDOPS_DISPATCH_FLOATING(q.scalar_type(), "mixture_attention_backward_cpu", [&] {
+void mixture_attention_backward_cpu_kernel(const at::Tensor& doc, const at::Tensor& qc, const at::Tensor& kc,
+                                           const at::Tensor& vc, const at::Tensor& weights, const at::Tensor& soc,
+                                           const at::Tensor& lc, const MixDesc& md, double scale, at::Tensor& dq,
+                                           at::Tensor& dk, at::Tensor& dv, at::Tensor& dw4) {
+  const int64_t B = qc.size(0), Lq = qc.size(1), Hq = qc.size(2), Hkv = kc.size(2), D = qc.size(3), Dv = vc.size(3);
+  const int64_t Lk = kc.size(1);
+    EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "mixture_attention_backward_cpu", [&] {
       using T = at::opmath_type<scalar_t>;
       mix_backward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
                                        rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
@@ -632,19 +590,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
                                        rows_of<scalar_t>(dk, false), rows_of<scalar_t>(dv, false), dw4.data_ptr<T>(), md,
                                        B, Lq, Lk, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(scale));
     });
-  }
-  // per-head dalpha, summed over heads (fixed order) for shared (B, Lq, M) weights
-  at::Tensor dw = weights.dim() == 3 ? at::sum(dw4, {2}) : dw4;
-  return {dq, dk, dv, dw.to(weights.scalar_type())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CPU, m) {
-  m.impl("co_attention", &co_attention_cpu);
-  m.impl("co_attention_backward", &co_attention_backward_cpu);
-  m.impl("mixture_attention", &mixture_attention_cpu);
-  m.impl("mixture_attention_backward", &mixture_attention_backward_cpu);
-}
+EMBEDOPS_REGISTER_CPU_KERNEL(co_attention_forward_stub, &co_attention_forward_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(co_attention_backward_stub, &co_attention_backward_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(mixture_attention_forward_stub, &mixture_attention_forward_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(mixture_attention_backward_stub, &mixture_attention_backward_cpu_kernel);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace embedops

@@ -1,0 +1,35 @@
+#pragma once
+// The CPU kernels of the matryoshka family (cpu/*.cpp, compiled once per CPU level) as dispatch
+// stubs the host code calls (similarity.cpp, topk.cpp). The host checks the arguments, allocates
+// the outputs and converts the queries to the compute type (q_acc); the kernels fill the outputs.
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "common/cpu_capability.h"
+#include "matryoshka/matryoshka.h"
+
+namespace embedops {
+
+// out (P, B, N) in the compute type
+using MatryoshkaSimilarityKernel = void(const at::Tensor& q_acc, const at::Tensor& corpus, const MatryoshkaShape& s,
+                                        at::Tensor& out);
+// out (P, N): 1 / ||x[:dims[p]]||
+using MatryoshkaInvNormsKernel = void(const at::Tensor& corpus, const MatryoshkaShape& s, at::Tensor& out);
+// blocks: the corpus as column blocks (one block for a plain corpus); inv: given per-prefix inverse
+// norms (P, N) or undefined; values / indices (P, B, k)
+using MatryoshkaTopkKernel = void(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks,
+                                  const MatryoshkaShape& s, int64_t k, const at::Tensor& inv, at::Tensor& values,
+                                  at::Tensor& indices);
+// the funnel's later stages: v0 / i0 (B, ks[0]) the first stage's top-k; values / indices (B, ks.back())
+using MatryoshkaFunnelRerankKernel = void(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks,
+                                          const MatryoshkaShape& s, at::IntArrayRef ks, const at::Tensor& v0,
+                                          const at::Tensor& i0, at::Tensor& values, at::Tensor& indices);
+
+EMBEDOPS_DECLARE_CPU_STUB(matryoshka_similarity_stub, MatryoshkaSimilarityKernel);
+EMBEDOPS_DECLARE_CPU_STUB(matryoshka_inv_norms_stub, MatryoshkaInvNormsKernel);
+EMBEDOPS_DECLARE_CPU_STUB(matryoshka_topk_stub, MatryoshkaTopkKernel);
+EMBEDOPS_DECLARE_CPU_STUB(matryoshka_funnel_rerank_stub, MatryoshkaFunnelRerankKernel);
+
+}  // namespace embedops
