@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU code with AddressSanitizer + UndefinedBehaviorSanitizer (no CUDA) and runs the
-# test suite under it. Usage (in a venv where embedops' requirements are installed):
-#   bash tools/sanitize.sh [pytest args...]          default: tests -q -x
+# test suite under it, once per CPU level in EMBEDOPS_SANITIZE_LEVELS (default: "default avx2";
+# only those levels' kernels are compiled). Usage (in a venv with embedops' requirements):
+#   [EMBEDOPS_SANITIZE_LEVELS="default avx2"] bash tools/sanitize.sh [pytest args...]   default: tests -q -x
 # Needs: torch, numpy, pytest, hypothesis, cmake, ninja, g++ (libasan/libubsan come with g++).
 # Python itself is not instrumented, so leak checking is off (CPython and torch keep caches
 # alive at exit); heap overflows, use-after-free and undefined behaviour in embedops abort the run.
@@ -10,7 +11,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 BUILD="${EMBEDOPS_SANITIZE_BUILD:-build/sanitize}"
 STAGE="$BUILD-stage"
+LEVELS="${EMBEDOPS_SANITIZE_LEVELS:-default avx2}"
 cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" -DEMBEDOPS_CUDA=OFF \
+      -DEMBEDOPS_CPU_CAPABILITIES="$(echo "$LEVELS" | tr ' ' ';')" \
       -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.configure.log" 2>&1 \
   || { cat "$BUILD.configure.log"; exit 1; }
 cmake --build "$BUILD"
@@ -33,4 +36,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PYTHONPATH="$PWD/$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import embedops, sys; assert embedops.__file__.startswith('$PWD/$STAGE'), embedops.__file__; print('sanitized build:', embedops.__file__)"
 if [ $# -eq 0 ]; then set -- tests -q -x; fi
-"$PY" -m pytest -p no:cacheprovider "$@"
+for level in $LEVELS; do
+  echo "== sanitized test suite at CPU level $level"
+  EMBEDOPS_CPU_CAPABILITY="$level" "$PY" -m pytest -p no:cacheprovider "$@"
+done

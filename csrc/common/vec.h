@@ -75,13 +75,17 @@ template <typename T>
 inline void storeu(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-// (not vfloat{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per broadcast)
+// A brace list of N copies: GCC emits one broadcast (a lane-by-lane loop can become N inserts;
+// and not vfloat{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per splat).
+namespace detail {
+template <typename T, size_t... I>
+inline vec_t<T> splat_list(T x, std::index_sequence<I...>) {
+  return vec_t<T>{((void)I, x)...};
+}
+}  // namespace detail
 template <typename T>
 inline vec_t<T> splat(T x) {
-  vec_t<T> v;
-#pragma GCC unroll 16
-  for (int i = 0; i < kLanes<T>; ++i) v[i] = x;
-  return v;
+  return detail::splat_list<T>(x, std::make_index_sequence<kLanes<T>>{});
 }
 inline vfloat splat(float x) { return splat<float>(x); }
 

@@ -151,15 +151,29 @@ inline void zero_acc(vf (&acc)[R][C]) {
 
 template <int R, int C, typename A, typename Bv>
 inline void broadcast_fma(int64_t n, vf (&acc)[R][C], const A& a, const Bv& b) {
-  for (int64_t j = 0; j < n; ++j) {
-    vf bv[C];
+  if constexpr (R * C + C + 1 <= vec::kRegisters) {
+    // the C b vectors of step j in registers, reused by the R rows
+    for (int64_t j = 0; j < n; ++j) {
+      vf bv[C];
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) bv[c] = b(j, c);
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) bv[c] = b(j, c);
+      for (int r = 0; r < R; ++r) {
+        const vf x = vec::splat(a(r, j));
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][c] += x * bv[c];
+      }
+    }
+  } else {
+    // too many for the register file (e.g. one row of 10 key vectors on avx2): every b vector
+    // is loaded where it is used (an FMA memory operand), so nothing is spilled
+    for (int64_t j = 0; j < n; ++j) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf x = vec::splat(a(r, j));
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[r][c] += x * bv[c];
+      for (int r = 0; r < R; ++r) {
+        const vf x = vec::splat(a(r, j));
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][c] += x * b(j, c);
+      }
     }
   }
 }

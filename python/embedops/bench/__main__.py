@@ -1,14 +1,70 @@
-"""CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--only I,J] [--json PATH] [--plot DIR]"""
+"""CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--only I,J] [--json PATH]
+[--plot DIR] [--cpu-capability default|avx2|avx512]"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 import torch
 
 from . import FAMILIES, load_family
 from .core import plot, print_table, run, write_json
+
+
+# What --cpu-capability sets before torch, MKL, oneDNN and faiss load: the embedops level AND the
+# baselines capped to the same instruction set, so that an AVX-512 machine measures the AVX2 path
+# the way an AVX2-only machine runs it (torch's kernels, MKL's GEMM, oneDNN, faiss's SIMD level:
+# FAISS_OPT_LEVEL picks the module of a faiss with one module per level, FAISS_SIMD_LEVEL the
+# dispatched level of a faiss built with dynamic dispatch, as faiss-cpu 1.15 is).
+CPU_LEVEL_ENV = {
+    "default": {"EMBEDOPS_CPU_CAPABILITY": "default", "ATEN_CPU_CAPABILITY": "default",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "FAISS_OPT_LEVEL": "generic", "FAISS_SIMD_LEVEL": "NONE"},
+    "avx2": {"EMBEDOPS_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "FAISS_OPT_LEVEL": "avx2", "FAISS_SIMD_LEVEL": "AVX2"},
+    "avx512": {"EMBEDOPS_CPU_CAPABILITY": "avx512", "ATEN_CPU_CAPABILITY": "avx512",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FAISS_OPT_LEVEL": "avx512",
+               "FAISS_SIMD_LEVEL": "AVX512"},
+}
+_CHILD = "EMBEDOPS_BENCH_CPU_LEVEL"
+
+
+def cpu_level_report() -> dict:
+    """The instruction set each side actually runs with (read back, not assumed)."""
+    import embedops
+
+    faiss_level = None
+    try:
+        import faiss
+
+        if hasattr(faiss, "SIMDConfig"):  # dynamic dispatch: the level in use
+            faiss_level = faiss.SIMDConfig.get_level_name()
+        else:  # one module per level: the one loaded
+            loaded = sorted(m for m in sys.modules if m.startswith("faiss.swigfaiss"))
+            faiss_level = loaded[-1] if loaded else "unknown"
+    except ImportError:
+        pass
+    return {"embedops": embedops.build_info()["cpu_capability"],
+            "torch": torch.backends.cpu.get_cpu_capability(),
+            "faiss": faiss_level,
+            "env": {k: os.environ.get(k) for k in CPU_LEVEL_ENV["avx2"]}}
+
+
+def check_cpu_level(level: str, rep: dict) -> list[str]:
+    want_torch = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}[level]
+    problems = []
+    if rep["embedops"] != level:
+        problems.append(f"embedops runs at {rep['embedops']}, not {level}")
+    if rep["torch"] != want_torch:
+        problems.append(f"torch runs at {rep['torch']}, not {want_torch}")
+    if rep["faiss"] is not None:
+        want = {"default": ("NONE", "faiss.swigfaiss"), "avx2": ("AVX2", "faiss.swigfaiss_avx2"),
+                "avx512": ("AVX512", "faiss.swigfaiss_avx512")}[level]
+        if rep["faiss"] not in want:
+            problems.append(f"faiss runs at {rep['faiss']}, not {want[0]}")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only", metavar="I[,J...]",
                    help="run only these cases of each family, by 0-based position in its case list")
+    p.add_argument("--cpu-capability", choices=sorted(CPU_LEVEL_ENV),
+                   help="run embedops at this CPU level and cap torch / MKL / oneDNN / faiss to the same "
+                        "instruction set (re-runs the bench in a fresh process with those variables set)")
     args = p.parse_args(argv)
+    if args.cpu_capability and os.environ.get(_CHILD) != args.cpu_capability:
+        env = dict(os.environ, **CPU_LEVEL_ENV[args.cpu_capability], **{_CHILD: args.cpu_capability})
+        argv_child = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.call([sys.executable, "-m", "embedops.bench", *argv_child], env=env)
 
     try:
         only = [int(i) for i in args.only.split(",")] if args.only else None
@@ -51,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         if only is not None:
             builders = [builders[i] for i in only if 0 <= i < len(builders)]
         selected[name] = builders
+    level = cpu_level_report()
+    if args.cpu_capability:
+        problems = check_cpu_level(args.cpu_capability, level)
+        level["requested"] = args.cpu_capability
+        level["problems"] = problems
+        for msg in problems:
+            print(f"WARNING --cpu-capability {args.cpu_capability}: {msg}", file=sys.stderr)
     report = run(selected, args.device, args.quick)
+    report["cpu_level"] = level
     print_table(report)
     if args.json:
         write_json(report, args.json)

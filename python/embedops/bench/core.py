@@ -284,6 +284,11 @@ def print_table(report: dict) -> None:
     title = (f"embedops bench — {report['device_name']}, torch {report['torch_version']}, "
              f"{report['threads']} threads; peaks: copy {report['peaks']['copy_GBps']:.1f} GB/s, "
              f"matmul {report['peaks']['matmul_GFLOPps']:.0f} GFLOP/s")
+    lv = report.get("cpu_level")
+    if lv:
+        title += (f"; CPU level: embedops {lv['embedops']} (compiled "
+                  f"{', '.join(report['build_info']['cpu_capabilities'])}), torch {lv['torch']}, "
+                  f"faiss {lv['faiss'] or '-'}")
     try:
         from rich.console import Console
         from rich.table import Table
