@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <bit>
 #include <cmath>
@@ -237,6 +238,47 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
   });
 }
 
+// S (qn x lds, row-major) = Q (scale K)^T against the short-key pass's kt, computed exactly as
+// short_key_block computes its scores (the same products, the same order, the same register
+// groups), so that the backward's P = exp(S - lse) is consistent with the forward's lse to the
+// last bit (one key: P = 1 exactly, not 1 - 2^-23 on every row, a bias that dV summed Lq times).
+template <int NV = 1>
+void short_key_scores(int64_t nv, int64_t qn, const float* q, int64_t ldq, int64_t D, const float* kt, float* S,
+                      int64_t lds) {
+  if constexpr (NV <= kMaxShortKVec) {
+    if (nv != NV) return short_key_scores<NV + 1>(nv, qn, q, ldq, D, kt, S, lds);
+    constexpr int R = short_key_rows<NV>();
+    constexpr int64_t kp = NV * kVec;
+    for (int64_t i0 = 0; i0 < qn; i0 += R) {
+      const int64_t rows = std::min<int64_t>(R, qn - i0);
+      const float* qr[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;
+      vf acc[R][NV];
+      zero_acc(acc);
+      broadcast_fma(
+          D, acc, [&](int r, int64_t d) { return qr[r][d]; },
+          [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
+      for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) vec::storeu(S + (i0 + r) * lds + v * kVec, acc[r][v]);
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "short_key_scores: nv out of range");
+  }
+}
+
+// Keys per backward task when the key side is split (see backward_kernel).
+constexpr int64_t kBackwardKeyChunk = 128;
+
+// Backward. A task owns dK, dV of a chunk of keys of one (batch, kv head) and the dQ
+// contributions of those keys to the query heads of its group, so every gradient element is
+// accumulated by one thread in a fixed order (deterministic, no atomics). Normally a chunk is all
+// the keys (tasks = B * Hkv, dQ written directly). When B * Hkv is too small to occupy the
+// threads (MQA / GQA at batch 1), the keys are split into chunks of kBackwardKeyChunk: each task
+// writes its dQ contribution to its own slice of a buffer, and a second pass sums the slices in
+// chunk order. The split depends on the shapes only, never on the thread count, so the bits are
+// the same for any number of threads.
 template <typename in_t, typename T>
 void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                      const Rows<const in_t>& O, const Rows<const in_t>& dO, const T* lse, const T* dlse,
@@ -244,25 +286,58 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
                      const Seqs& s, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q,
                      int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
+  constexpr bool kFloat = std::is_same_v<T, float>;
   const int64_t group = Hq / Hkv;
-  const int64_t kBlockQ = block_q_for(max_k, max_q);
+  // query tiles of at most 256 rows: dK / dV are summed per tile (blocked summation), so a long
+  // query side against a few keys does not sum thousands of terms in one chain
+  const int64_t kBlockQ = std::min<int64_t>(block_q_for(max_k, max_q), 256);
   const int64_t kBlockK = block_k_for(kBlockQ);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // the split: up to ~16 tasks in all, chunks of kBackwardKeyChunk keys (short keys: no split)
+  const int64_t want = std::max<int64_t>(1, 16 / std::max<int64_t>(1, B * Hkv));
+  const int64_t nkc = (kFloat && max_k <= kMaxShortK) ? 1
+                      : std::clamp<int64_t>(std::min(want, (max_k + kBackwardKeyChunk - 1) / kBackwardKeyChunk), 1,
+                                            std::numeric_limits<int32_t>::max());
+  const int64_t chunk = nkc == 1 ? std::max<int64_t>(max_k, 1) : (max_k + nkc - 1) / nkc;
+  const bool split = nkc > 1;
+  // the split's dQ slices: [b][hk][chunk][head in group][query][D]
+  const int64_t part_stride = group * max_q * D;
+  std::unique_ptr<T[]> dq_part(split ? new T[B * Hkv * nkc * part_stride] : nullptr);  // zeroed by its task
+  at::parallel_for(0, B * Hkv * nkc, 1, [&](int64_t begin, int64_t end) {
+    const int64_t ck = std::min(chunk, std::max<int64_t>(max_k, 1));
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lrow(kBlockQ);
-    std::vector<T> dk(max_k * D), dv(max_k * Dv);
-    std::vector<T> kall(kConvert ? max_k * D : 0), vall(kConvert ? max_k * Dv : 0);
+    std::vector<T> dk(ck * D), dv(ck * Dv), scratch(kBlockK * std::max(D, Dv));
+    std::vector<T> kall(kConvert ? ck * D : 0), vall(kConvert ? ck * Dv : 0);
     std::vector<T> qbuf(kConvert ? kBlockQ * D : 0), dobuf(kConvert ? kBlockQ * Dv : 0);
+    std::vector<float> kt(kFloat ? D * kMaxShortK : 0);  // short keys: K^T pre-scaled, as the forward
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t hk = t % Hkv, b = t / Hkv;
-      const int64_t klen = s.k_len[b], qlen = s.q_len[b];
-      if (klen == 0) continue;  // no valid key: every gradient of this sequence is 0
+      const int64_t kc = t % nkc, hk = (t / nkc) % Hkv, b = t / (nkc * Hkv);
+      const int64_t klen_all = s.k_len[b], qlen = s.q_len[b];
+      const int64_t j_lo = kc * chunk, klen = std::min(chunk, klen_all - j_lo);
+      T* parts = split ? dq_part.get() + ((b * Hkv + hk) * nkc + kc) * part_stride : nullptr;
+      if (split) std::fill(parts, parts + part_stride, T(0));
+      if (klen <= 0) continue;  // no valid key in this chunk: its gradients are 0
       std::fill(dk.begin(), dk.begin() + klen * D, T(0));
       std::fill(dv.begin(), dv.begin() + klen * Dv, T(0));
       int64_t ldk, ldv, ldq, lddo;
-      // this (batch, kv head)'s keys and values, converted once for all its query heads
-      const T* k_all = tile(K.at(b, s.k_start[b], hk), K.sl, klen, D, kall.data(), &ldk);
-      const T* v_all = tile(V.at(b, s.k_start[b], hk), V.sl, klen, Dv, vall.data(), &ldv);
+      // this chunk's keys and values, converted once for all its query heads
+      const int64_t kstart = s.k_start[b] + j_lo;
+      const T* k_all = tile(K.at(b, kstart, hk), K.sl, klen, D, kall.data(), &ldk);
+      const T* v_all = tile(V.at(b, kstart, hk), V.sl, klen, Dv, vall.data(), &ldv);
+      // short keys (one key tile, float): the scores as the forward's short-key pass computed them
+      // (such a sequence lies in chunk 0 whole: a split's chunks hold more than kMaxShortK keys)
+      const bool short_k = kFloat && klen_all <= kMaxShortK;
+      // every key of the sequence in one tile (and one chunk): delta from that tile's P and dP
+      const bool one_key_tile = !split && klen_all <= kBlockK;
+      const int64_t nv = (klen + kVec - 1) / kVec, kp = nv * kVec;
+      if (short_k) {
+        for (int64_t j = 0; j < klen; ++j) {
+          const in_t* kr = K.at(b, kstart + j, hk);
+          for (int64_t d = 0; d < D; ++d) kt[d * kp + j] = static_cast<float>(scale) * static_cast<float>(kr[d]);
+        }
+        for (int64_t d = 0; d < D; ++d) std::fill(kt.data() + d * kp + klen, kt.data() + (d + 1) * kp, 0.0f);
+      }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        T* part = split ? parts + (h - hk * group) * max_q * D : nullptr;
         for (int64_t i0 = 0; i0 < qlen; i0 += kBlockQ) {
           const int64_t qn = std::min(kBlockQ, qlen - i0);
           const int64_t tok0 = s.q_start[b] + i0;
@@ -273,24 +348,57 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
             const in_t* o = O.at(b, tok0 + r, h);
             const T* g = doptr + r * lddo;
             T dot = 0;
+            if (!one_key_tile) {
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < Dv; ++d) dot += static_cast<T>(o[d]) * g[d];
-            delta[r] = dot - (dlse ? dlse[lse_off + r] : T(0));
+              for (int64_t d = 0; d < Dv; ++d) dot += static_cast<T>(o[d]) * g[d];
+            }
+            // (a tile holding every key recomputes delta from P and dP: BackwardTileOptions)
+            delta[r] = (one_key_tile ? T(0) : dot) - (dlse ? dlse[lse_off + r] : T(0));
             lrow[r] = lse[lse_off + r];
           }
-          std::fill(dq.begin(), dq.begin() + qn * D, T(0));
+          T* dqt = split ? part + i0 * D : dq.data();  // (a split's slice starts zeroed)
+          if (!split) std::fill(dq.begin(), dq.begin() + qn * D, T(0));
           for (int64_t j0 = 0; j0 < klen; j0 += kBlockK) {
             const int64_t kn = std::min(kBlockK, klen - j0);
+            if constexpr (kFloat) {
+              if (short_k)
+                short_key_scores(nv, qn, reinterpret_cast<const float*>(qptr), ldq, D, kt.data(),
+                                 reinterpret_cast<float*>(P.data()), padded_len(kn));
+            }
+            BackwardTileOptions<T> opt;
+            opt.scores_ready = short_k;
+            opt.delta_from_tile = one_key_tile;
+            opt.scratch = scratch.data();
             backward_tile(qn, kn, D, Dv, scale, qptr, ldq, k_all + j0 * ldk, ldk, v_all + j0 * ldv, ldv, doptr, lddo,
-                          lrow.data(), delta.data(), P.data(), dP.data(), dq.data(), dk.data() + j0 * D,
-                          dv.data() + j0 * Dv);
+                          lrow.data(), delta.data(), P.data(), dP.data(), dqt, dk.data() + j0 * D, dv.data() + j0 * Dv,
+                          opt);
           }
-          for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, tok0 + r, h), dq.data() + r * D, D, T(1));
+          if (!split)
+            for (int64_t r = 0; r < qn; ++r) store_row(dQ.at(b, tok0 + r, h), dq.data() + r * D, D, T(1));
         }
       }
       for (int64_t j = 0; j < klen; ++j) {
-        store_row(dK.at(b, s.k_start[b] + j, hk), dk.data() + j * D, D, T(1));
-        store_row(dV.at(b, s.k_start[b] + j, hk), dv.data() + j * Dv, Dv, T(1));
+        store_row(dK.at(b, kstart + j, hk), dk.data() + j * D, D, T(1));
+        store_row(dV.at(b, kstart + j, hk), dv.data() + j * Dv, Dv, T(1));
+      }
+    }
+  });
+  if (!split) return;
+  // dQ = the chunks' slices summed in chunk order
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % Hq, b = t / Hq, hk = h / group;
+      if (s.k_len[b] == 0) continue;  // dQ stays 0
+      for (int64_t i = 0; i < s.q_len[b]; ++i) {
+        const T* src = dq_part.get() + (b * Hkv + hk) * nkc * part_stride + (h - hk * group) * max_q * D + i * D;
+        std::copy(src, src + D, acc.begin());
+        for (int64_t kc = 1; kc < nkc; ++kc) {
+          const T* p = src + kc * part_stride;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += p[d];
+        }
+        store_row(dQ.at(b, s.q_start[b] + i, h), acc.data(), D, T(1));
       }
     }
   });

@@ -254,31 +254,62 @@ void forward_tile_update(int64_t qn, int64_t kn, int64_t Dv, T* S, T* m, T* l, T
 //   dV += P^T dO,  dP = dO V^T,  dS = attn::softmax_grad(P, dP, delta),
 //   dQ += scale dS K,  dK += scale dS^T Q.
 // dq is (qn x D); dk (kn x D) and dv (kn x Dv) point at the tile's first key; P, dP hold qn x lds.
+// Options (cross_attention's backward; the defaults are the plain flash step):
+//   scores_ready: P already holds the scaled scores, computed exactly as the forward computed them;
+//   delta_from_tile: the tile holds every key of its rows, and delta (rowsum(dO O) - dlse on entry)
+//     is replaced by sum_j P dP - dlse, as PyTorch's softmax backward computes it (with one key,
+//     dS = P (dP - P dP) = 0 exactly, where rowsum(dO O) rounds differently from dP);
+//   scratch (kn x max(D, Dv)): the tile's dK and dV are computed into it and added in one step, so
+//     long query sides sum per tile (blocked summation) rather than in one chain.
+template <typename T>
+struct BackwardTileOptions {
+  bool scores_ready = false;
+  bool delta_from_tile = false;
+  T* scratch = nullptr;
+};
+
 template <typename T>
 void backward_tile(int64_t qn, int64_t kn, int64_t D, int64_t Dv, T scale, const T* qptr, int64_t ldq,
                    const T* kptr, int64_t ldk, const T* vptr, int64_t ldv, const T* doptr, int64_t lddo,
-                   const T* lrow, const T* delta, T* P, T* dP, T* dq, T* dk, T* dv) {
+                   const T* lrow, T* delta, T* P, T* dP, T* dq, T* dk, T* dv,
+                   const BackwardTileOptions<T>& opt = BackwardTileOptions<T>()) {
   const int64_t lds = padded_len(kn);
-  gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0), P, lds);
+  if (!opt.scores_ready)
+    gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, D, scale, kptr, ldk, qptr, ldq, T(0), P, lds);
   for (int64_t r = 0; r < qn; ++r) {  // P = exp(S - lse)
     T* row = P + r * lds;
     std::fill(row + kn, row + lds, attn::neg_inf<T>());
     exp_row(row, lds, lrow[r]);
   }
+  // added to acc (n elements) from the scratch, or accumulated in place (beta = 1)
+  auto add_scratch = [&](T* acc, int64_t n) {
+    const T* sc = opt.scratch;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += sc[i];
+  };
   // dV (kn x Dv) += P^T dO
-  gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P, lds, T(1), dv, Dv);
+  gemm(TransposeType::NoTranspose, TransposeType::Transpose, Dv, kn, qn, T(1), doptr, lddo, P, lds,
+       opt.scratch ? T(0) : T(1), opt.scratch ? opt.scratch : dv, Dv);
+  if (opt.scratch) add_scratch(dv, kn * Dv);
   // dP (qn x kn) = dO V^T
   gemm(TransposeType::Transpose, TransposeType::NoTranspose, kn, qn, Dv, T(1), vptr, ldv, doptr, lddo, T(0), dP, lds);
   for (int64_t r = 0; r < qn; ++r) {
     const T* p = P + r * lds;
     T* ds = dP + r * lds;
+    if (opt.delta_from_tile) {
+      T pdp = 0;
+      for (int64_t j = 0; j < kn; ++j) pdp += p[j] * ds[j];
+      delta[r] += pdp;
+    }
     const T dl = delta[r];
 #pragma omp simd
     for (int64_t j = 0; j < kn; ++j) ds[j] = attn::softmax_grad(p[j], ds[j], dl);
   }
   // dQ (qn x D) += scale dS K;  dK (kn x D) += scale dS^T Q
   gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, qn, kn, scale, kptr, ldk, dP, lds, T(1), dq, D);
-  gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP, lds, T(1), dk, D);
+  gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP, lds,
+       opt.scratch ? T(0) : T(1), opt.scratch ? opt.scratch : dk, D);
+  if (opt.scratch) add_scratch(dk, kn * D);
 }
 
 // ---- short query side (text ~77 queries against long keys), float32 ---------------------------
