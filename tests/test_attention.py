@@ -628,7 +628,7 @@ def test_mixture_attention_gradcheck_float64(device):
                                         (q, k, v, w))
 
 
-def test_beyond_opcheck(device):
+def test_co_mixture_opcheck(device):
     qx, ky, vx, vy, xl, yl = _co_inputs((2, 5, 7, 2, 8, 4, 6), torch.float32, device)
     ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
     opcheck(torch.ops.embedops.co_attention.default, (*ins, xl, yl, None))
@@ -647,7 +647,7 @@ def test_beyond_opcheck(device):
             (torch.randn_like(out), q.detach(), k.detach(), v.detach(), seg, w.detach(), so, lse, 0.3))
 
 
-def test_beyond_torch_compile_fullgraph(device):
+def test_co_mixture_torch_compile_fullgraph(device):
     qx, ky, vx, vy, xl, yl = _co_inputs((2, 6, 10, 2, 8, 8, 8), torch.float32, device)
     q, k, v, seg, w = _mix_inputs((2, 4, 12, 4, 2, 8, 6, [[3, 0, 5], [4, 4, 4]]), torch.float32, device)
 
@@ -715,7 +715,7 @@ def test_mixture_attention_bad_inputs():
                                        args.pop("weights"), **args)
 
 
-def test_beyond_double_backward_raises(device):
+def test_co_mixture_double_backward_raises(device):
     qx, ky, vx, vy, _, _ = _co_inputs((1, 3, 4, 1, 4, 4, 4), torch.float64, device)
     ins = [t.requires_grad_() for t in (qx, ky, vx, vy)]
     ox, _ = embedops.co_attention(*ins)

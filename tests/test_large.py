@@ -463,7 +463,7 @@ def test_attention_strides_beyond_2_31(lazy, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_attention_varlen_and_beyond_ops_strides_beyond_2_31(lazy, dtype):
+def test_attention_varlen_co_mixture_strides_beyond_2_31(lazy, dtype):
     """Far-apart rows through cross_attention_varlen (token stride > 2^31), co_attention and
     mixture_attention (batch stride > 2^31, last rows past element 2^32). CPU only."""
     g = seeded(8)

@@ -7,7 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "attention/attention.h"
-#include "attention/attention_beyond.h"
+#include "attention/co_mixture_attention.h"
 #include "common/cpu_capability.h"
 
 namespace embedops {

@@ -12,7 +12,7 @@
 #include <tuple>
 
 #include "attention/attention.h"
-#include "attention/attention_beyond.h"
+#include "attention/co_mixture_attention.h"
 #include "attention/attention_cpu.h"
 #include "common/memory.h"
 

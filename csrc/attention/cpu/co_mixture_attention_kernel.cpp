@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "attention/attention_beyond.h"
+#include "attention/co_mixture_attention.h"
 #include "attention/attention_cpu.h"
 #include "attention/cpu/tiles.h"
 #include "common/checks.h"

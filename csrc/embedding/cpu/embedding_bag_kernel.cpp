@@ -65,7 +65,7 @@ std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
 
 // ---- forward -----------------------------------------------------------------------------------
 
-template <typename scalar_t, typename index_t, int kMode, bool kPsw>
+template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw>
 void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
                     const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
                     const scalar_t* __restrict__ psw, scalar_t* __restrict__ out, int64_t* __restrict__ argmax) {
@@ -79,7 +79,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
     std::vector<acc_t> acc(L.max_probes * D);
     // max pooling tracks the argmax as an int32 position in the bag (vectorises with the float
     // compare) and maps it to the row through bag_rows at the end of the bag
-    std::vector<int32_t> arg(kMode == static_cast<int>(PoolMode::kMax) ? L.max_probes * D : 0);
+    std::vector<int32_t> arg(kMode == PoolMode::kMax ? L.max_probes * D : 0);
     std::vector<int64_t> bag_rows;
     // Rows are hashed kPrefetch ids ahead of their use (across bag boundaries) into a ring, and
     // their cache lines prefetched, so the table reads of several ids are in flight at once.
@@ -112,7 +112,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
       const int64_t P = L.probes[f], q0 = L.pbase[f];
       const int64_t start = offs[j], end = offs[j + 1];
       std::fill(acc.begin(), acc.begin() + P * D, acc_t(0));
-      if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+      if constexpr (kMode == PoolMode::kMax) {
         if (static_cast<int64_t>(bag_rows.size()) < (end - start) * P) bag_rows.resize((end - start) * P);
       }
       for (int64_t i = start; i < end; ++i) {
@@ -123,7 +123,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
           const int64_t r = rows_cur[p];
           const scalar_t* __restrict__ wr = w + r * D;
           acc_t* __restrict__ a = acc.data() + p * D;
-          if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+          if constexpr (kMode == PoolMode::kMax) {
             int32_t* __restrict__ ag = arg.data() + p * D;
             const int32_t pos = static_cast<int32_t>(i - start);
             bag_rows[pos * P + p] = r;
@@ -147,7 +147,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
           }
         }
       }
-      const acc_t ps = pool_scale<acc_t>(kMode, end - start);
+      const acc_t ps = pool_scale<acc_t>(static_cast<int>(kMode), end - start);
       scalar_t* o = out + b * L.out_dim;
       if (comb == static_cast<int>(Combine::kConcat)) {
         for (int64_t p = 0; p < P; ++p) {
@@ -164,7 +164,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
         scalar_t* __restrict__ op = o + f * D;
         for (int64_t d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(acc[d] * cs);
       }
-      if constexpr (kMode == static_cast<int>(PoolMode::kMax)) {
+      if constexpr (kMode == PoolMode::kMax) {
         int64_t* ag_out = argmax + b * Q * D + q0 * D;
         if (start == end) {
           std::fill(ag_out, ag_out + P * D, int64_t(-1));
@@ -244,7 +244,7 @@ void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t
   }
 }
 
-template <typename scalar_t, typename index_t, int kMode, bool kPsw, int kD>
+template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw, int kD>
 void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
                             const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
                             const scalar_t* __restrict__ psw, scalar_t* __restrict__ out) {
@@ -297,7 +297,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
     // One call site for every bag, long or not: the combine compiles to one instruction sequence
     // (whether it fuses the multiply-add is the compiler's choice), so every bag rounds alike.
     auto emit = [&](int64_t b, int64_t f, int64_t P, int64_t len, const auto& pooled) {
-      const acc_t ps = pool_scale<acc_t>(kMode, len);
+      const acc_t ps = pool_scale<acc_t>(static_cast<int>(kMode), len);
       scalar_t* o = out + b * L.out_dim;
       const int64_t q0 = L.pbase[f];
       acc_t total[kD];
@@ -363,7 +363,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
 }
 
 // Runs the fixed-D kernel when D is one of its sizes; returns false otherwise.
-template <typename scalar_t, typename index_t, int kMode, bool kPsw>
+template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw>
 bool forward_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* w, const index_t* vals,
                      const int64_t* offs, const scalar_t* psw, scalar_t* out) {
   switch (L.dim) {
@@ -390,16 +390,16 @@ void embedding_bag_forward_kernel(const BagLayout& L, int64_t seed, const at::Te
       switch (L.mode) {
         case PoolMode::kSum:
           EMBEDOPS_BOOL_SWITCH(has_psw, kPsw, [&] {
-            if (!forward_fixed_d<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op))
-              forward_kernel<scalar_t, index_t, 0, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
+            if (!forward_fixed_d<scalar_t, index_t, PoolMode::kSum, kPsw>(L, salts.data(), wp, vp, o, pp, op))
+              forward_kernel<scalar_t, index_t, PoolMode::kSum, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
           });
           break;
         case PoolMode::kMean:
-          if (!forward_fixed_d<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op))
-            forward_kernel<scalar_t, index_t, 1, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          if (!forward_fixed_d<scalar_t, index_t, PoolMode::kMean, false>(L, salts.data(), wp, vp, o, pp, op))
+            forward_kernel<scalar_t, index_t, PoolMode::kMean, false>(L, salts.data(), wp, vp, o, pp, op, ap);
           break;
         case PoolMode::kMax:
-          forward_kernel<scalar_t, index_t, 2, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          forward_kernel<scalar_t, index_t, PoolMode::kMax, false>(L, salts.data(), wp, vp, o, pp, op, ap);
           break;
       }
     });

@@ -22,11 +22,12 @@ _TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dtype, pad: bool,
-          backward: bool, label: str, tensor_cores: bool = False) -> Case:
+          backward: bool, label: str, tensor_cores: bool = False, Hkv: int | None = None) -> Case:
     g = torch.Generator().manual_seed(0)
+    Hkv = H if Hkv is None else Hkv
     q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Lk, Hkv, D, generator=g).to(device=device, dtype=dtype)
     kvl = None
     mask = None
     if pad:  # 30 % of the keys are padding (lengths 0.6..0.8 Lk, mean 0.7)
@@ -36,7 +37,7 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
 
     def sdpa_fwd(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=mask).transpose(1, 2)
+                                              attn_mask=mask, enable_gqa=Hkv != H).transpose(1, 2)
 
     def eager_fwd(q, k, v):
         return reference.cross_attention(q, k, v, kv_lengths=kvl, dtype=dtype)[0]
@@ -90,9 +91,10 @@ def _case(device: str, B: int, Lq: int, Lk: int, H: int, D: int, dtype: torch.dt
     def check(ours, theirs):
         assert_close(ours, theirs, atol=tol, rtol=tol, what="grads" if backward else "out")
 
-    flops = 4.0 * B * H * Lq * Lk * D * (3.5 if backward else 1.0)
+    flops = 4.0 * B * H * Lq * Lk * D * (3.5 if backward else 1.0)  # (H: query heads)
     dt = str(dtype).replace("torch.", "")
-    shapes = f"B{B} H{H} Lq{Lq} Lk{Lk} D{D} {dt}" + (" pad30%" if pad else "")
+    heads = f"H{H}" if Hkv == H else f"Hq{H} Hkv{Hkv}"
+    shapes = f"B{B} {heads} Lq{Lq} Lk{Lk} D{D} {dt}" + (" pad30%" if pad else "")
     return Case(
         name=f"{label} {'fwd+bwd' if backward else 'fwd'}" + (" (tensor cores)" if tensor_cores else ""),
         shapes=shapes,
@@ -246,6 +248,10 @@ def cases(device: str, quick: bool):
             add(B, 1024, 77, H, D, dtype, pad, True, label="image->text")
     if device == "cpu":
         add(B, 77, 1024, H, D, torch.bfloat16, False, False, label="text->image")
+        # self-attention shapes, MHA and MQA (the backward splits the keys when B * Hkv is small)
+        for sb in ((1,) if quick else (1, 4)):
+            for hkv in (H, 1):
+                add(sb, 1024, 1024, H, D, torch.float32, False, True, label="self-attention", Hkv=hkv)
         if not quick:
             add(B, 77, 1024, H, 128, torch.float32, True, False, label="text->image")
     else:

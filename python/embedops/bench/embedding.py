@@ -103,21 +103,70 @@ class _Bags:
         return out.view(self.batch, -1)
 
 
+def _fbgemm_tbe(d: _Bags, optimizer: str | None):
+    """FBGEMM's CPU TBE over ONE shared (R, D) table (feature_table_map: every (feature, probe) a
+    virtual feature of table 0, in our output's column order), fed ids pre-hashed with hash_ids
+    (not timed). Returns (module, indices, offsets), or (None, reason) when fbgemm_gpu is missing."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    except Exception as e:  # ImportError, or a build that does not load with this torch
+        return None, f"fbgemm_gpu not importable ({type(e).__name__}: {str(e)[:80]})"
+    if d.device != "cpu":
+        return None, "the FBGEMM baseline here is its CPU TBE"
+    nf, batch, probes = d.nf, d.batch, d.probes[0]
+    bounds = d.offsets[:: batch].tolist()
+    lengths = d.offsets.diff().view(nf, batch)
+    idx, lens = [], []
+    for f in range(nf):
+        for p in range(probes):  # virtual feature f * P + p: our columns (f * P + p) * D
+            idx.append(embedops.hash_ids(d.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
+                                         num_rows=d.num_rows, seed=d.seed))
+            lens.append(lengths[f])
+    indices = torch.cat(idx)
+    offsets = torch.nn.functional.pad(torch.cat(lens).cumsum(0), (1, 0))
+    opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD if optimizer == "rowwise_adagrad" else EmbOptimType.EXACT_SGD
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(d.num_rows, d.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        feature_table_map=[0] * (nf * probes), optimizer=opt, learning_rate=0.01, eps=1e-8,
+        pooling_mode=PoolingMode.SUM)
+    with torch.no_grad():
+        tbe.split_embedding_weights()[0].copy_(d.weight)
+    return tbe, indices, offsets
+
+
 def _close(atol):
     return lambda ours, theirs: assert_close(ours, theirs, atol=atol, rtol=1e-4, what="out")
 
 
-def _forward_case(device, batch, dim, mean_len, probes, mode="sum"):
+def _forward_case(device, batch, dim, mean_len, probes, mode="sum", fbgemm=False):
     d = _Bags(device, batch, dim, mean_len, probes)
     rows, offs = d.prehashed()
+    baselines = {"(a) torch hash + F.embedding_bag": lambda: d.baseline_a(mode=mode),
+                 "(b) EmbeddingBag pre-hashed": lambda: d.baseline_b(rows, offs, mode=mode)}
+    metrics = {}
+    if fbgemm and mode == "sum":
+        tbe = _fbgemm_tbe(d, None)
+        if tbe[0] is None:
+            metrics["fbgemm"] = "skipped: " + tbe[1]
+        else:
+            m, ind, off = tbe
+
+            def fbgemm_forward():  # inference: no autograd graph (ours has none either)
+                with torch.no_grad():
+                    return m(ind, off)
+
+            baselines["(c) FBGEMM TBE pre-hashed"] = fbgemm_forward
     return Case(
         name=f"embedding_bag fwd {mode}",
         shapes=d.shapes(),
         fn=lambda: d.ours(mode=mode),
-        baselines={"(a) torch hash + F.embedding_bag": lambda: d.baseline_a(mode=mode),
-                   "(b) EmbeddingBag pre-hashed": lambda: d.baseline_b(rows, offs, mode=mode)},
+        baselines=baselines,
         check=_close(1e-5),
         bytes=d.bytes(),
+        metrics=metrics,
     )
 
 
@@ -165,12 +214,25 @@ def _adagrad_case(device, batch, dim, mean_len, probes):
         dense(x).backward(g)
         opt.step()
 
+    baselines = {"fwd + dense grad + optim.Adagrad": step_dense}
+    metrics = {}
+    tbe = _fbgemm_tbe(d, "rowwise_adagrad")
+    if tbe[0] is None:
+        metrics["fbgemm"] = "skipped: " + tbe[1]
+    else:
+        m, ind, off = tbe
+
+        def step_fbgemm():  # forward + backward with FBGEMM's fused row-wise Adagrad
+            m(ind, off).backward(g)
+
+        baselines["FBGEMM TBE exact rowwise adagrad (pre-hashed)"] = step_fbgemm
     return Case(
         name="train step rowwise adagrad",
         shapes=d.shapes(),
         fn=step_fused,
-        baselines={"fwd + dense grad + optim.Adagrad": step_dense},
+        baselines=baselines,
         bytes=d.bytes(),
+        metrics=metrics,
     )
 
 
@@ -178,10 +240,10 @@ def cases(device: str, quick: bool):
     n = 1 << (20 if quick else 23)
     out = [lambda dtype=dtype: _hash_case(device, n, dtype) for dtype in (torch.int64, torch.int32)]
     out += [
-        lambda: _forward_case(device, 4096, 64, 5, 2),  # target: >= 2x (a)
-        lambda: _forward_case(device, 4096, 64, 5, 1),  # target: within 1.3x of (b)
+        lambda: _forward_case(device, 4096, 64, 5, 2, fbgemm=True),  # target: >= 2x (a)
+        lambda: _forward_case(device, 4096, 64, 5, 1, fbgemm=True),  # targets: >= 0.9x (b), >= 1.2x (c)
         lambda: _backward_case(device, 4096, 64, 5, 2),  # target: >= 1.5x (a)
-        lambda: _adagrad_case(device, 4096, 64, 5, 2),  # target: >= 2x dense + optim.Adagrad
+        lambda: _adagrad_case(device, 4096, 64, 5, 2),  # targets: >= 2x dense + optim.Adagrad, >= 1.5x FBGEMM
     ]
     if not quick:
         out += [

@@ -1,7 +1,7 @@
 #pragma once
 // co_attention / mixture_attention (issue 6): the argument checks and problem descriptions the
 // CPU (co_mixture_attention.cpp, cpu/co_mixture_attention_kernel.cpp) and CUDA
-// (attention_beyond_cuda.cu) backends share.
+// (co_mixture_attention_cuda.cu) backends share.
 
 #include <ATen/core/Tensor.h>
 

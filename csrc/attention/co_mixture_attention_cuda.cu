@@ -18,7 +18,7 @@
 
 #include <vector>
 
-#include "attention/attention_beyond.h"
+#include "attention/co_mixture_attention.h"
 #include "attention/attention_cuda.cuh"
 
 namespace embedops {

@@ -4,7 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include "attention/attention_beyond.h"
+#include "attention/co_mixture_attention.h"
 #include "common/checks.h"
 
 namespace embedops {
