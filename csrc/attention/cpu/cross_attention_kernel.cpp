@@ -50,12 +50,21 @@ using namespace attn_cpu;  // the shared tile helpers (cpu/tiles.h)
 constexpr int kMaxShortKVec = vec::kFloats >= 16 ? 5 : vec::kFloats == 8 ? 10 : 8;
 constexpr int64_t kMaxShortK = kMaxShortKVec * kVec;
 
-// Query rows per register group for NV key vectors: R * NV score accumulators, about 25 of 32 zmm
-// on avx512 (the heights measured there: 8 8 8 6 5), 12 of 16 registers below (8 6 4 3 2 2 1 ...).
+// Query rows per register group for NV key vectors. avx512: R * NV score accumulators in registers,
+// about 25 of 32 zmm (the heights measured there: 8 8 8 6 5). With 16 registers: up to 3 vectors
+// the same way (8 6 4); beyond, R = 4 rows with the scores computed in column groups of
+// short_key_cols vectors and kept in L1 (pbuf), so every K^T and V load serves 4 rows (one row
+// per group streamed K^T and V, 40 KB at 80 keys, from L2 for every query row).
 template <int NV>
 constexpr int short_key_rows() {
-  constexpr int acc = vec::kRegisters >= 32 ? 25 : 12;
-  return acc / NV >= 8 ? 8 : acc / NV >= 1 ? acc / NV : 1;
+  if constexpr (vec::kRegisters >= 32) return 25 / NV >= 8 ? 8 : 25 / NV;
+  return NV <= 3 ? (12 / NV >= 8 ? 8 : 12 / NV) : 4;
+}
+// the score vectors of R rows computed at once: all NV when R * NV + NV + 1 fits the registers
+template <int NV, int R>
+constexpr int short_key_cols() {
+  if constexpr (vec::kRegisters >= 32 || NV <= 3) return NV;
+  return (vec::kRegisters - 1) / (R + 1);  // R x CG accumulators + CG loads + 1 broadcast
 }
 constexpr int kShortKMaxRows = 8;
 
@@ -91,6 +100,30 @@ inline void short_pv_tail(int64_t nvec, int64_t kn, const float* P, int64_t ldp,
   }
 }
 
+// S[r][v0 + c] for c < W of R query rows (tail rows repeat the last), stored to out (ld ldo)
+template <int R, int W>
+inline void short_key_score_cols(const float* const* qr, int64_t D, const float* kt, int64_t kp, int v0,
+                                 float* out, int64_t ldo) {
+  vf acc[R][W];
+  zero_acc(acc);
+  broadcast_fma(
+      D, acc, [&](int r, int64_t d) { return qr[r][d]; },
+      [&](int64_t d, int c) { return vec::loadu(kt + d * kp + (v0 + c) * kVec); });
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < W; ++c) vec::storeu(out + r * ldo + (v0 + c) * kVec, acc[r][c]);
+}
+
+template <int R, int W>
+inline void short_key_score_tail(int w, const float* const* qr, int64_t D, const float* kt, int64_t kp, int v0,
+                                 float* out, int64_t ldo) {
+  if constexpr (W > 0) {
+    if (w == W) return short_key_score_cols<R, W>(qr, D, kt, kp, v0, out, ldo);
+    short_key_score_tail<R, W - 1>(w, qr, D, kt, kp, v0, out, ldo);
+  }
+}
+
 // One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= kVec NV keys:
 // kt (D x kVec NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
 // Writes O rows (multiplied by 1/l) and lse.
@@ -108,29 +141,57 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
     const float* qr[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;  // tail rows repeat the last
-    vf s[R][NV];
-    zero_acc(s);
-    broadcast_fma(  // S = Q (scale K)^T
-        D, s, [&](int r, int64_t d) { return qr[r][d]; },
-        [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
+    constexpr int CG = short_key_cols<NV, R>();
+    if constexpr (CG == NV) {
+      vf s[R][NV];
+      zero_acc(s);
+      broadcast_fma(  // S = Q (scale K)^T
+          D, s, [&](int r, int64_t d) { return qr[r][d]; },
+          [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
-      s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;
-      vf mv = s[r][0];
+      for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
+        s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;
+        vf mv = s[r][0];
 #pragma GCC unroll 8
-      for (int v = 1; v < NV; ++v) mv = s[r][v] > mv ? s[r][v] : mv;
-      const float m = vec::hmax(mv);
-      const vf msplat = vec::splat(m);
-      vf sum{};
+        for (int v = 1; v < NV; ++v) mv = s[r][v] > mv ? s[r][v] : mv;
+        const float m = vec::hmax(mv);
+        const vf msplat = vec::splat(m);
+        vf sum{};
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const vf e = vec::exp(s[r][v] - msplat);
-        sum += e;
-        vec::storeu(pbuf + r * kp + v * kVec, e);
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vec::exp(s[r][v] - msplat);
+          sum += e;
+          vec::storeu(pbuf + r * kp + v * kVec, e);
+        }
+        const float l = vec::hsum(sum);
+        inv[r] = attn::softmax_inv_denominator(l);
+        if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
       }
-      const float l = vec::hsum(sum);
-      inv[r] = attn::softmax_inv_denominator(l);
-      if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
+    } else {
+      // the same scores (the same products in the same order), CG vectors at a time into pbuf,
+      // then the same softmax from there
+      int v0 = 0;
+      for (; v0 + CG <= NV; v0 += CG) short_key_score_cols<R, CG>(qr, D, kt, kp, v0, pbuf, kp);
+      short_key_score_tail<R, CG - 1>(NV - v0, qr, D, kt, kp, v0, pbuf, kp);
+      for (int r = 0; r < R; ++r) {
+        float* row = pbuf + r * kp;
+        vec::storeu(row + (NV - 1) * kVec, valid ? vec::loadu(row + (NV - 1) * kVec) : ninf);
+        vf mv = vec::loadu(row);
+#pragma GCC unroll 16
+        for (int v = 1; v < NV; ++v) mv = vec::max(vec::loadu(row + v * kVec), mv);
+        const float m = vec::hmax(mv);
+        const vf msplat = vec::splat(m);
+        vf sum{};
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vec::exp(vec::loadu(row + v * kVec) - msplat);
+          sum += e;
+          vec::storeu(row + v * kVec, e);
+        }
+        const float l = vec::hsum(sum);
+        inv[r] = attn::softmax_inv_denominator(l);
+        if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
+      }
     }
     constexpr int CH = short_pv_vectors<R>();
     const int64_t nvec = Dvp / kVec;
@@ -248,20 +309,21 @@ void short_key_scores(int64_t nv, int64_t qn, const float* q, int64_t ldq, int64
   if constexpr (NV <= kMaxShortKVec) {
     if (nv != NV) return short_key_scores<NV + 1>(nv, qn, q, ldq, D, kt, S, lds);
     constexpr int R = short_key_rows<NV>();
+    constexpr int CG = short_key_cols<NV, R>();
     constexpr int64_t kp = NV * kVec;
+    float tail[R * kp];  // the last group's rows (R > rows: its repeated rows are not stored)
     for (int64_t i0 = 0; i0 < qn; i0 += R) {
       const int64_t rows = std::min<int64_t>(R, qn - i0);
       const float* qr[R];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) qr[r] = q + (i0 + std::min<int64_t>(r, rows - 1)) * ldq;
-      vf acc[R][NV];
-      zero_acc(acc);
-      broadcast_fma(
-          D, acc, [&](int r, int64_t d) { return qr[r][d]; },
-          [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
-      for (int64_t r = 0; r < rows; ++r)
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) vec::storeu(S + (i0 + r) * lds + v * kVec, acc[r][v]);
+      float* dst = rows == R ? S + i0 * lds : tail;
+      const int64_t ldd = rows == R ? lds : kp;
+      int v0 = 0;
+      for (; v0 + CG <= NV; v0 += CG) short_key_score_cols<R, CG>(qr, D, kt, kp, v0, dst, ldd);
+      short_key_score_tail<R, CG - 1>(NV - v0, qr, D, kt, kp, v0, dst, ldd);
+      if (rows < R)
+        for (int64_t r = 0; r < rows; ++r) std::copy(tail + r * kp, tail + (r + 1) * kp, S + (i0 + r) * lds);
     }
   } else {
     TORCH_INTERNAL_ASSERT(false, "short_key_scores: nv out of range");

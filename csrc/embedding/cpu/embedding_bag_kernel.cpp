@@ -182,7 +182,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
 // Sum/mean pooling at a compile-time D (16, 32, 64, 128), the accumulators in registers. A thread
 // walks its bags in hash blocks: the bags of one feature holding at most kHashBlockRows (id, probe)
 // rows. It hashes a whole block into a small local buffer first (a tight loop the compiler
-// vectorises when R <= 2^32), then gathers: every row it adds prefetches the row kGatherAhead
+// vectorises when R < 2^32), then gathers: every row it adds prefetches the row kGatherAhead
 // rows further on in the buffer, so a steady number of table reads is in flight across bag
 // boundaries (hashing one bag ahead, as before, kept only ~L rows in flight). A bag with more rows
 // than a block is reduced in chunks of a block. Big outputs may be written with streaming stores
@@ -220,23 +220,27 @@ bool stream_output(const scalar_t* out, int64_t numel, int64_t row_bytes) {
 #endif
 }
 
-// hash_row() for num_rows <= 2^32, as 64-bit lane operations the compiler vectorises:
+// hash_row() for num_rows < 2^32, as 64-bit lane operations the compiler vectorises:
 // floor(h * R / 2^64) = ((h >> 32) * R + ((h mod 2^32) * R >> 32)) >> 32 exactly, and no term
-// overflows when R <= 2^32 (the sum is at most 2^64 - 1). Same bits as hashing.h's hash_row.
-inline int64_t hash_row_narrow(int64_t value, uint64_t salt, uint64_t num_rows) {
+// overflows (the sum is at most 2^64 - 1). Both products are of two 32-bit values, written as such
+// so that AVX2 (which has no 64 x 64-bit vector multiply) does each in one vpmuludq.
+// Same bits as hashing.h's hash_row.
+inline int64_t hash_row_narrow(int64_t value, uint64_t salt, uint32_t num_rows) {
   const uint64_t h = mix64(static_cast<uint64_t>(value) ^ salt);
-  return static_cast<int64_t>(((h >> 32) * num_rows + (((h & 0xFFFFFFFFULL) * num_rows) >> 32)) >> 32);
+  const uint64_t hi = static_cast<uint64_t>(static_cast<uint32_t>(h >> 32)) * num_rows;
+  const uint64_t lo = static_cast<uint64_t>(static_cast<uint32_t>(h)) * num_rows;
+  return static_cast<int64_t>((hi + (lo >> 32)) >> 32);
 }
 
-// rows[t * P + p] = row of id vals[t] under salts[p], for t < n, p < P.
 template <typename index_t>
 void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t* salts, int64_t P,
                      uint64_t num_rows, int64_t* __restrict__ rows) {
-  if (num_rows <= (uint64_t(1) << 32)) {
+  if (num_rows < (uint64_t(1) << 32)) {
+    const uint32_t r32 = static_cast<uint32_t>(num_rows);
     for (int64_t p = 0; p < P; ++p) {
       const uint64_t s = salts[p];
 #pragma omp simd
-      for (int64_t t = 0; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, num_rows);
+      for (int64_t t = 0; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, r32);
     }
   } else {
     for (int64_t t = 0; t < n; ++t)
