@@ -446,13 +446,15 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
     }
   });
   if (!split) return;
-  // dQ = the chunks' slices summed in chunk order
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  // dQ = the chunks' slices summed in chunk order, parallel over (batch, head, 64-row blocks)
+  constexpr int64_t kRows = 64;
+  const int64_t nrb = (max_q + kRows - 1) / kRows;
+  at::parallel_for(0, B * Hq * nrb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(D);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t h = t % Hq, b = t / Hq, hk = h / group;
+      const int64_t rb = t % nrb, h = (t / nrb) % Hq, b = t / (nrb * Hq), hk = h / group;
       if (s.k_len[b] == 0) continue;  // dQ stays 0
-      for (int64_t i = 0; i < s.q_len[b]; ++i) {
+      for (int64_t i = rb * kRows; i < std::min(s.q_len[b], (rb + 1) * kRows); ++i) {
         const T* src = dq_part.get() + (b * Hkv + hk) * nkc * part_stride + (h - hk * group) * max_q * D + i * D;
         std::copy(src, src + D, acc.begin());
         for (int64_t kc = 1; kc < nkc; ++kc) {
