@@ -30,6 +30,7 @@
 #include "attention/attention.h"
 #include "attention/co_mixture_attention.h"
 #include "attention/attention_cpu.h"
+#include "attention/cpu/short_query.h"
 #include "attention/cpu/tiles.h"
 #include "common/checks.h"
 #include "common/dispatch.h"

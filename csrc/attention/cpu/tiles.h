@@ -1,13 +1,12 @@
 #pragma once
 // Attention family, CPU (per CPU level): the tile helpers every CPU attention kernel shares
-// (cross_attention, co_attention, mixture_attention): BLAS GEMM on raw strided tiles, vector
-// exp/max for the softmax rows (common/vec.h: as wide as the level's registers), tile conversion
-// for float16/bfloat16, tile-size heuristics, row addressing, the register-blocked short passes.
+// (cross_attention, co_attention, mixture_attention): tile-size heuristics, row addressing, vector
+// exp/max for the softmax rows (common/vec.h: as wide as the level's registers), the register-
+// blocked broadcast-FMA product, the flash forward / backward tile steps, tile conversion for
+// float16/bfloat16. GEMM on raw tiles: gemm.h; the short-query pass: short_query.h.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <bit>
@@ -19,64 +18,12 @@
 
 #include "attention/attention.h"
 #include "attention/attention_cpu.h"
+#include "attention/cpu/gemm.h"
 #include "common/vec.h"
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
 
 namespace embedops {
 namespace CPU_CAPABILITY {
 namespace attn_cpu {
-
-// ---- GEMM on raw tiles ---------------------------------------------------------------------
-// Column-major BLAS convention (like ATen's cpublas): C (m x n, ldc) = alpha op(A) op(B) + beta C.
-// x86 torch wheels export MKL's Fortran sgemm_/dgemm_ from libtorch_cpu; they are called
-// directly (single-threaded inside our parallel region, no tensor wrapping). Where a torch build
-// does not export them (weak symbols resolve to null), the same product goes through at::addmm
-// on from_blob views.
-
-enum class TransposeType { NoTranspose, Transpose };
-
-template <typename T>
-inline void gemm_aten(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const bool an = ta == TransposeType::NoTranspose, bn = tb == TransposeType::NoTranspose;
-  // a stored column-major (rows x cols, ld) is the row-major (cols x rows, strides (ld, 1)) tensor of its transpose
-  at::Tensor At = at::from_blob(const_cast<T*>(a), {an ? k : m, an ? m : k}, {lda, 1}, opts);
-  at::Tensor Bt = at::from_blob(const_cast<T*>(b), {bn ? n : k, bn ? k : n}, {ldb, 1}, opts);
-  at::Tensor Ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
-  // C^T = op(B)^T op(A)^T
-  const at::Tensor x = bn ? Bt : Bt.t(), y = an ? At : At.t();
-  if (beta == T(0)) Ct.zero_();
-  Ct.addmm_(x, y, beta == T(0) ? T(1) : beta, alpha);
-}
-
-template <typename T>
-inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  auto fn = [] {
-    if constexpr (std::is_same_v<T, float>) return sgemm_;
-    else return dgemm_;
-  }();
-  if (fn == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax) {
-    gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  const char tra = ta == TransposeType::NoTranspose ? 'N' : 'T', trb = tb == TransposeType::NoTranspose ? 'N' : 'T';
-  // BLAS wants ld >= the stored row count even for a single column
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ia = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(1, tra == 'N' ? m : k)));
-  const int ib = static_cast<int>(std::max<int64_t>(ldb, std::max<int64_t>(1, trb == 'N' ? k : n)));
-  const int ic = static_cast<int>(std::max<int64_t>(ldc, std::max<int64_t>(1, m)));
-  fn(&tra, &trb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
-}
 
 constexpr int64_t kMinBlockK = 512;
 
@@ -310,147 +257,6 @@ void backward_tile(int64_t qn, int64_t kn, int64_t D, int64_t Dv, T scale, const
   gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, kn, qn, scale, qptr, ldq, dP, lds,
        opt.scratch ? T(0) : T(1), opt.scratch ? opt.scratch : dk, D);
   if (opt.scratch) add_scratch(dk, kn * D);
-}
-
-// ---- short query side (text ~77 queries against long keys), float32 ---------------------------
-// The scores are kept transposed, S^T (keys x queries, queries in the vector lanes), so every softmax
-// statistic is a vertical vector op (no horizontal reductions, no per-row scalar work), and both
-// products are broadcast-FMA in registers: S^T[j] += K[j][d] * Q^T[d] with Q^T (D x QP, pre-scaled)
-// prepared once per query tile, O^T[e] += V[j][e] * P^T[j]. No BLAS packing of key tiles that are
-// used once, no score tile beyond one L1-sized chunk of keys. A caller runs several heads over the
-// same chunk of keys (their rows are adjacent in a (B, L, H, D) tensor: one contiguous read).
-constexpr int64_t kShortQMax = 8 * kVec;  // queries per tile (8 vectors: 128 on avx512, 64 on avx2)
-constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
-
-// the running (max, sum) of kVec * NQV queries
-template <int NQV>
-struct ShortQState {
-  vf m[NQV], l[NQV];
-};
-
-template <int NQV>
-void short_query_begin(ShortQState<NQV>& s, float* ot, int64_t Dv) {
-  for (int q = 0; q < NQV; ++q) {
-    s.m[q] = vec::splat(attn::neg_inf<float>());
-    s.l[q] = vf{};
-  }
-  std::fill(ot, ot + Dv * NQV * kVec, 0.0f);
-}
-
-// One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) contiguous
-// floats, qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
-// (kShortQChunk x QP) scratch. NB: key rows / output dims per register group (NB x NQV accumulators).
-template <int NQV, int NB>
-void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, const float* vc,
-                       int64_t kn, float* st, float* ot) {
-  constexpr int64_t QP = NQV * kVec;
-  for (int64_t jb = 0; jb < kn; jb += NB) {  // S^T rows jb..jb+NB (a tail group repeats the last key)
-    const float* kr[NB];
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t) kr[t] = kc + std::min<int64_t>(jb + t, kn - 1) * D;
-    vf acc[NB][NQV];
-    zero_acc(acc);
-    broadcast_fma(
-        D, acc, [&](int t, int64_t d) { return kr[t][d]; },
-        [&](int64_t d, int q) { return vec::loadu(qt + d * QP + q * kVec); });
-    const int64_t nt = std::min<int64_t>(NB, kn - jb);
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t)
-      if (t < nt)
-#pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) vec::storeu(st + (jb + t) * QP + q * kVec, acc[t][q]);
-  }
-  vf al[NQV];
-#pragma GCC unroll 8
-  for (int q = 0; q < NQV; ++q) {  // the online-softmax step of attention.h, kVec queries per vector
-    float* col = st + q * kVec;
-    vf mx = vec::loadu(col);
-    for (int64_t j = 1; j < kn; ++j) {
-      const vf x = vec::loadu(col + j * QP);
-      mx = x > mx ? x : mx;
-    }
-    const vf mn = mx > s.m[q] ? mx : s.m[q];
-    al[q] = vec::exp(s.m[q] - mn);  // m_old = -inf (first chunk): exp gives 0
-    vf sum{};
-    for (int64_t j = 0; j < kn; ++j) {
-      const vf e = vec::exp(vec::loadu(col + j * QP) - mn);
-      vec::storeu(col + j * QP, e);
-      sum += e;
-    }
-    s.l[q] = s.l[q] * al[q] + sum;
-    s.m[q] = mn;
-  }
-  for (int64_t e0 = 0; e0 < Dv; e0 += NB) {  // O^T rows e0..e0+NB: rescale, += V^T P^T
-    const float* vr[NB];
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t) vr[t] = vc + std::min<int64_t>(e0 + t, Dv - 1);
-    const int64_t ne = std::min<int64_t>(NB, Dv - e0);
-    vf o[NB][NQV];
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t)
-#pragma GCC unroll 8
-      for (int q = 0; q < NQV; ++q) o[t][q] = t < ne ? vec::loadu(ot + (e0 + t) * QP + q * kVec) * al[q] : vf{};
-    broadcast_fma(
-        kn, o, [&](int t, int64_t j) { return vr[t][j * Dv]; },
-        [&](int64_t j, int q) { return vec::loadu(st + j * QP + q * kVec); });
-#pragma GCC unroll 8
-    for (int t = 0; t < NB; ++t)
-      if (t < ne)
-#pragma GCC unroll 8
-        for (int q = 0; q < NQV; ++q) vec::storeu(ot + (e0 + t) * QP + q * kVec, o[t][q]);
-  }
-}
-
-// The state as forward_tile_update leaves it: per query row the max m[i], the sum l[i] and the
-// un-normalised acc (qn x Dv, row-major). A segment without keys: m = -inf, l = 0, acc = 0.
-template <int NQV>
-void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const float* ot, float* m, float* l,
-                     float* acc) {
-  constexpr int64_t QP = NQV * kVec;
-  float mq[QP], lq[QP];
-  for (int q = 0; q < NQV; ++q) {
-    vec::storeu(mq + q * kVec, s.m[q]);
-    vec::storeu(lq + q * kVec, s.l[q]);
-  }
-  for (int64_t i = 0; i < qn; ++i) {
-    m[i] = mq[i];
-    l[i] = lq[i];
-    float* a = acc + i * Dv;
-    for (int64_t e = 0; e < Dv; ++e) a[e] = ot[e * QP + i];
-  }
-}
-
-// the register-group height for NQV query vectors: about 3/4 of the register file as
-// accumulators (avx512: 24 of 32 zmm, the heights measured before: 8 8 8 6 4 4 3 3; avx2: 12 of 16)
-template <int NQV>
-constexpr int short_query_nb() {
-  constexpr int acc = vec::kRegisters * 3 / 4;
-  return acc / NQV >= 8 ? 8 : acc / NQV >= 1 ? acc / NQV : 1;
-}
-
-// f(std::integral_constant<int, NQV>) for NQV = ceil(qn / kVec), qn <= kShortQMax
-template <typename F>
-void short_query_dispatch(int64_t qn, F&& f) {
-  switch ((qn + kVec - 1) / kVec) {
-    case 1: return f(std::integral_constant<int, 1>());
-    case 2: return f(std::integral_constant<int, 2>());
-    case 3: return f(std::integral_constant<int, 3>());
-    case 4: return f(std::integral_constant<int, 4>());
-    case 5: return f(std::integral_constant<int, 5>());
-    case 6: return f(std::integral_constant<int, 6>());
-    case 7: return f(std::integral_constant<int, 7>());
-    case 8: return f(std::integral_constant<int, 8>());
-    default: TORCH_INTERNAL_ASSERT(false, "short_query_dispatch: more than kShortQMax queries");
-  }
-}
-
-// Q^T for short_query_chunk: qt (D x QP) = scale * rows of q (qn x D, ld ldq), lanes >= qn zero.
-template <typename in_t>
-void short_query_qt(const in_t* q, int64_t ldq, int64_t qn, int64_t D, float scale, float* qt) {
-  const int64_t QP = (qn + kVec - 1) / kVec * kVec;
-  std::fill(qt, qt + D * QP, 0.0f);
-  for (int64_t i = 0; i < qn; ++i)
-    for (int64_t d = 0; d < D; ++d) qt[d * QP + i] = scale * static_cast<float>(q[i * ldq + d]);
 }
 
 // dst[0, n) = float(src[0, n)), inline (a memcpy call per 256-byte row costs more than the copy)
