@@ -21,7 +21,10 @@ namespace attn_cpu {
 // prepared once per query tile, O^T[e] += V[j][e] * P^T[j]. No BLAS packing of key tiles that are
 // used once, no score tile beyond one L1-sized chunk of keys. A caller runs several heads over the
 // same chunk of keys (their rows are adjacent in a (B, L, H, D) tensor: one contiguous read).
-constexpr int64_t kShortQMax = 8 * kVec;  // queries per tile (8 vectors: 128 on avx512, 64 on avx2)
+// queries per tile: 8 vectors on avx512 (128), 12 on avx2 (96: a 77-token text side in one tile,
+// each key chunk copied and scored once)
+constexpr int kShortQMaxVec = vec::kRegisters >= 32 ? 8 : 12;
+constexpr int64_t kShortQMax = kShortQMaxVec * kVec;
 constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
 
 // the running (max, sum) of kVec * NQV queries
@@ -131,18 +134,13 @@ constexpr int short_query_nb() {
 }
 
 // f(std::integral_constant<int, NQV>) for NQV = ceil(qn / kVec), qn <= kShortQMax
-template <typename F>
+template <typename F, int NQV = 1>
 void short_query_dispatch(int64_t qn, F&& f) {
-  switch ((qn + kVec - 1) / kVec) {
-    case 1: return f(std::integral_constant<int, 1>());
-    case 2: return f(std::integral_constant<int, 2>());
-    case 3: return f(std::integral_constant<int, 3>());
-    case 4: return f(std::integral_constant<int, 4>());
-    case 5: return f(std::integral_constant<int, 5>());
-    case 6: return f(std::integral_constant<int, 6>());
-    case 7: return f(std::integral_constant<int, 7>());
-    case 8: return f(std::integral_constant<int, 8>());
-    default: TORCH_INTERNAL_ASSERT(false, "short_query_dispatch: more than kShortQMax queries");
+  if constexpr (NQV <= kShortQMaxVec) {
+    if ((qn + kVec - 1) / kVec == NQV) return f(std::integral_constant<int, NQV>());
+    return short_query_dispatch<F, NQV + 1>(qn, std::forward<F>(f));
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "short_query_dispatch: more than kShortQMax queries");
   }
 }
 

@@ -18,15 +18,19 @@ from .core import plot, print_table, run, write_json
 # baselines capped to the same instruction set, so that an AVX-512 machine measures the AVX2 path
 # the way an AVX2-only machine runs it (torch's kernels, MKL's GEMM, oneDNN, faiss's SIMD level:
 # FAISS_OPT_LEVEL picks the module of a faiss with one module per level, FAISS_SIMD_LEVEL the
-# dispatched level of a faiss built with dynamic dispatch, as faiss-cpu 1.15 is).
+# dispatched level of a faiss built with dynamic dispatch, as faiss-cpu 1.15 is; FBGEMM's kernels,
+# torch's EmbeddingBag and fbgemm_gpu's TBE, read FBGEMM_ENABLE_INSTRUCTIONS, which has no
+# read-back). On AMD CPUs MKL takes its AVX2 path at every level (its GEMM rate here is the same
+# with and without the cap), and Zen 4 runs AVX-512 at the FLOP rate of AVX2.
 CPU_LEVEL_ENV = {
     "default": {"EMBEDOPS_CPU_CAPABILITY": "default", "ATEN_CPU_CAPABILITY": "default",
                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "FAISS_OPT_LEVEL": "generic", "FAISS_SIMD_LEVEL": "NONE"},
     "avx2": {"EMBEDOPS_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "ONEDNN_MAX_CPU_ISA": "AVX2", "FAISS_OPT_LEVEL": "avx2", "FAISS_SIMD_LEVEL": "AVX2"},
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "FAISS_OPT_LEVEL": "avx2", "FAISS_SIMD_LEVEL": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512": {"EMBEDOPS_CPU_CAPABILITY": "avx512", "ATEN_CPU_CAPABILITY": "avx512",
                "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FAISS_OPT_LEVEL": "avx512",
-               "FAISS_SIMD_LEVEL": "AVX512"},
+               "FAISS_SIMD_LEVEL": "AVX512", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"},
 }
 _CHILD = "EMBEDOPS_BENCH_CPU_LEVEL"
 
