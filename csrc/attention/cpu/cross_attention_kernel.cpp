@@ -6,9 +6,9 @@
 // update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
 // never stored; a query block holds one (BQ x BK) tile of it. Sequences with at most kMaxShortK
 // valid keys (image->text) take a fused short-key pass instead (no BLAS, see below).
-// Backward: parallel over (batch, key/value head); one task owns dK, dV of its key/value head
-// and dQ of the query heads of its group, so every gradient is accumulated by one thread in a
-// fixed order (deterministic, no atomics). P is recomputed from lse.
+// Backward: parallel over (batch, key/value head, key chunk); see backward_kernel. Every gradient
+// is accumulated in a fixed order that depends on the shapes only (deterministic, no atomics).
+// P is recomputed from lse.
 // float16 / bfloat16 tiles are converted to float32 as they are loaded (the backward converts a
 // task's keys/values once), computed in float32 and rounded on store; float64 runs in float64.
 
@@ -39,14 +39,14 @@ using namespace attn_cpu;  // the shared tile helpers (cpu/tiles.h)
 
 // ---- short keys (image->text: Lk ~ 77): one fused pass per query block, float32 compute ----------
 // When all of a sequence's keys fit in kMaxShortK, a query block needs no online softmax and no
-// BLAS: per group of R query rows, S (R x NV*16 scores) is accumulated in registers by
+// BLAS: per group of R query rows, S (R x NV*kVec scores) is accumulated in registers by
 // broadcast-FMA against K^T (transposed and pre-scaled once per (batch, kv head)), the exact softmax
 // of each row is taken in registers (key lanes >= kn masked to -inf), P goes to a small L1 buffer
 // and O = P V is accumulated in registers from the (zero-padded) V rows. No score tile in memory,
 // no per-row scalar loops; the GEMMs of the tiled path are too small here (m ~ 54, k = 64) to
 // run near the machine's rate. avx512: up to 5 key vectors (80 keys); beyond, the register
 // groups get too short (measured: slower than the tiled path from 96 keys on). avx2: the same 80
-// keys in 10 ymm vectors, one query row per group at the top. default (4 lanes): 32 keys.
+// keys in 10 ymm vectors (scores of 4 rows in column groups, below). default (4 lanes): 32 keys.
 constexpr int kMaxShortKVec = vec::kFloats >= 16 ? 5 : vec::kFloats == 8 ? 10 : 8;
 constexpr int64_t kMaxShortK = kMaxShortKVec * kVec;
 
@@ -75,7 +75,7 @@ constexpr int short_pv_vectors() {
   return 12 / R >= 4 ? 4 : 12 / R >= 1 ? 12 / R : 1;
 }
 
-// obuf rows [0, R) x [0, 16 CH) = P (R x kn, ld ldp) V (kn x 16 CH, ld ldv)
+// obuf rows [0, R) x [0, kVec CH) = P (R x kn, ld ldp) V (kn x kVec CH, ld ldv)
 template <int R, int CH>
 inline void short_pv_chunk(int64_t kn, const float* P, int64_t ldp, const float* vp, int64_t ldv, float* obuf,
                            int64_t ldo) {
