@@ -11,7 +11,7 @@ import torch
 import embedops
 from embedops import reference
 
-from conftest import FLOAT_DTYPES, TOL, opcheck
+from conftest import CUDA_OK, FLOAT_DTYPES, TOL, _CUDA_SKIP, opcheck
 
 # (B, Lq, Lk, Hq, Hkv, D, Dv): Lq = 1, Lk = 1, odd sizes, D not a power of two, GQA / MQA, Dv != D,
 # and key lengths crossing the CPU kernel's key tiles (512..2048 keys, depending on the query tile).
@@ -854,3 +854,29 @@ def test_backward_key_split_is_deterministic_and_thread_independent():
     reference.cross_attention(qd, kd, vd)[0].backward(dout.double())
     for a, e in zip(one, (qd.grad, kd.grad, vd.grad)):
         torch.testing.assert_close(a.double(), e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason=_CUDA_SKIP)
+def test_cuda_graph_capture_cross_attention_forward():
+    # no lengths: the call makes no host-to-device copy after the first one, so it can be captured
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 40, 4, 32, generator=g).cuda()
+    k = torch.randn(2, 70, 2, 32, generator=g).cuda()
+    v = torch.randn(2, 70, 2, 32, generator=g).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        embedops.cross_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = embedops.cross_attention(q, k, v)
+    for seed in (4, 5):
+        g2 = torch.Generator().manual_seed(seed)
+        q.copy_(torch.randn(q.shape, generator=g2))
+        k.copy_(torch.randn(k.shape, generator=g2))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, _ = reference.cross_attention(q.double(), k.double(), v.double())
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)

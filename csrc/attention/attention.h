@@ -84,6 +84,9 @@ struct SeqDesc {
   int64_t max_k = 0;       // longest key sequence
   // (5, B) int64 on the CPU: q_start, q_len (valid rows), q_slot (rows to write), k_start, k_len
   at::Tensor desc;
+  // no lengths given: every sequence is (Lq, Lk); the same descriptor on every such call (CUDA
+  // keeps its device copy instead of copying it again)
+  bool uniform = false;
 };
 
 // Validates the padded op's arguments (ranks, sizes, dtypes, devices, lengths); returns the

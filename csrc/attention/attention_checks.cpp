@@ -87,6 +87,7 @@ SeqDesc check_cross_attention_args(const char* op, const at::Tensor& q, const at
   };
   if (kv_lengths.has_value()) read_lengths(*kv_lengths, "kv_lengths", Lk, kl);
   if (q_lengths.has_value()) read_lengths(*q_lengths, "q_lengths", Lq, ql);
+  s.uniform = !kv_lengths.has_value() && !q_lengths.has_value();
   for (int64_t b = 0; b < B; ++b) s.max_k = std::max(s.max_k, kl[b]);
   return s;
 }

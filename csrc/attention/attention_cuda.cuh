@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
+#include "common/cuda_upload.cuh"
 #include "common/cuda_warp.cuh"
 
 namespace embedops {
@@ -490,4 +491,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 }  // namespace attn_cuda
+
+// The (5, B) sequence table on q's device without a blocking copy (common/cuda_upload.cuh): kept
+// on the device for uniform tables (no lengths: capturable in a CUDA graph after a first call);
+// otherwise pinned + non_blocking (such calls already synchronised to validate the lengths).
+inline at::Tensor seq_desc_on_device(const SeqDesc& desc, const c10::Device& device) {
+  if (desc.uniform) {
+    const int64_t* p = desc.desc.const_data_ptr<int64_t>();
+    return upload_cached(std::vector<int64_t>(p, p + desc.desc.numel()), device);
+  }
+  return upload_async(desc.desc, device);
+}
+
 }  // namespace embedops

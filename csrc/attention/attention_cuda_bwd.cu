@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
   check_cuda_limits(op, D, Dv, std::max(qtiles, ktiles) * desc.batch, Hq);
   if (qtiles == 0 || ktiles == 0) return {dq, dk, dv};
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  const at::Tensor seq = desc.desc.to(q.device());
+  const at::Tensor seq = seq_desc_on_device(desc, q.device());
   const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
   const Dims dq_dims{desc.batch, Hq, Hkv, D, Dv, qtiles};
   const Dims dk_dims{desc.batch, Hq, Hkv, D, Dv, ktiles};

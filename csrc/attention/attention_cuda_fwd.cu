@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
   const int64_t ntiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
   check_cuda_limits(op, D, Dv, ntiles * desc.batch, Hq);
   if (ntiles == 0) return {out, lse};
-  const at::Tensor seq = desc.desc.to(q.device());
+  const at::Tensor seq = seq_desc_on_device(desc, q.device());
   const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
   const Dims dm{desc.batch, Hq, Hkv, D, Dv, ntiles};
   const int64_t lse_sb = varlen ? 0 : lse.stride(0), lse_sh = varlen ? lse.stride(0) : lse.stride(1);

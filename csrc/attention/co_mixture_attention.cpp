@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_cpu(
   const CoDesc cd = check_co_attention_args(op, qx, ky, vx, vy, x_lengths, y_lengths);
   const double sc = resolve_scale(op, scale, qx.size(3));
   const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
-  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
+  const int64_t Dvx = vx.size(3), Dvy = vy.size(3);
   const auto lse_opts = qx.options().dtype(lse_dtype(qx.scalar_type()));
   at::Tensor ox = empty_output({B, Lx, H, Dvy}, qx.options()), oy = empty_output({B, Ly, H, Dvx}, qx.options());
   at::Tensor lx = at::empty({B, H, Lx}, lse_opts), ly = at::empty({B, H, Ly}, lse_opts);
@@ -52,7 +52,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_backward
   const CoDesc cd = check_co_attention_backward_args(op, dox, doy, qx, ky, vx, vy, ox, oy, lse_x, lse_y, dlse_x,
                                                      dlse_y, x_lengths, y_lengths);
   const int64_t B = qx.size(0), Lx = qx.size(1), H = qx.size(2), Ly = ky.size(1);
-  const int64_t D = qx.size(3), Dvx = vx.size(3), Dvy = vy.size(3);
   at::Tensor dqx = zeros_output(qx.sizes(), qx.options()), dky = zeros_output(ky.sizes(), ky.options());
   at::Tensor dvx = zeros_output(vx.sizes(), vx.options()), dvy = zeros_output(vy.sizes(), vy.options());
   if (B * H == 0 || Lx == 0 || Ly == 0) return {dqx, dky, dvx, dvy};
@@ -74,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_attention_cpu(const at::T
   const char* op = "mixture_attention";
   const MixDesc md = check_mixture_args(op, q, k, v, seg, weights);
   const double sc = resolve_scale(op, scale, q.size(3));
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Dv = v.size(3);
   const int64_t M = md.M;
   at::Tensor out = empty_output({B, Lq, Hq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq, M}, q.options().dtype(lse_dtype(q.scalar_type())));
@@ -90,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
     const at::Tensor& weights, const at::Tensor& seg_out, const at::Tensor& lse, double scale) {
   const char* op = "mixture_attention_backward";
   const MixDesc md = check_mixture_backward_args(op, dout, q, k, v, seg, weights, seg_out, lse);
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Hkv = k.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t Lk = k.size(1), M = md.M;
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2);
+  const int64_t M = md.M;
   at::Tensor dq = zeros_output(q.sizes(), q.options()), dk = zeros_output(k.sizes(), k.options());
   at::Tensor dv = zeros_output(v.sizes(), v.options());
   at::Tensor dw4 = at::zeros({B, Lq, Hq, M}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -23,7 +23,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen) {
   const at::Tensor qc = prepare(q, varlen), kc = prepare(k, varlen), vc = prepare(v, varlen);
-  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  const int64_t Hq = q.size(-2), Dv = v.size(-1);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = Dv;
   const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
@@ -43,7 +43,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
   const at::Tensor oc = prepare(out, varlen), doc = prepare(dout, varlen);
   const at::Tensor lc = lse.contiguous();
   const at::Tensor dlc = dlse.has_value() ? dlse->contiguous() : at::Tensor();
-  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
   at::Tensor dq = zeros_output(q.sizes(), q.options());
   at::Tensor dk = zeros_output(k.sizes(), k.options());
   at::Tensor dv = zeros_output(v.sizes(), v.options());

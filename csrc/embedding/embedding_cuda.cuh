@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/cuda_upload.cuh"
 #include "embedding/embedding.h"
 #include "embedding/hashing.h"
 
@@ -37,9 +38,7 @@ class DeviceLayoutHolder {
         host[2 * F + 1 + Q + q] = f;
       }
     }
-    at::Tensor cpu = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong));
-    std::copy(host.begin(), host.end(), cpu.data_ptr<int64_t>());
-    dev_ = cpu.to(device);
+    dev_ = upload_cached(host, device);  // a model's layout repeats: no copy after the first call
     view_.num_features = F;
     view_.batch = L.batch;
     view_.num_rows = L.num_rows;
