@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& weight, const a
   const at::Tensor v = values.contiguous();
   const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
   const at::Tensor psw = has_psw ? per_sample_weights->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({L.batch, L.out_dim}, weight.options());
+  // (B, out_dim): tens of MB for a production batch, fresh (page-faulted) on every call
+  at::Tensor out = empty_output({L.batch, L.out_dim}, weight.options());
   at::Tensor argmax = L.mode == PoolMode::kMax ? at::empty({L.batch, L.num_blocks * L.dim}, weight.options().dtype(at::kLong))
                                                : at::empty({0}, weight.options().dtype(at::kLong));
   if (L.batch == 0) return {out, argmax};
