@@ -355,14 +355,18 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
   const int64_t kBlockQ = std::min<int64_t>(block_q_for(max_k, max_q), 256);
   const int64_t kBlockK = block_k_for(kBlockQ);
   // the split: up to ~16 tasks in all, chunks of kBackwardKeyChunk keys (short keys: no split)
+  // The split's dQ slices, [b][hk][chunk][head in group][query][D], are held to kSplitBytes
+  // (fewer chunks for long, many-headed query sides; one chunk is no split).
+  constexpr int64_t kSplitBytes = int64_t(256) << 20;
+  const int64_t part_stride = group * max_q * D;
   const int64_t want = std::max<int64_t>(1, 16 / std::max<int64_t>(1, B * Hkv));
-  const int64_t nkc = (kFloat && max_k <= kMaxShortK) ? 1
-                      : std::clamp<int64_t>(std::min(want, (max_k + kBackwardKeyChunk - 1) / kBackwardKeyChunk), 1,
-                                            std::numeric_limits<int32_t>::max());
+  const int64_t fit = kSplitBytes / std::max<int64_t>(1, B * Hkv * part_stride * static_cast<int64_t>(sizeof(T)));
+  const int64_t nkc = (kFloat && max_k <= kMaxShortK) || fit < 2
+                          ? 1
+                          : std::clamp<int64_t>(std::min({want, fit, (max_k + kBackwardKeyChunk - 1) / kBackwardKeyChunk}),
+                                                1, std::numeric_limits<int32_t>::max());
   const int64_t chunk = nkc == 1 ? std::max<int64_t>(max_k, 1) : (max_k + nkc - 1) / nkc;
   const bool split = nkc > 1;
-  // the split's dQ slices: [b][hk][chunk][head in group][query][D]
-  const int64_t part_stride = group * max_q * D;
   std::unique_ptr<T[]> dq_part(split ? new T[B * Hkv * nkc * part_stride] : nullptr);  // zeroed by its task
   at::parallel_for(0, B * Hkv * nkc, 1, [&](int64_t begin, int64_t end) {
     const int64_t ck = std::min(chunk, std::max<int64_t>(max_k, 1));
