@@ -33,19 +33,20 @@ inline at::Tensor upload_async(const at::Tensor& cpu, const c10::Device& device)
 
 constexpr size_t kUploadCacheEntries = 256;
 
-inline at::Tensor upload_cached(const std::vector<int64_t>& host, const c10::Device& device) {
+inline at::Tensor upload_cached(std::vector<int64_t> host, const c10::Device& device) {
   struct Entry {
     at::Tensor pinned, dev;
   };
   static std::mutex mu;
   // never destroyed: device tensors must not be freed by static destructors after CUDA shuts down
   static auto* cache = new std::map<std::pair<int, std::vector<int64_t>>, Entry>();
-  auto key = std::make_pair(static_cast<int>(device.index()), host);
+  auto key = std::make_pair(static_cast<int>(device.index()), std::move(host));
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = cache->find(key); it != cache->end()) return it->second.dev;
-  at::Tensor pinned = at::empty({static_cast<int64_t>(host.size())},
+  const std::vector<int64_t>& values = key.second;
+  at::Tensor pinned = at::empty({static_cast<int64_t>(values.size())},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(host.begin(), host.end(), pinned.data_ptr<int64_t>());
+  std::copy(values.begin(), values.end(), pinned.data_ptr<int64_t>());
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;

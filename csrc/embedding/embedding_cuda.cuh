@@ -38,7 +38,7 @@ class DeviceLayoutHolder {
         host[2 * F + 1 + Q + q] = f;
       }
     }
-    dev_ = upload_cached(host, device);  // a model's layout repeats: no copy after the first call
+    dev_ = upload_cached(std::move(host), device);  // a model's layout repeats: no copy after the first call
     view_.num_features = F;
     view_.batch = L.batch;
     view_.num_rows = L.num_rows;

@@ -124,6 +124,30 @@ inline void short_key_score_tail(int w, const float* const* qr, int64_t D, const
   }
 }
 
+// The exact softmax of one row of NV score vectors (attention.h with one key tile): key lanes past
+// kn masked to -inf (valid: the last vector's lanes), P = exp(S - max) stored to prow, 1 / l to inv
+// and, for a real row (not a repeated tail row), lse to lse_row[i].
+template <int NV>
+inline void short_key_softmax(vf (&s)[NV], vi valid, float* prow, float& inv, float* lse_row, int64_t i,
+                              bool real_row) {
+  s[NV - 1] = valid ? s[NV - 1] : vec::splat(attn::neg_inf<float>());
+  vf mv = s[0];
+#pragma GCC unroll 16
+  for (int v = 1; v < NV; ++v) mv = vec::max(s[v], mv);
+  const float m = vec::hmax(mv);
+  const vf msplat = vec::splat(m);
+  vf sum{};
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const vf e = vec::exp(s[v] - msplat);
+    sum += e;
+    vec::storeu(prow + v * kVec, e);
+  }
+  const float l = vec::hsum(sum);
+  inv = attn::softmax_inv_denominator(l);
+  if (real_row) lse_row[i] = attn::softmax_lse(m, l);
+}
+
 // One query block (qn rows at q, ld ldq; output rows at out, ld ldo) against kn <= kVec NV keys:
 // kt (D x kVec NV, pre-scaled K^T), vp (kn x Dvp, Dv padded to a multiple of 16 with zeros).
 // Writes O rows (multiplied by 1/l) and lse.
@@ -134,7 +158,6 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
   constexpr int64_t kp = NV * kVec;
   const vi lane = vec::lane_index();
   const vi valid = lane < static_cast<int32_t>(kn - (NV - 1) * kVec);  // lanes of the last key vector
-  const vf ninf = vec::splat(attn::neg_inf<float>());
   float inv[R];
   for (int64_t i0 = 0; i0 < qn; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, qn - i0);
@@ -149,24 +172,7 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
           D, s, [&](int r, int64_t d) { return qr[r][d]; },
           [&](int64_t d, int v) { return vec::loadu(kt + d * kp + v * kVec); });
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {  // exact softmax of the row (attention.h with one key tile)
-        s[r][NV - 1] = valid ? s[r][NV - 1] : ninf;
-        vf mv = s[r][0];
-#pragma GCC unroll 8
-        for (int v = 1; v < NV; ++v) mv = s[r][v] > mv ? s[r][v] : mv;
-        const float m = vec::hmax(mv);
-        const vf msplat = vec::splat(m);
-        vf sum{};
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
-          const vf e = vec::exp(s[r][v] - msplat);
-          sum += e;
-          vec::storeu(pbuf + r * kp + v * kVec, e);
-        }
-        const float l = vec::hsum(sum);
-        inv[r] = attn::softmax_inv_denominator(l);
-        if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
-      }
+      for (int r = 0; r < R; ++r) short_key_softmax<NV>(s[r], valid, pbuf + r * kp, inv[r], lse_row, i0 + r, rows > r);
     } else {
       // the same scores (the same products in the same order), CG vectors at a time into pbuf,
       // then the same softmax from there
@@ -174,23 +180,10 @@ void short_key_block(int64_t qn, const float* q, int64_t ldq, int64_t D, const f
       for (; v0 + CG <= NV; v0 += CG) short_key_score_cols<R, CG>(qr, D, kt, kp, v0, pbuf, kp);
       short_key_score_tail<R, CG - 1>(NV - v0, qr, D, kt, kp, v0, pbuf, kp);
       for (int r = 0; r < R; ++r) {
-        float* row = pbuf + r * kp;
-        vec::storeu(row + (NV - 1) * kVec, valid ? vec::loadu(row + (NV - 1) * kVec) : ninf);
-        vf mv = vec::loadu(row);
+        vf row[NV];
 #pragma GCC unroll 16
-        for (int v = 1; v < NV; ++v) mv = vec::max(vec::loadu(row + v * kVec), mv);
-        const float m = vec::hmax(mv);
-        const vf msplat = vec::splat(m);
-        vf sum{};
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) {
-          const vf e = vec::exp(vec::loadu(row + v * kVec) - msplat);
-          sum += e;
-          vec::storeu(row + v * kVec, e);
-        }
-        const float l = vec::hsum(sum);
-        inv[r] = attn::softmax_inv_denominator(l);
-        if (r < rows) lse_row[i0 + r] = attn::softmax_lse(m, l);
+        for (int v = 0; v < NV; ++v) row[v] = vec::loadu(pbuf + r * kp + v * kVec);
+        short_key_softmax<NV>(row, valid, pbuf + r * kp, inv[r], lse_row, i0 + r, rows > r);
       }
     }
     constexpr int CH = short_pv_vectors<R>();
