@@ -89,6 +89,9 @@ struct SeqDesc {
   bool uniform = false;
 };
 
+// A padded-layout SeqDesc (q_start = 0) with per-batch query lengths / slots and key ranges.
+SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int64_t* k_start, const int64_t* k_len);
+
 // Validates the padded op's arguments (ranks, sizes, dtypes, devices, lengths); returns the
 // sequences. Raises with the op and argument named.
 SeqDesc check_cross_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k,

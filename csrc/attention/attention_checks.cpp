@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "attention/attention.h"
 #include "common/checks.h"
@@ -44,6 +46,24 @@ double resolve_scale(const char* op, std::optional<double> scale, int64_t head_d
 
 at::ScalarType lse_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
+SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int64_t* k_start, const int64_t* k_len) {
+  SeqDesc s;
+  s.batch = B;
+  s.max_q_slot = q_slot;
+  s.max_k = 0;
+  s.desc = at::empty({5, B}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = s.desc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    p[b] = 0;
+    p[B + b] = q_len[b];
+    p[2 * B + b] = q_slot;
+    p[3 * B + b] = k_start[b];
+    p[4 * B + b] = k_len[b];
+    s.max_k = std::max(s.max_k, k_len[b]);
+  }
+  return s;
+}
+
 SeqDesc check_cross_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const std::optional<at::Tensor>& kv_lengths,
                                    const std::optional<at::Tensor>& q_lengths) {
@@ -58,20 +78,7 @@ SeqDesc check_cross_attention_args(const char* op, const at::Tensor& q, const at
   check_size(op, "v", v, 2, k.size(2), "the number of key/value heads Hkv of k");
   check_heads_dims(op, q.size(2), k.size(2), q.size(3), k.size(3), v.size(3));
 
-  SeqDesc s;
-  s.batch = B;
-  s.max_q_slot = Lq;
-  s.max_k = 0;
-  s.desc = at::empty({5, B}, at::TensorOptions().dtype(at::kLong));
-  int64_t* qs = s.desc.data_ptr<int64_t>();
-  int64_t *ql = qs + B, *qslot = qs + 2 * B, *ks = qs + 3 * B, *kl = qs + 4 * B;
-  for (int64_t b = 0; b < B; ++b) {
-    qs[b] = 0;
-    ql[b] = Lq;
-    qslot[b] = Lq;
-    ks[b] = 0;
-    kl[b] = Lk;
-  }
+  std::vector<int64_t> ql(B, Lq), ks(B, 0), kl(B, Lk);
   auto read_lengths = [&](const at::Tensor& len, const char* name, int64_t limit, int64_t* dst) {
     check_index_dtype(op, name, len);
     check_same_device(op, name, len, "q", q);
@@ -85,10 +92,10 @@ SeqDesc check_cross_attention_args(const char* op, const at::Tensor& q, const at
       dst[b] = p[b];
     }
   };
-  if (kv_lengths.has_value()) read_lengths(*kv_lengths, "kv_lengths", Lk, kl);
-  if (q_lengths.has_value()) read_lengths(*q_lengths, "q_lengths", Lq, ql);
+  if (kv_lengths.has_value()) read_lengths(*kv_lengths, "kv_lengths", Lk, kl.data());
+  if (q_lengths.has_value()) read_lengths(*q_lengths, "q_lengths", Lq, ql.data());
+  SeqDesc s = make_seq_desc(B, ql.data(), Lq, ks.data(), kl.data());
   s.uniform = !kv_lengths.has_value() && !q_lengths.has_value();
-  for (int64_t b = 0; b < B; ++b) s.max_k = std::max(s.max_k, kl[b]);
   return s;
 }
 

@@ -1,7 +1,7 @@
 #pragma once
 // co_attention / mixture_attention (issue 6): the argument checks and problem descriptions the
 // CPU (co_mixture_attention.cpp, cpu/co_mixture_attention_kernel.cpp) and CUDA
-// (co_mixture_attention_cuda.cu) backends share.
+// (cuda/co_mixture_attention.cu) backends share.
 
 #include <ATen/core/Tensor.h>
 
@@ -45,7 +45,5 @@ MixDesc check_mixture_backward_args(const char* op, const at::Tensor& dout, cons
                                     const at::Tensor& v, const at::Tensor& seg, const at::Tensor& w,
                                     const at::Tensor& seg_out, const at::Tensor& lse);
 
-// A padded-layout SeqDesc (q_start = 0) with per-batch query lengths / slots and key ranges.
-SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int64_t* k_start, const int64_t* k_len);
 
 }  // namespace embedops

@@ -134,24 +134,6 @@ MixDesc check_mixture_args(const char* op, const at::Tensor& q, const at::Tensor
   return d;
 }
 
-SeqDesc make_seq_desc(int64_t B, const int64_t* q_len, int64_t q_slot, const int64_t* k_start, const int64_t* k_len) {
-  SeqDesc s;
-  s.batch = B;
-  s.max_q_slot = q_slot;
-  s.max_k = 0;
-  s.desc = at::empty({5, B}, at::TensorOptions().dtype(at::kLong));
-  int64_t* p = s.desc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    p[b] = 0;
-    p[B + b] = q_len[b];
-    p[2 * B + b] = q_slot;
-    p[3 * B + b] = k_start[b];
-    p[4 * B + b] = k_len[b];
-    s.max_k = std::max(s.max_k, k_len[b]);
-  }
-  return s;
-}
-
 CoDesc check_co_attention_backward_args(const char* op, const at::Tensor& dox, const at::Tensor& doy,
                                         const at::Tensor& qx, const at::Tensor& ky, const at::Tensor& vx,
                                         const at::Tensor& vy, const at::Tensor& ox, const at::Tensor& oy,

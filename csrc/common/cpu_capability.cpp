@@ -2,6 +2,8 @@
 
 #include "common/cpu_capability.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <mutex>

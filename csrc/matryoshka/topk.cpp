@@ -1,5 +1,6 @@
-// matryoshka_topk and matryoshka_funnel (and their column-block forms) on the CPU, host side
-// (compiled once): checks, outputs, and the kernels of the CPU level in use (cpu/topk_kernel.cpp).
+// matryoshka_topk and matryoshka_funnel (and their column-block forms: MatryoshkaIndex's storage on
+// every device), the host side of both backends (compiled once): checks, outputs, and the kernels
+// of the inputs' device (cpu/topk_kernel.cpp at the CPU level in use, cuda/topk.cu).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -10,12 +11,12 @@
 
 #include "common/checks.h"
 #include "matryoshka/matryoshka.h"
-#include "matryoshka/matryoshka_cpu.h"
+#include "matryoshka/matryoshka_kernels.h"
 
 namespace embedops {
 
-EMBEDOPS_DEFINE_CPU_STUB(matryoshka_topk_stub, MatryoshkaTopkKernel);
-EMBEDOPS_DEFINE_CPU_STUB(matryoshka_funnel_rerank_stub, MatryoshkaFunnelRerankKernel);
+EMBEDOPS_DEFINE_STUB(matryoshka_topk_stub, MatryoshkaTopkKernel);
+EMBEDOPS_DEFINE_STUB(matryoshka_funnel_rerank_stub, MatryoshkaFunnelRerankKernel);
 
 namespace {
 
@@ -52,11 +53,11 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& queries, const st
   const at::Tensor q = queries.to(acc).contiguous();
   at::Tensor inv;
   if (corpus_inv_norms.has_value() && s.cosine) inv = corpus_inv_norms->contiguous();
-  matryoshka_topk_stub(q, blocks, s, k, inv, values, indices);
+  matryoshka_topk_stub(queries.device().type(), q, blocks, s, k, inv, values, indices);
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cpu(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
+std::tuple<at::Tensor, at::Tensor> matryoshka_topk_host(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
                                                        at::IntArrayRef dims, c10::string_view metric,
                                                        const std::optional<at::Tensor>& corpus_inv_norms) {
   const char* op = "matryoshka_topk";
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cpu(const at::Tensor& queries
   return topk_impl(queries, {rows_unit_stride(corpus)}, k, s, corpus_inv_norms);
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_topk_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
+std::tuple<at::Tensor, at::Tensor> matryoshka_topk_blocks_host(const at::Tensor& queries, at::TensorList blocks,
                                                               int64_t k, at::IntArrayRef dims, c10::string_view metric,
                                                               const std::optional<at::Tensor>& corpus_inv_norms) {
   const char* op = "matryoshka_topk_blocks";
@@ -89,11 +90,11 @@ std::tuple<at::Tensor, at::Tensor> funnel_impl(const char* op, const at::Tensor&
   s0.dims = {s.dims[0]};
   auto [v0, i0] = topk_impl(queries, blocks, ks[0], s0, corpus_inv_norms);
   const at::Tensor q = queries.to(acc).contiguous();
-  matryoshka_funnel_rerank_stub(q, blocks, s, ks, v0, i0, values, indices);
+  matryoshka_funnel_rerank_stub(queries.device().type(), q, blocks, s, ks, v0, i0, values, indices);
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cpu(const at::Tensor& queries, const at::Tensor& corpus,
+std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_host(const at::Tensor& queries, const at::Tensor& corpus,
                                                          at::IntArrayRef dims, at::IntArrayRef ks,
                                                          c10::string_view metric,
                                                          const std::optional<at::Tensor>& corpus_inv_norms) {
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cpu(const at::Tensor& queri
   return funnel_impl(op, queries, {rows_unit_stride(corpus)}, s, ks, corpus_inv_norms);
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_blocks_cpu(const at::Tensor& queries, at::TensorList blocks,
+std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_blocks_host(const at::Tensor& queries, at::TensorList blocks,
                                                                 at::IntArrayRef dims, at::IntArrayRef ks,
                                                                 c10::string_view metric,
                                                                 const std::optional<at::Tensor>& corpus_inv_norms) {
@@ -116,13 +117,15 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_blocks_cpu(const at::Tensor
   return funnel_impl(op, queries, bl, s, ks, corpus_inv_norms);
 }
 
+void register_ops(torch::Library& m) {
+  m.impl("matryoshka_topk", &matryoshka_topk_host);
+  m.impl("matryoshka_funnel", &matryoshka_funnel_host);
+  m.impl("matryoshka_topk_blocks", &matryoshka_topk_blocks_host);
+  m.impl("matryoshka_funnel_blocks", &matryoshka_funnel_blocks_host);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CPU, m) {
-  m.impl("matryoshka_topk", &matryoshka_topk_cpu);
-  m.impl("matryoshka_funnel", &matryoshka_funnel_cpu);
-  m.impl("matryoshka_topk_blocks", &matryoshka_topk_blocks_cpu);
-  m.impl("matryoshka_funnel_blocks", &matryoshka_funnel_blocks_cpu);
-}
+EMBEDOPS_HOST_OPS(register_ops)
 
 }  // namespace embedops

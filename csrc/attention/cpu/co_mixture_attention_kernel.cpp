@@ -29,7 +29,7 @@
 
 #include "attention/attention.h"
 #include "attention/co_mixture_attention.h"
-#include "attention/attention_cpu.h"
+#include "attention/attention_kernels.h"
 #include "attention/cpu/short_query.h"
 #include "attention/cpu/tiles.h"
 #include "common/checks.h"

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "attention/attention_cpu.h"
+#include "attention/attention_kernels.h"
 #include "attention/cpu/tiles.h"
 #include "common/dispatch.h"
 

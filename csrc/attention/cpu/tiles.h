@@ -17,7 +17,7 @@
 
 
 #include "attention/attention.h"
-#include "attention/attention_cpu.h"
+#include "attention/attention_kernels.h"
 #include "attention/cpu/gemm.h"
 #include "common/vec.h"
 

@@ -31,7 +31,7 @@
 #include "common/dispatch.h"
 #include "common/vec.h"
 #include "embedding/embedding.h"
-#include "embedding/embedding_cpu.h"
+#include "embedding/embedding_kernels.h"
 #include "embedding/hashing.h"
 
 #if defined(__linux__)
@@ -380,7 +380,14 @@ bool forward_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* 
 }
 
 void embedding_bag_forward_kernel(const BagLayout& L, int64_t seed, const at::Tensor& w, const at::Tensor& v,
-                                  const at::Tensor& offs, const at::Tensor& psw, at::Tensor& out, at::Tensor& argmax) {
+                                  const at::Tensor& offs, const at::Tensor& psw, bool validate, at::Tensor& out,
+                                  at::Tensor& argmax) {
+  (void)validate;  // the CPU checks are O(F*B) and always run
+  check_offsets_cpu("multiplexed_embedding_bag", offs, v.numel());
+  TORCH_CHECK_VALUE(L.mode != PoolMode::kMax || v.numel() <= std::numeric_limits<int32_t>::max(),
+                    "multiplexed_embedding_bag: mode=\"max\" supports at most 2^31 - 1 values on the CPU, got ",
+                    v.numel());
+  if (L.batch == 0) return;
   const bool has_psw = psw.defined();
   const std::vector<uint64_t> salts = block_salts(L, seed);
   EMBEDOPS_DISPATCH_FLOATING(w.scalar_type(), "multiplexed_embedding_bag_cpu", [&] {
@@ -595,6 +602,8 @@ void reduce_rows(const Contributions<at::opmath_type<scalar_t>>& c, const BagLay
 
 void embedding_bag_backward_kernel(const BagLayout& L, int64_t seed, const BagBackwardInputs& in,
                                    const at::Tensor& w, at::Tensor& grad_weight, at::Tensor& grad_psw) {
+  check_offsets_cpu("multiplexed_embedding_bag_backward", in.offs, in.v.numel());
+  if (L.batch == 0) return;
   const bool weight_grad = grad_weight.numel() > 0, psw_grad = grad_psw.numel() > 0;
   EMBEDOPS_DISPATCH_FLOATING(w.scalar_type(), "multiplexed_embedding_bag_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -644,6 +653,8 @@ void embedding_bag_backward_kernel(const BagLayout& L, int64_t seed, const BagBa
 
 void embedding_bag_update_kernel(const BagLayout& L, int64_t seed, const BagBackwardInputs& in, at::Tensor& weight,
                                  at::Tensor& state, Optimizer opt, double lr, double eps) {
+  check_offsets_cpu("multiplexed_embedding_bag_update", in.offs, in.v.numel());
+  if (L.batch == 0) return;
   EMBEDOPS_DISPATCH_FLOATING(weight.scalar_type(), "multiplexed_embedding_bag_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = in.g.const_data_ptr<scalar_t>();

@@ -37,7 +37,7 @@
 #include "matryoshka/cpu/prefix_gemm.h"
 #include "matryoshka/cpu/segments.h"
 #include "matryoshka/matryoshka.h"
-#include "matryoshka/matryoshka_cpu.h"
+#include "matryoshka/matryoshka_kernels.h"
 #include "matryoshka/topk.h"
 
 namespace embedops {

@@ -1,25 +1,27 @@
-// matryoshka_topk and matryoshka_funnel on CUDA.
+// matryoshka_topk and matryoshka_funnel (plain corpus or column blocks: the index's storage), the
+// CUDA kernels; the host side, shared with the CPU, is topk.cpp.
 //
 // topk: the corpus is processed in chunks of T rows (B*T bounded, so extra memory is
 // O(P*B*S*k + B*T), never B x N). Per chunk the raw dot products of all prefixes are accumulated
 // segment by segment into R (B x T) with cuBLAS (ATen addmm), and after segment p a selection
 // kernel offers R's scores (cosine rule applied on the fly) to a running top-k per
 // (prefix, query, slice): grid (S slices, B queries), one block each, the block top-k of
-// select_cuda.cuh in shared memory. Small B gets many slices so the GPU stays busy. A final
-// kernel merges the S partial lists of each (prefix, query). k <= 1024 on CUDA.
+// select.cuh in shared memory. Small B gets many slices so the GPU stays busy. A final
+// kernel merges the S partial lists of each (prefix, query). k <= 1024 on CUDA. A corpus in column
+// blocks is gathered chunk by chunk into one row-major tile (one extra pass over the chunk).
 //
 // funnel: stage 0 is the topk above; then one block per query extends its survivors' dot products
 // (one warp per survivor reads only the new segment of the row), rescores, and keeps the best of
 // each stage by a bitonic sort in shared memory. ks[0] <= 1024 (512 for float64), at most 32
-// stages on CUDA.
+// stages on CUDA. Column blocks are read in place (at most 32 blocks).
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
@@ -27,7 +29,8 @@
 
 #include "common/dispatch.h"
 #include "matryoshka/matryoshka.h"
-#include "matryoshka/select_cuda.cuh"
+#include "matryoshka/matryoshka_kernels.h"
+#include "matryoshka/cuda/select.cuh"
 #include "matryoshka/topk.h"
 
 namespace embedops {
@@ -105,29 +108,44 @@ int sm_count(int device) {
   return std::max(n, 1);
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_cuda_impl(const char* op, const at::Tensor& queries,
-                                                  const at::Tensor& corpus, int64_t k, const MatryoshkaShape& s,
-                                                  const std::optional<at::Tensor>& corpus_inv_norms) {
+// Rows [n0, n0 + nt), columns [0, dmax) of the corpus in the compute type: a view of a single
+// block already in that type, else one copy.
+at::Tensor corpus_tile(const std::vector<at::Tensor>& blocks, int64_t n0, int64_t nt, int64_t dmax,
+                       at::ScalarType acc) {
+  if (blocks.size() == 1) {
+    at::Tensor t = blocks[0].narrow(0, n0, nt).narrow(1, 0, dmax);
+    return t.scalar_type() == acc ? t : t.to(acc);
+  }
+  std::vector<at::Tensor> parts;
+  for (int64_t c = 0; const at::Tensor& blk : blocks) {
+    if (c >= dmax) break;
+    const int64_t w = std::min(blk.size(1), dmax - c);
+    parts.push_back(blk.narrow(0, n0, nt).narrow(1, 0, w));
+    c += w;
+  }
+  return at::cat(parts, 1).to(acc);
+}
+
+void matryoshka_topk_cuda(const at::Tensor& q, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
+                          int64_t k, const at::Tensor& given_inv, at::Tensor& values, at::Tensor& indices) {
+  constexpr const char* op = "matryoshka_topk";
+  const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK_VALUE(k <= kMaxKCuda, op, ": k must be <= ", kMaxKCuda, " on CUDA, got ", k,
                     " (use the CPU, or several calls over corpus shards)");
   make_dim_list(op, s.dims);
-  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+  const at::ScalarType acc = q.scalar_type();
   const int64_t P = static_cast<int64_t>(s.dims.size()), B = s.B, N = s.N;
-  at::Tensor values = at::empty({P, B, k}, queries.options().dtype(acc));
-  at::Tensor indices = at::empty({P, B, k}, queries.options().dtype(at::kLong));
-  if (B == 0 || k == 0) return {values, indices};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor q = queries.to(acc).contiguous();
-  const at::Tensor x = rows_unit_stride(corpus);
   const int64_t dmax = s.dims.back();
   const auto acc_opts = q.options();
+  const bool copies = blocks.size() > 1 || blocks[0].scalar_type() != acc;
 
   at::Tensor qinv = at::empty({P, B}, acc_opts);
   if (s.cosine) launch_inv_norms(q, q.stride(0), B, s.dims, qinv, 0, B);
 
   // chunk width: B*T <= 2^24 scores, and a bounded converted copy for low-precision corpora
   int64_t T = std::max<int64_t>(1024, (int64_t{1} << 24) / B);
-  if (x.scalar_type() != acc) T = std::min<int64_t>(T, std::max<int64_t>(1024, (int64_t{1} << 25) / dmax));
+  if (copies) T = std::min<int64_t>(T, std::max<int64_t>(1024, (int64_t{1} << 25) / dmax));
   T = std::min(T, N);
   const int sms = sm_count(q.get_device());
   int64_t S = std::max<int64_t>(1, (2 * sms + B - 1) / B);
@@ -138,11 +156,10 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda_impl(const char* op, const at::Tens
   at::Tensor state_i = at::empty({P, B, S, k}, acc_opts.dtype(at::kLong));
   at::Tensor R = at::empty({B, T}, acc_opts);
   at::Tensor xinv_buf;
-  const bool given = s.cosine && corpus_inv_norms.has_value();
-  at::Tensor given_inv = given ? corpus_inv_norms->contiguous() : at::Tensor();
+  const bool given = s.cosine && given_inv.defined();
   if (s.cosine && !given) xinv_buf = at::empty({P, T}, acc_opts);
 
-  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_topk_cuda", [&] {
+  EMBEDOPS_DISPATCH_FLOATING(acc, "matryoshka_topk_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     {
       const int64_t n = state_s.numel();
@@ -154,8 +171,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda_impl(const char* op, const at::Tens
       constexpr int KP = decltype(kp)::value;
       for (int64_t n0 = 0; n0 < N; n0 += T) {
         const int64_t nt = std::min(T, N - n0);
-        at::Tensor xc = x.narrow(0, n0, nt).narrow(1, 0, dmax);
-        if (xc.scalar_type() != acc) xc = xc.to(acc);
+        const at::Tensor xc = corpus_tile(blocks, n0, nt, dmax, acc);
         const acc_t* xinv = nullptr;
         int64_t xinv_ld = 0;
         if (s.cosine) {
@@ -189,18 +205,6 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda_impl(const char* op, const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {values, indices};
-}
-
-std::tuple<at::Tensor, at::Tensor> matryoshka_topk_cuda(const at::Tensor& queries, const at::Tensor& corpus,
-                                                        int64_t k, at::IntArrayRef dims, c10::string_view metric,
-                                                        const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_topk";
-  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
-  check_topk_k(op, k, s.N);
-  check_inv_norms(op, corpus_inv_norms, static_cast<int64_t>(s.dims.size()), s.N, corpus);
-  const c10::cuda::CUDAGuard guard(queries.device());
-  return topk_cuda_impl(op, queries, corpus, k, s, corpus_inv_norms);
 }
 
 // ---- funnel ------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ struct FunnelSmem {
 // One block per query. v0/i0: stage-0 top ks[0] (scores at dims[0], best first).
 template <typename scalar_t, typename acc_t, int KP>
 __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
-    const acc_t* __restrict__ q, int64_t D, const scalar_t* __restrict__ x, int64_t ldx, mat::DimList dims,
+    const acc_t* __restrict__ q, int64_t D, mat::ColumnBlocks<scalar_t> x, mat::DimList dims,
     mat::DimList ks, bool cosine, const acc_t* __restrict__ v0, const int64_t* __restrict__ i0,
     acc_t* __restrict__ values, int64_t* __restrict__ indices) {
   __shared__ FunnelSmem<acc_t, KP> m;
@@ -239,12 +243,8 @@ __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
   // stage 0 survivors: their sums of squares at dims[0], and their raw dots recovered from the scores
   for (int c = warp; c < k0; c += nwarps) {
     const int64_t row = i0[b * k0 + c];
-    const scalar_t* xr = x + row * ldx;
     acc_t sq = 0;
-    for (int64_t j = lane; j < dims.d[0]; j += 32) {
-      const acc_t v = static_cast<acc_t>(xr[j]);
-      sq += v * v;
-    }
+    mat::for_row_columns<acc_t>(x, row, 0, dims.d[0], lane, [&](int64_t, acc_t v) { sq += v * v; });
     sq = warp_sum(sq);
     if (lane == 0) {
       const acc_t sc = v0[b * k0 + c];
@@ -260,13 +260,11 @@ __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
   for (int st = 1; st < dims.n; ++st) {
     const int64_t a = dims.d[st - 1], e = dims.d[st];
     for (int c = warp; c < kc; c += nwarps) {
-      const scalar_t* xr = x + m.idx[c] * ldx;
       acc_t d = 0, sq = 0;
-      for (int64_t j = a + lane; j < e; j += 32) {
-        const acc_t v = static_cast<acc_t>(xr[j]);
+      mat::for_row_columns<acc_t>(x, m.idx[c], a, e, lane, [&](int64_t j, acc_t v) {
         d += qb[j] * v;
         sq += v * v;
-      }
+      });
       d = warp_sum(d);
       sq = warp_sum(sq);
       if (lane == 0) {
@@ -305,53 +303,37 @@ __global__ void __launch_bounds__(mat::kThreads) funnel_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_funnel_cuda(const at::Tensor& queries, const at::Tensor& corpus,
-                                                          at::IntArrayRef dims, at::IntArrayRef ks,
-                                                          c10::string_view metric,
-                                                          const std::optional<at::Tensor>& corpus_inv_norms) {
-  const char* op = "matryoshka_funnel";
-  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
-  check_funnel_ks(op, dims, ks, s.N);
-  check_inv_norms(op, corpus_inv_norms, 1, s.N, corpus);
+void matryoshka_funnel_rerank_cuda(const at::Tensor& q, const std::vector<at::Tensor>& blocks,
+                                   const MatryoshkaShape& s, at::IntArrayRef ks, const at::Tensor& v0,
+                                   const at::Tensor& i0, at::Tensor& values, at::Tensor& indices) {
+  constexpr const char* op = "matryoshka_funnel";
+  const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK_VALUE(ks[0] <= kMaxKCuda, op, ": the first stage's k must be <= ", kMaxKCuda, " on CUDA, got ", ks[0]);
   const mat::DimList dl = make_dim_list(op, s.dims);
   const mat::DimList kl = make_dim_list(op, std::vector<int64_t>(ks.begin(), ks.end()));
-  const c10::cuda::CUDAGuard guard(queries.device());
-  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
-  const int64_t klast = ks.back();
-  at::Tensor values = at::empty({s.B, klast}, queries.options().dtype(acc));
-  at::Tensor indices = at::empty({s.B, klast}, queries.options().dtype(at::kLong));
-  if (s.B == 0 || klast == 0) return {values, indices};
-  MatryoshkaShape s0 = s;
-  s0.dims = {s.dims[0]};
-  auto [v0, i0] = topk_cuda_impl(op, queries, corpus, ks[0], s0, corpus_inv_norms);
-  const at::Tensor q = queries.to(acc).contiguous();
-  const at::Tensor x = rows_unit_stride(corpus);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(s.B <= std::numeric_limits<int>::max(), op, ": too many queries");
-  EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_funnel_cuda", [&] {
+  EMBEDOPS_DISPATCH_FLOATING(blocks[0].scalar_type(), "matryoshka_funnel_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const mat::ColumnBlocks<scalar_t> x = mat::make_column_blocks<scalar_t>(op, blocks);
     mat::dispatch_kp(ks[0], [&](auto kp) {
       constexpr int KP = decltype(kp)::value;
       if constexpr (sizeof(acc_t) == 8 && KP > 512) {  // shared memory: 48 KiB per block
         TORCH_CHECK_VALUE(false, op, ": the first stage's k must be <= 512 for float64 on CUDA, got ", ks[0]);
       } else {
       funnel_kernel<scalar_t, acc_t, KP><<<static_cast<unsigned>(s.B), mat::kThreads, 0, stream>>>(
-          q.const_data_ptr<acc_t>(), s.D, x.const_data_ptr<scalar_t>(), x.stride(0), dl, kl, s.cosine,
+          q.const_data_ptr<acc_t>(), s.D, x, dl, kl, s.cosine,
           v0.const_data_ptr<acc_t>(), i0.const_data_ptr<int64_t>(), values.data_ptr<acc_t>(),
           indices.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
-  return {values, indices};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
-  m.impl("matryoshka_topk", &matryoshka_topk_cuda);
-  m.impl("matryoshka_funnel", &matryoshka_funnel_cuda);
-}
+EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_topk_stub, &matryoshka_topk_cuda);
+EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_funnel_rerank_stub, &matryoshka_funnel_rerank_cuda);
 
 }  // namespace embedops

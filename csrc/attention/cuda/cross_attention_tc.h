@@ -1,5 +1,5 @@
 #pragma once
-// The opt-in tensor-core forward (attention_cuda_tc.cu), called by attention_cuda_fwd.cu.
+// The opt-in tensor-core forward (cross_attention_tc.cu), called by cross_attention_fwd.cu.
 
 #include <ATen/core/Tensor.h>
 

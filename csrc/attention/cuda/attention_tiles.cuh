@@ -477,18 +477,13 @@ void prepare_smem(const char* op, const void* kernel, size_t smem, const at::Ten
 
 // The whole forward / backward of one attention problem described by a SeqDesc (any k_start per
 // batch in the padded layout too: mixture_attention runs one per modality, co_attention one per
-// direction). Defined in attention_cuda_fwd.cu / attention_cuda_bwd.cu.
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const SeqDesc& desc, double scale, bool varlen);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& dout,
-                                                             const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& out,
-                                                             const at::Tensor& lse,
-                                                             const std::optional<at::Tensor>& dlse,
-                                                             const SeqDesc& desc, double scale, bool varlen);
-
-// The kernels read rows with a contiguous last dim; anything else is copied once.
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+// direction) into allocated outputs (the gradients zeroed); operands with a contiguous last dim
+// (prepare, attention_kernels.h); dlse undefined when absent. In cross_attention_{fwd,bwd}.cu.
+void forward_into(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const SeqDesc& desc, double scale, bool varlen, at::Tensor& out, at::Tensor& lse);
+void backward_into(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse,
+                   const SeqDesc& desc, double scale, bool varlen, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 
 }  // namespace attn_cuda
 

@@ -14,8 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "attention/attention_cuda.cuh"
-#include "attention/attention_cuda_tc.h"
+#include "attention/cuda/attention_tiles.cuh"
+#include "attention/cuda/cross_attention_tc.h"
 
 namespace embedops {
 namespace attn_cuda {

@@ -1,6 +1,6 @@
 #pragma once
-// CUDA building blocks of the matryoshka kernels (device side only): per-prefix
-// inverse norms, and a block-wide top-k selection kept in shared memory. The ranking order and
+// CUDA building blocks of the matryoshka kernels: per-prefix inverse norms, a corpus held as
+// column blocks read in place, and a block-wide top-k selection kept in shared memory. The ranking order and
 // the norm/cosine rules come from topk.h, the same functions the CPU kernels use.
 //
 // Block top-k ("threshold-first, then bitonic merge"): the block keeps its current top-k sorted
@@ -9,9 +9,12 @@
 // compare rejects almost all). When the buffer could overflow, the 2KP entries are bitonic-sorted
 // and the first KP kept. KP is a power of two >= k and >= the block size.
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "common/cuda_warp.cuh"
 #include "matryoshka/topk.h"
@@ -26,6 +29,44 @@ struct DimList {
   int64_t d[kMaxDimsCuda];
   int n;
 };
+
+// The corpus as column blocks (MatryoshkaIndex's storage: one block per prefix segment; a plain
+// corpus is one block): block i holds columns [start[i], start[i + 1]) with row stride ld[i].
+template <typename scalar_t>
+struct ColumnBlocks {
+  const scalar_t* ptr[kMaxDimsCuda];
+  int64_t ld[kMaxDimsCuda];
+  int64_t start[kMaxDimsCuda + 1];
+  int n;
+};
+
+template <typename scalar_t>
+ColumnBlocks<scalar_t> make_column_blocks(const char* op, const std::vector<at::Tensor>& blocks) {
+  TORCH_CHECK_VALUE(blocks.size() <= static_cast<size_t>(kMaxDimsCuda), op, ": at most ", kMaxDimsCuda,
+                    " column blocks are supported on CUDA, got ", blocks.size());
+  ColumnBlocks<scalar_t> cb{};
+  cb.n = static_cast<int>(blocks.size());
+  for (int i = 0; i < cb.n; ++i) {
+    cb.ptr[i] = blocks[i].const_data_ptr<scalar_t>();
+    cb.ld[i] = blocks[i].stride(0);
+    cb.start[i + 1] = cb.start[i] + blocks[i].size(1);
+  }
+  return cb;
+}
+
+// f(j, x[row, j]) for the columns j in [a, e) of one row, strided over a warp's lanes (lane j % 32
+// of each block's piece).
+template <typename acc_t, typename scalar_t, typename F>
+__device__ __forceinline__ void for_row_columns(const ColumnBlocks<scalar_t>& x, int64_t row, int64_t a, int64_t e,
+                                                int lane, F&& f) {
+  for (int i = 0; i < x.n; ++i) {
+    const int64_t lo = a > x.start[i] ? a : x.start[i];
+    const int64_t hi = e < x.start[i + 1] ? e : x.start[i + 1];
+    if (lo >= hi) continue;
+    const scalar_t* xr = x.ptr[i] + row * x.ld[i];
+    for (int64_t j = lo + lane; j < hi; j += 32) f(j, static_cast<acc_t>(xr[j - x.start[i]]));
+  }
+}
 
 // One warp per row: out[p * out_ld + row] = inv_norm(||x[row, :dims[p]]||), rows grid-strided.
 template <typename scalar_t, typename acc_t>

@@ -1,4 +1,5 @@
-// matryoshka_similarity and matryoshka_inv_norms on CUDA.
+// matryoshka_similarity and matryoshka_inv_norms, the CUDA kernels (the host side, shared with the
+// CPU, is similarity.cpp).
 //
 // similarity: the raw dot products of all prefixes come from ONE pass of segment GEMMs (cuBLAS via
 // ATen): out[0] = Q[:, :d0] X[:, :d0]^T, out[p] = out[p-1] + Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T,
@@ -11,18 +12,18 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 #include "common/dispatch.h"
 #include "matryoshka/matryoshka.h"
-#include "matryoshka/select_cuda.cuh"
+#include "matryoshka/matryoshka_kernels.h"
+#include "matryoshka/cuda/select.cuh"
 #include "matryoshka/topk.h"
 
 namespace embedops {
 
-// Shared with topk_cuda.cu: per-prefix inverse norms of `rows` rows of x (row stride ld) into
+// Shared with topk.cu: per-prefix inverse norms of `rows` rows of x (row stride ld) into
 // out (P, out_ld), on the current stream.
 void launch_inv_norms(const at::Tensor& x, int64_t ld, int64_t rows, const std::vector<int64_t>& dims,
                       const at::Tensor& out, int64_t out_offset, int64_t out_ld);
@@ -66,28 +67,15 @@ __global__ void cosine_scale_kernel(acc_t* __restrict__ out, int64_t P, int64_t 
   }
 }
 
-at::Tensor matryoshka_inv_norms_cuda(const at::Tensor& corpus, at::IntArrayRef dims) {
-  const char* op = "matryoshka_inv_norms";
-  const MatryoshkaShape s = check_matryoshka_args(op, corpus.narrow(0, 0, 0), corpus, dims, "cosine");
-  const c10::cuda::CUDAGuard guard(corpus.device());
-  at::Tensor out = at::empty({static_cast<int64_t>(s.dims.size()), s.N},
-                             corpus.options().dtype(acc_dtype_of(corpus.scalar_type())));
-  const at::Tensor x = rows_unit_stride(corpus);
+void matryoshka_inv_norms_cuda(const at::Tensor& x, const MatryoshkaShape& s, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
   launch_inv_norms(x, x.stride(0), s.N, s.dims, out, 0, s.N);
-  return out;
 }
 
-at::Tensor matryoshka_similarity_cuda(const at::Tensor& queries, const at::Tensor& corpus, at::IntArrayRef dims,
-                                      c10::string_view metric) {
-  const char* op = "matryoshka_similarity";
-  const MatryoshkaShape s = check_matryoshka_args(op, queries, corpus, dims, metric);
-  const c10::cuda::CUDAGuard guard(queries.device());
-  const at::ScalarType acc = acc_dtype_of(queries.scalar_type());
+void matryoshka_similarity_cuda(const at::Tensor& q, const at::Tensor& x, const MatryoshkaShape& s, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::ScalarType acc = q.scalar_type();
   const int64_t P = static_cast<int64_t>(s.dims.size());
-  at::Tensor out = at::empty({P, s.B, s.N}, queries.options().dtype(acc));
-  if (s.B == 0 || s.N == 0) return out;
-  const at::Tensor q = queries.to(acc).contiguous();
-  const at::Tensor x = rows_unit_stride(corpus);
   const int64_t dmax = s.dims.back();
   // chunks bound the temporary converted copy of low-precision corpora
   const int64_t T = x.scalar_type() == acc ? s.N : std::max<int64_t>(1024, (int64_t{1} << 25) / dmax);
@@ -122,14 +110,11 @@ at::Tensor matryoshka_similarity_cuda(const at::Tensor& queries, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
-  m.impl("matryoshka_similarity", &matryoshka_similarity_cuda);
-  m.impl("matryoshka_inv_norms", &matryoshka_inv_norms_cuda);
-}
+EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_similarity_stub, &matryoshka_similarity_cuda);
+EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_inv_norms_stub, &matryoshka_inv_norms_cuda);
 
 }  // namespace embedops

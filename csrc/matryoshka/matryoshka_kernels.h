@@ -1,13 +1,13 @@
 #pragma once
-// The CPU kernels of the matryoshka family (cpu/*.cpp, compiled once per CPU level) as dispatch
-// stubs the host code calls (similarity.cpp, topk.cpp). The host checks the arguments, allocates
+// The kernels of the matryoshka family as stubs the host code calls (similarity.cpp, topk.cpp):
+// CPU (cpu/*.cpp, compiled once per CPU level) and CUDA (cuda/*.cu). The host checks the arguments, allocates
 // the outputs and converts the queries to the compute type (q_acc); the kernels fill the outputs.
 
 #include <ATen/core/Tensor.h>
 
 #include <vector>
 
-#include "common/cpu_capability.h"
+#include "common/kernel_stub.h"
 #include "matryoshka/matryoshka.h"
 
 namespace embedops {
@@ -27,9 +27,9 @@ using MatryoshkaFunnelRerankKernel = void(const at::Tensor& q_acc, const std::ve
                                           const MatryoshkaShape& s, at::IntArrayRef ks, const at::Tensor& v0,
                                           const at::Tensor& i0, at::Tensor& values, at::Tensor& indices);
 
-EMBEDOPS_DECLARE_CPU_STUB(matryoshka_similarity_stub, MatryoshkaSimilarityKernel);
-EMBEDOPS_DECLARE_CPU_STUB(matryoshka_inv_norms_stub, MatryoshkaInvNormsKernel);
-EMBEDOPS_DECLARE_CPU_STUB(matryoshka_topk_stub, MatryoshkaTopkKernel);
-EMBEDOPS_DECLARE_CPU_STUB(matryoshka_funnel_rerank_stub, MatryoshkaFunnelRerankKernel);
+EMBEDOPS_DECLARE_STUB(matryoshka_similarity_stub, MatryoshkaSimilarityKernel);
+EMBEDOPS_DECLARE_STUB(matryoshka_inv_norms_stub, MatryoshkaInvNormsKernel);
+EMBEDOPS_DECLARE_STUB(matryoshka_topk_stub, MatryoshkaTopkKernel);
+EMBEDOPS_DECLARE_STUB(matryoshka_funnel_rerank_stub, MatryoshkaFunnelRerankKernel);
 
 }  // namespace embedops

@@ -28,7 +28,8 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "embedding/embedding.h"
-#include "embedding/embedding_cuda.cuh"
+#include "embedding/embedding_kernels.h"
+#include "embedding/cuda/embedding_layout.cuh"
 #include "embedding/hashing.h"
 
 namespace embedops {
@@ -302,24 +303,15 @@ void sorted_row_pass(const BagLayout& L, const DeviceLayout& dl, RowOp op, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
-                                                 const at::Tensor& values, const at::Tensor& offsets,
-                                                 const at::Tensor& argmax, at::IntArrayRef num_probes,
-                                                 c10::string_view combine, c10::string_view mode,
-                                                 const c10::optional<at::Tensor>& per_sample_weights, int64_t seed,
-                                                 bool weight_grad, bool psw_grad) {
+void embedding_bag_backward_cuda(const BagLayout& L, int64_t seed, const BagBackwardInputs& in,
+                                 const at::Tensor& w, at::Tensor& grad_weight, at::Tensor& grad_psw) {
   constexpr const char* op = "multiplexed_embedding_bag_backward";
-  const c10::cuda::CUDAGuard guard(weight.device());
-  BagBackwardInputs in =
-      prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
-  const BagLayout& L = in.L;
-  if (weight_grad) check_contribution_count(op, L, values.numel());
-  at::Tensor grad_weight = weight_grad ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
-  at::Tensor grad_psw = psw_grad ? at::zeros({values.numel()}, weight.options()) : at::empty({0}, weight.options());
+  const c10::cuda::CUDAGuard guard(w.device());
+  const bool weight_grad = grad_weight.numel() > 0, psw_grad = grad_psw.numel() > 0;
+  if (weight_grad) check_contribution_count(op, L, in.v.numel());
   const int64_t nbags = L.num_features * L.batch;
-  if (nbags == 0) return {grad_weight, grad_psw};
-  DeviceLayoutHolder dl(L, seed, weight.device());
-  const at::Tensor w = weight.contiguous();
+  if (nbags == 0) return;
+  DeviceLayoutHolder dl(L, seed, w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   EMBEDOPS_DISPATCH_FLOATING(w.scalar_type(), "multiplexed_embedding_bag_backward_cuda", [&] {
     const scalar_t* g = in.g.const_data_ptr<scalar_t>();
@@ -337,30 +329,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, con
       }
     });
   });
-  return {grad_weight, grad_psw};
 }
 
-void update_cuda(const at::Tensor& weight, const at::Tensor& state, const at::Tensor& grad_out,
-                 const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
-                 at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
-                 const c10::optional<at::Tensor>& per_sample_weights, int64_t seed, c10::string_view optimizer,
-                 double lr, double eps) {
+void embedding_bag_update_cuda(const BagLayout& L, int64_t seed, const BagBackwardInputs& in, at::Tensor& weight,
+                               at::Tensor& state, Optimizer opt, double lr, double eps) {
   constexpr const char* op = "multiplexed_embedding_bag_update";
-  const Optimizer opt = parse_optimizer(op, optimizer);
   const c10::cuda::CUDAGuard guard(weight.device());
-  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous (it is updated in place)");
-  BagBackwardInputs in =
-      prepare_bag_backward(op, grad_out, weight, values, offsets, argmax, num_probes, combine, mode, per_sample_weights);
-  const BagLayout& L = in.L;
-  check_contribution_count(op, L, values.numel());
-  const at::ScalarType state_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (opt == Optimizer::kRowwiseAdagrad) {
-    TORCH_CHECK_VALUE(state.scalar_type() == state_dtype && state.dim() == 1 && state.size(0) == L.num_rows &&
-                          state.is_contiguous() && state.device() == weight.device(),
-                      op, ": state must be a contiguous (num_rows,) = (", L.num_rows, ",) ", state_dtype,
-                      " tensor on the weight's device for rowwise_adagrad, got ", state.scalar_type(), " of shape ",
-                      state.sizes(), " on ", state.device());
-  }
+  check_contribution_count(op, L, in.v.numel());
   if (L.num_features * L.batch == 0) return;
   DeviceLayoutHolder dl(L, seed, weight.device());
   EMBEDOPS_DISPATCH_FLOATING(weight.scalar_type(), "multiplexed_embedding_bag_update_cuda", [&] {
@@ -377,9 +352,7 @@ void update_cuda(const at::Tensor& weight, const at::Tensor& state, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
-  m.impl("multiplexed_embedding_bag_backward", &backward_cuda);
-  m.impl("multiplexed_embedding_bag_update", &update_cuda);
-}
+EMBEDOPS_REGISTER_CUDA_KERNEL(embedding_bag_backward_stub, &embedding_bag_backward_cuda);
+EMBEDOPS_REGISTER_CUDA_KERNEL(embedding_bag_update_stub, &embedding_bag_update_cuda);
 
 }  // namespace embedops

@@ -1,14 +1,15 @@
-// cross_attention / cross_attention_varlen forward on CUDA (kernels in attention_cuda.cuh).
+// cross_attention / cross_attention_varlen forward, the CUDA kernel (tiles in attention_tiles.cuh;
+// the host side, shared with the CPU, is cross_attention.cpp).
 
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
-#include "attention/attention_cuda.cuh"
-#include "attention/attention_cuda_tc.h"
+#include "attention/attention_kernels.h"
+#include "attention/cuda/attention_tiles.cuh"
+#include "attention/cuda/cross_attention_tc.h"
 #include "common/dispatch.h"
 
 namespace embedops {
@@ -48,25 +49,18 @@ int64_t choose_splits(int64_t blocks, int64_t max_k, const at::Tensor& like, int
   return (max_k + *split_keys - 1) / *split_keys;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
-                                                const at::Tensor& v_in, const SeqDesc& desc, double scale,
-                                                bool varlen) {
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+void forward_into(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const SeqDesc& desc, double scale, bool varlen, at::Tensor& out, at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(q.device());
   const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1), Dv = v.size(-1);
-  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
-  out_shape.back() = Dv;
-  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
-  at::Tensor out = at::empty(out_shape, q.options());
-  at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, lse_opts) : at::empty({q.size(0), Hq, q.size(1)}, lse_opts);
-  if (out.numel() == 0) return {out, lse};
-  if (tensor_core_forward_enabled(q, D, Dv)) {  // opt-in, see attention_cuda_tc.cu
+  if (out.numel() == 0) return;
+  if (tensor_core_forward_enabled(q, D, Dv)) {  // opt-in, see cross_attention_tc.cu
     forward_tensor_cores(op, q, k, v, out, lse, desc, scale, varlen);
-    return {out, lse};
+    return;
   }
   const int64_t ntiles = (desc.max_q_slot + kRowsPerBlock - 1) / kRowsPerBlock;
   check_cuda_limits(op, D, Dv, ntiles * desc.batch, Hq);
-  if (ntiles == 0) return {out, lse};
+  if (ntiles == 0) return;
   const at::Tensor seq = seq_desc_on_device(desc, q.device());
   const SeqPtrs sp{seq.const_data_ptr<int64_t>(), desc.batch};
   const Dims dm{desc.batch, Hq, Hkv, D, Dv, ntiles};
@@ -100,39 +94,20 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {out, lse};
 }
 
 }  // namespace attn_cuda
 
 namespace {
 
-using namespace attn_cuda;
-
-std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const std::optional<at::Tensor>& kv_lengths,
-                                                        const std::optional<at::Tensor>& q_lengths,
-                                                        std::optional<double> scale) {
-  const char* op = "cross_attention";
-  const SeqDesc desc = check_cross_attention_args(op, q, k, v, kv_lengths, q_lengths);
-  return forward_cuda(op, q, k, v, desc, resolve_scale(op, scale, q.size(3)), false);
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                               int64_t max_seqlen_k, std::optional<double> scale) {
-  const char* op = "cross_attention_varlen";
-  const SeqDesc desc =
-      check_cross_attention_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return forward_cuda(op, q, k, v, desc, resolve_scale(op, scale, q.size(2)), true);
+void cross_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const SeqDesc& desc,
+                                  double scale, bool varlen, at::Tensor& out, at::Tensor& lse) {
+  attn_cuda::forward_into(varlen ? "cross_attention_varlen" : "cross_attention", q, k, v, desc, scale, varlen, out,
+                          lse);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CUDA, m) {
-  m.impl("cross_attention", &cross_attention_cuda);
-  m.impl("cross_attention_varlen", &cross_attention_varlen_cuda);
-}
+EMBEDOPS_REGISTER_CUDA_KERNEL(cross_attention_forward_stub, &cross_attention_forward_cuda);
 
 }  // namespace embedops

@@ -18,7 +18,8 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "embedding/embedding.h"
-#include "embedding/embedding_cuda.cuh"
+#include "embedding/embedding_kernels.h"
+#include "embedding/cuda/embedding_layout.cuh"
 #include "embedding/hashing.h"
 
 namespace embedops {
@@ -108,28 +109,18 @@ __global__ void forward_kernel(DeviceLayout L, const scalar_t* __restrict__ w, c
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& weight, const at::Tensor& values,
-                                                const at::Tensor& offsets, at::IntArrayRef num_probes,
-                                                c10::string_view combine, c10::string_view mode,
-                                                const c10::optional<at::Tensor>& per_sample_weights, int64_t seed,
-                                                bool validate) {
-  const BagLayout L = check_bag_args(kOp, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor offs = offsets.to(at::kLong).contiguous();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor v = values.contiguous();
-  const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
-  const at::Tensor psw = has_psw ? per_sample_weights->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({L.batch, L.out_dim}, weight.options());
-  at::Tensor argmax = L.mode == PoolMode::kMax ? at::empty({L.batch, L.num_blocks * L.dim}, weight.options().dtype(at::kLong))
-                                               : at::empty({0}, weight.options().dtype(at::kLong));
+void embedding_bag_forward_cuda(const BagLayout& L, int64_t seed, const at::Tensor& w, const at::Tensor& v,
+                                const at::Tensor& offs, const at::Tensor& psw, bool validate, at::Tensor& out,
+                                at::Tensor& argmax) {
+  const c10::cuda::CUDAGuard guard(w.device());
+  const bool has_psw = psw.defined();
   const int64_t nbags = L.num_features * L.batch;
   if (nbags == 0) {
-    if (validate) check_offsets_cpu(kOp, offs.cpu(), values.numel());
-    return {out, argmax};
+    if (validate) check_offsets_cpu(kOp, offs.cpu(), v.numel());
+    return;
   }
-  DeviceLayoutHolder dl(L, seed, weight.device());
-  at::Tensor error = at::zeros({1}, weight.options().dtype(at::kInt));
+  DeviceLayoutHolder dl(L, seed, w.device());
+  at::Tensor error = at::zeros({1}, w.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t warps_per_block = kThreads / kWarp;
   const int64_t blocks = std::min<int64_t>((nbags + warps_per_block - 1) / warps_per_block, 65535LL * 16);
@@ -164,12 +155,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& weight, const 
       }
     });
   });
-  if (validate) raise_if_offsets_error(kOp, error, offs, values.numel());
-  return {out, argmax};
+  if (validate) raise_if_offsets_error(kOp, error, offs, v.numel());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(embedops, CUDA, m) { m.impl("multiplexed_embedding_bag", &forward_cuda); }
+EMBEDOPS_REGISTER_CUDA_KERNEL(embedding_bag_forward_stub, &embedding_bag_forward_cuda);
 
 }  // namespace embedops

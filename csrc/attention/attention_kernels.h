@@ -1,6 +1,6 @@
 #pragma once
-// The CPU kernels of the attention family (cpu/*.cpp, compiled once per CPU level) as dispatch
-// stubs the host code calls (cross_attention.cpp, co_mixture_attention.cpp). The host checks the
+// The kernels of the attention family as stubs the host code calls (cross_attention.cpp,
+// co_mixture_attention.cpp): CPU (cpu/*.cpp, compiled once per CPU level) and CUDA (cuda/*.cu). The host checks the
 // arguments, gives every operand a contiguous last dim (prepare) and allocates the outputs
 // (gradients zeroed); the kernels fill them. Optional tensors are passed undefined when absent.
 
@@ -8,7 +8,7 @@
 
 #include "attention/attention.h"
 #include "attention/co_mixture_attention.h"
-#include "common/cpu_capability.h"
+#include "common/kernel_stub.h"
 
 namespace embedops {
 
@@ -47,11 +47,11 @@ using MixtureAttentionBackwardKernel = void(const at::Tensor& dout, const at::Te
                                             double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                                             at::Tensor& dw4);
 
-EMBEDOPS_DECLARE_CPU_STUB(cross_attention_forward_stub, CrossAttentionForwardKernel);
-EMBEDOPS_DECLARE_CPU_STUB(cross_attention_backward_stub, CrossAttentionBackwardKernel);
-EMBEDOPS_DECLARE_CPU_STUB(co_attention_forward_stub, CoAttentionForwardKernel);
-EMBEDOPS_DECLARE_CPU_STUB(co_attention_backward_stub, CoAttentionBackwardKernel);
-EMBEDOPS_DECLARE_CPU_STUB(mixture_attention_forward_stub, MixtureAttentionForwardKernel);
-EMBEDOPS_DECLARE_CPU_STUB(mixture_attention_backward_stub, MixtureAttentionBackwardKernel);
+EMBEDOPS_DECLARE_STUB(cross_attention_forward_stub, CrossAttentionForwardKernel);
+EMBEDOPS_DECLARE_STUB(cross_attention_backward_stub, CrossAttentionBackwardKernel);
+EMBEDOPS_DECLARE_STUB(co_attention_forward_stub, CoAttentionForwardKernel);
+EMBEDOPS_DECLARE_STUB(co_attention_backward_stub, CoAttentionBackwardKernel);
+EMBEDOPS_DECLARE_STUB(mixture_attention_forward_stub, MixtureAttentionForwardKernel);
+EMBEDOPS_DECLARE_STUB(mixture_attention_backward_stub, MixtureAttentionBackwardKernel);
 
 }  // namespace embedops
