@@ -137,11 +137,11 @@ bad("embedding", "bag probes 0", ValueError, "multiplexed_embedding_bag: num_pro
     lambda: _meb(_W, _V, _O, num_probes=0))
 bad("embedding", "bag probes empty list", ValueError, "multiplexed_embedding_bag: num_probes must not be empty")(
     lambda: _meb(_W, _V, _O, num_probes=[]))
-bad("embedding", "bag bad combine", ValueError, "multiplexed_embedding_bag: combine must be one of")(
+bad("embedding", "bag bad combine", ValueError, 'multiplexed_embedding_bag: combine must be "concat", "sum" or "mean", got "prod"')(
     lambda: _meb(_W, _V, _O, combine="prod"))
-bad("embedding", "bag bad mode", ValueError, "multiplexed_embedding_bag: mode must be one of")(
+bad("embedding", "bag bad mode", ValueError, 'multiplexed_embedding_bag: mode must be "sum", "mean" or "max", got "min"')(
     lambda: _meb(_W, _V, _O, mode="min"))
-bad("embedding", "bag psw with max", ValueError, "multiplexed_embedding_bag: per_sample_weights is only supported with mode='sum'")(
+bad("embedding", "bag psw with max", ValueError, 'multiplexed_embedding_bag: per_sample_weights is only supported with mode="sum", got mode="max"')(
     lambda: _meb(_W, _V, _O, mode="max", per_sample_weights=torch.ones(12)))
 bad("embedding", "bag psw wrong shape", ValueError, "multiplexed_embedding_bag: per_sample_weights")(
     lambda: _meb(_W, _V, _O, per_sample_weights=torch.ones(11)))

@@ -76,6 +76,41 @@ torch.library.register_autograd("embedops::multiplexed_embedding_bag", _meb_back
                                 setup_context=_meb_setup_context)
 
 
+class FusedEmbeddingBagUpdate(torch.autograd.Function):
+    """multiplexed_embedding_bag with the optimizer fused into its backward (UnifiedEmbedding with
+    optimizer="sgd"/"rowwise_adagrad"). Forward: the lookup. Backward: the optimizer step on the
+    touched rows, in place (multiplexed_embedding_bag_update).
+
+    The weight gets no .grad (there is no dense gradient); per_sample_weights still get theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, state, values, offsets, per_sample_weights, cfg):
+        num_probes, combine, mode, seed, validate, optimizer, lr, eps = cfg
+        with torch.no_grad():
+            out, argmax = torch.ops.embedops.multiplexed_embedding_bag(
+                weight, values, offsets, num_probes, combine, mode, per_sample_weights, seed, validate)
+        ctx.weight = weight.detach()  # updated in the backward; not a saved tensor (no version check)
+        ctx.state = state
+        ctx.cfg = cfg
+        ctx.save_for_backward(values, offsets, argmax, per_sample_weights)
+        ctx.mark_non_differentiable(argmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, offsets, argmax, psw = ctx.saved_tensors
+        num_probes, combine, mode, seed, _validate, optimizer, lr, eps = ctx.cfg
+        grad_psw = None
+        if psw is not None and ctx.needs_input_grad[4]:
+            _, grad_psw = torch.ops.embedops.multiplexed_embedding_bag_backward(
+                grad_out, ctx.weight, values, offsets, argmax, num_probes, combine, mode, psw, seed, False, True)
+        torch.ops.embedops.multiplexed_embedding_bag_update(
+            ctx.weight, ctx.state, grad_out, values, offsets, argmax, num_probes, combine, mode, psw, seed,
+            optimizer, lr, eps)
+        return None, None, None, None, grad_psw, None
+
+
 # ---- matryoshka --------------------------------------------------------------------------------
 
 
@@ -166,10 +201,6 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _default_scale(q, scale):
-    return scale if scale is not None else q.shape[-1] ** -0.5
-
-
 @torch.library.register_fake("embedops::cross_attention")
 def _cross_attention_fake(q, k, v, kv_lengths=None, q_lengths=None, scale=None):
     B, Lq, Hq, _ = q.shape
@@ -207,7 +238,7 @@ def _cross_attention_setup(ctx, inputs, output):
     q, k, v, kv_lengths, q_lengths, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_lengths, q_lengths)
-    ctx.scale = _default_scale(q, scale)
+    ctx.scale = scale  # None: the backward op resolves the default as the forward did
 
 
 def _cross_attention_backward(ctx, dout, dlse):
@@ -228,7 +259,7 @@ def _cross_attention_varlen_setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
-    ctx.scale = _default_scale(q, scale)
+    ctx.scale = scale  # None: the backward op resolves the default as the forward did
 
 
 def _cross_attention_varlen_backward(ctx, dout, dlse):
@@ -277,7 +308,7 @@ def _co_attention_setup(ctx, inputs, output):
     qx, ky, vx, vy, x_lengths, y_lengths, scale = inputs
     ox, oy, lse_x, lse_y = output
     ctx.save_for_backward(qx, ky, vx, vy, ox, oy, lse_x, lse_y, x_lengths, y_lengths)
-    ctx.scale = _default_scale(qx, scale)
+    ctx.scale = scale  # None: the backward op resolves the default as the forward did
 
 
 def _co_attention_backward(ctx, dox, doy, dlse_x, dlse_y):
@@ -309,7 +340,7 @@ def _mixture_attention_setup(ctx, inputs, output):
     q, k, v, segment_lengths, weights, scale = inputs
     out, lse, seg_out = output
     ctx.save_for_backward(q, k, v, segment_lengths, weights, seg_out, lse)
-    ctx.scale = _default_scale(q, scale)
+    ctx.scale = scale  # None: the backward op resolves the default as the forward did
 
 
 def _mixture_attention_backward(ctx, dout, dlse, dseg_out):

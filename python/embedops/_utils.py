@@ -39,3 +39,68 @@ def check_int(op: str, name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     return int(v)
+
+
+def check_int64(op: str, name: str, v: Any) -> int:
+    """An int that fits the op's int64 argument (Python ints are unbounded; the op's own range
+    checks are C++'s)."""
+    v = check_int(op, name, v)
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{op}: {name} must fit in int64, got {v}")
+    return v
+
+
+# Matryoshka arguments given as Python objects (lists of prefix sizes, funnel stages), shared by
+# the functional API (matryoshka.py) and MatryoshkaIndex (search.py).
+
+_METRICS = ("cosine", "dot")
+
+
+def check_dims(op: str, dims, D: int | None = None) -> list[int]:
+    """A Python list/tuple/range/1-D array of strictly ascending prefix sizes in [1, D]."""
+    if isinstance(dims, (int, np.integer)) and not isinstance(dims, bool):
+        dims = [int(dims)]
+    if not isinstance(dims, (list, tuple, range)) and not (isinstance(dims, np.ndarray) and dims.ndim == 1):
+        raise TypeError(f"{op}: dims must be a list of ints, got {type(dims).__name__}")
+    out = [check_int(op, "dims", d) for d in dims]
+    if not out:
+        raise ValueError(f"{op}: dims must be a non-empty list of prefix sizes, got []")
+    for i, d in enumerate(out):
+        if D is not None and not 1 <= d <= D:
+            raise ValueError(f"{op}: dims must be in [1, D={D}], got dims[{i}] = {d} (dims {out})")
+        if i and d <= out[i - 1]:
+            raise ValueError(f"{op}: dims must be strictly ascending, got {out}")
+    return out
+
+
+def check_metric(op: str, metric) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f'{op}: metric must be "cosine" or "dot", got {metric!r}')
+    return metric
+
+
+def funnel_plan(op: str, stages, k: int, dim: int, D: int, N: int) -> tuple[list[int], list[int]]:
+    """The (dims, ks) of a funnel from Python ``stages`` [(dim, k), ...], the final ``dim`` and ``k``."""
+    k = check_int(op, "k", k)
+    if not 1 <= dim <= D:
+        raise ValueError(f"{op}: dim must be in [1, D={D}], got {dim}")
+    try:
+        pairs = [(check_int(op, "stages", d), check_int(op, "stages", kk)) for d, kk in stages]
+    except (TypeError, ValueError) as e:
+        if isinstance(e, TypeError) and "must be an int" in str(e):
+            raise
+        raise TypeError(f"{op}: stages must be a list of (dim, k) pairs, got {stages!r}") from None
+    if not pairs:
+        raise ValueError(f"{op}: stages must hold at least one (dim, k) pair")
+    dims = [d for d, _ in pairs] + [dim]
+    ks = [kk for _, kk in pairs] + [k]
+    check_dims(op, dims, D)
+    if k < 0:
+        raise ValueError(f"{op}: k must be >= 0, got {k}")
+    if ks[0] > N:
+        raise ValueError(f"{op}: stages[0] keeps {ks[0]} rows, more than the corpus has (N={N})")
+    for i in range(1, len(ks)):
+        if ks[i] > ks[i - 1]:
+            raise ValueError(f"{op}: the k of each stage must be non-increasing and k <= the last stage's, got "
+                             f"stages {pairs} and k={k}")
+    return dims, ks

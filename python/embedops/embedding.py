@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._utils import check_device, check_int, to_tensor
-
-_U32 = 2**32
-
+from ._utils import check_device, check_int, check_int64, to_tensor
 
 def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0):
     """Rows of a shared table for raw categorical ids: THE hash of embedops' embedding family.
@@ -40,26 +37,16 @@ def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0):
     the hash's high bits scaled into [0, num_rows) (Lemire's multiply-shift).
     """
     op = "hash_ids"
-    feature = check_int(op, "feature", feature)
-    probe = check_int(op, "probe", probe)
-    num_rows = check_int(op, "num_rows", num_rows)
-    seed = check_int(op, "seed", seed)
-    if not 0 <= feature < _U32:
-        raise ValueError(f"{op}: feature must be in [0, 2^32), got {feature}")
-    if not 0 <= probe < _U32:
-        raise ValueError(f"{op}: probe must be in [0, 2^32), got {probe}")
-    if not 0 < num_rows < 2**63:
-        raise ValueError(f"{op}: num_rows must be in [1, 2^63), got {num_rows}")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"{op}: seed must fit in int64, got {seed}")
+    # Python ints (the op's ranges are checked in C++)
+    feature, probe, num_rows, seed = (check_int64(op, name, x) for name, x in
+                                      (("feature", feature), ("probe", probe), ("num_rows", num_rows),
+                                       ("seed", seed)))
     t, was_numpy = to_tensor(values, op, "values")
     check_device(op, "values", t)
     rows = torch.ops.embedops.hash_ids(t, feature, probe, num_rows, seed)
     return rows.numpy() if was_numpy else rows
 
 
-_MODES = ("sum", "mean", "max")
-_COMBINES = ("concat", "sum", "mean")
 
 
 def _probe_list(op: str, num_probes, num_features) -> list[int]:
@@ -151,14 +138,11 @@ def multiplexed_embedding_bag(weight, values, offsets=None, *, lengths=None, num
         offsets = lengths_to_offsets(lengths, validate=validate, op=op)
     elif not isinstance(offsets, torch.Tensor):
         raise TypeError(f"{op}: offsets must be a torch.Tensor, got {type(offsets).__name__}")
-    if combine not in _COMBINES:
-        raise ValueError(f"{op}: combine must be one of {_COMBINES}, got {combine!r}")
-    if mode not in _MODES:
-        raise ValueError(f"{op}: mode must be one of {_MODES}, got {mode!r}")
+    for name, x in (("combine", combine), ("mode", mode)):  # their values are checked in C++
+        if not isinstance(x, str):
+            raise TypeError(f"{op}: {name} must be a str, got {type(x).__name__}")
     probes = _probe_list(op, num_probes, num_features)
-    seed = check_int(op, "seed", seed)
-    if per_sample_weights is not None and mode != "sum":
-        raise ValueError(f"{op}: per_sample_weights is only supported with mode='sum', got mode={mode!r}")
+    seed = check_int64(op, "seed", seed)
     out, _ = torch.ops.embedops.multiplexed_embedding_bag(weight, values, offsets, probes, combine, mode,
                                                           per_sample_weights, seed, validate)
     return out

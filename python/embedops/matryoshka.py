@@ -25,32 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._utils import check_device, check_int, to_tensor
-
-_METRICS = ("cosine", "dot")
-
-
-def _check_dims(op: str, dims, D: int | None = None) -> list[int]:
-    if isinstance(dims, (int, np.integer)) and not isinstance(dims, bool):
-        dims = [int(dims)]
-    if not isinstance(dims, (list, tuple, range)) and not (isinstance(dims, np.ndarray) and dims.ndim == 1):
-        raise TypeError(f"{op}: dims must be a list of ints, got {type(dims).__name__}")
-    out = [check_int(op, "dims", d) for d in dims]
-    if not out:
-        raise ValueError(f"{op}: dims must be a non-empty list of prefix sizes, got []")
-    for i, d in enumerate(out):
-        if D is not None and not 1 <= d <= D:
-            raise ValueError(f"{op}: dims must be in [1, D={D}], got dims[{i}] = {d} (dims {out})")
-        if i and d <= out[i - 1]:
-            raise ValueError(f"{op}: dims must be strictly ascending, got {out}")
-    return out
-
-
-def _check_metric(op: str, metric) -> str:
-    if metric not in _METRICS:
-        raise ValueError(f'{op}: metric must be "cosine" or "dot", got {metric!r}')
-    return metric
-
+from ._utils import check_device, check_dims, check_int, check_metric, funnel_plan, to_tensor
 
 def _pair(op: str, queries, corpus):
     q, q_np = to_tensor(queries, op, "queries")
@@ -86,9 +61,9 @@ def matryoshka_similarity(queries, corpus, dims: Sequence[int], *, metric: str =
         ValueError / TypeError naming the argument for bad shapes, dtypes, dims or metric.
     """
     op = "matryoshka_similarity"
-    metric = _check_metric(op, metric)
+    metric = check_metric(op, metric)
     q, x, as_np = _pair(op, queries, corpus)
-    dims = _check_dims(op, dims, q.shape[1])
+    dims = check_dims(op, dims, q.shape[1])
     return _out(torch.ops.embedops.matryoshka_similarity(q, x, dims, metric), as_np)
 
 
@@ -119,9 +94,9 @@ def matryoshka_topk(queries, corpus, k: int, dims: Sequence[int], *, metric: str
         ValueError if ``k > N`` or ``k < 0``, and for bad shapes, dims or metric.
     """
     op = "matryoshka_topk"
-    metric = _check_metric(op, metric)
+    metric = check_metric(op, metric)
     q, x, as_np = _pair(op, queries, corpus)
-    dims = _check_dims(op, dims, q.shape[1])
+    dims = check_dims(op, dims, q.shape[1])
     k = check_int(op, "k", k)
     if not 0 <= k <= x.shape[0]:
         raise ValueError(f"{op}: k must be in [0, N={x.shape[0]}], got {k}")
@@ -154,42 +129,16 @@ def matryoshka_funnel(queries, corpus, k: int, stages: Sequence[tuple[int, int]]
         ``(values, indices)``, each ``(B, k)``: scores at ``dim`` best first, int64 row indices.
     """
     op = "matryoshka_funnel"
-    metric = _check_metric(op, metric)
+    metric = check_metric(op, metric)
     q, x, as_np = _pair(op, queries, corpus)
     D = q.shape[1]
     dim = D if dim is None else check_int(op, "dim", dim)
-    dims, ks = _funnel_plan(op, stages, k, dim, D, x.shape[0])
+    dims, ks = funnel_plan(op, stages, k, dim, D, x.shape[0])
     inv = None
     if corpus_inv_norms is not None:
         inv, _ = to_tensor(corpus_inv_norms, op, "corpus_inv_norms")
     v, i = torch.ops.embedops.matryoshka_funnel(q, x, dims, ks, metric, inv)
     return _out(v, as_np), _out(i, as_np)
-
-
-def _funnel_plan(op: str, stages, k: int, dim: int, D: int, N: int) -> tuple[list[int], list[int]]:
-    k = check_int(op, "k", k)
-    if not 1 <= dim <= D:
-        raise ValueError(f"{op}: dim must be in [1, D={D}], got {dim}")
-    try:
-        pairs = [(check_int(op, "stages", d), check_int(op, "stages", kk)) for d, kk in stages]
-    except (TypeError, ValueError) as e:
-        if isinstance(e, TypeError) and "must be an int" in str(e):
-            raise
-        raise TypeError(f"{op}: stages must be a list of (dim, k) pairs, got {stages!r}") from None
-    if not pairs:
-        raise ValueError(f"{op}: stages must hold at least one (dim, k) pair")
-    dims = [d for d, _ in pairs] + [dim]
-    ks = [kk for _, kk in pairs] + [k]
-    _check_dims(op, dims, D)
-    if k < 0:
-        raise ValueError(f"{op}: k must be >= 0, got {k}")
-    if ks[0] > N:
-        raise ValueError(f"{op}: stages[0] keeps {ks[0]} rows, more than the corpus has (N={N})")
-    for i in range(1, len(ks)):
-        if ks[i] > ks[i - 1]:
-            raise ValueError(f"{op}: the k of each stage must be non-increasing and k <= the last stage's, got "
-                             f"stages {pairs} and k={k}")
-    return dims, ks
 
 
 def matryoshka_inv_norms(corpus, dims: Sequence[int]):
@@ -207,7 +156,7 @@ def matryoshka_inv_norms(corpus, dims: Sequence[int]):
     check_device(op, "corpus", x)
     if x.dim() != 2:
         raise ValueError(f"{op}: corpus must have 2 dims (N, D), got {x.dim()} (shape {tuple(x.shape)})")
-    dims = _check_dims(op, dims, x.shape[1])
+    dims = check_dims(op, dims, x.shape[1])
     return _out(torch.ops.embedops.matryoshka_inv_norms(x, dims), as_np)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._ops import FusedEmbeddingBagUpdate
 from ._utils import check_int
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -263,39 +264,6 @@ def _lengths_from_padding_mask(mask, shape) -> torch.Tensor:
 _OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
 
 
-class _FusedUpdate(torch.autograd.Function):
-    """Forward: the lookup. Backward: the optimizer step on the touched rows, in place.
-
-    The weight gets no .grad (there is no dense gradient); per_sample_weights still get theirs.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, state, values, offsets, per_sample_weights, cfg):
-        num_probes, combine, mode, seed, validate, optimizer, lr, eps = cfg
-        with torch.no_grad():
-            out, argmax = torch.ops.embedops.multiplexed_embedding_bag(
-                weight, values, offsets, num_probes, combine, mode, per_sample_weights, seed, validate)
-        ctx.weight = weight.detach()  # updated in the backward; not a saved tensor (no version check)
-        ctx.state = state
-        ctx.cfg = cfg
-        ctx.save_for_backward(values, offsets, argmax, per_sample_weights)
-        ctx.mark_non_differentiable(argmax)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, offsets, argmax, psw = ctx.saved_tensors
-        num_probes, combine, mode, seed, _validate, optimizer, lr, eps = ctx.cfg
-        grad_psw = None
-        if psw is not None and ctx.needs_input_grad[4]:
-            _, grad_psw = torch.ops.embedops.multiplexed_embedding_bag_backward(
-                grad_out, ctx.weight, values, offsets, argmax, num_probes, combine, mode, psw, seed, False, True)
-        torch.ops.embedops.multiplexed_embedding_bag_update(
-            ctx.weight, ctx.state, grad_out, values, offsets, argmax, num_probes, combine, mode, psw, seed,
-            optimizer, lr, eps)
-        return None, None, None, None, grad_psw, None
-
-
 class UnifiedEmbedding(torch.nn.Module):
     """Unified Embedding (feature multiplexing): many categorical features in one hashed table.
 
@@ -457,7 +425,7 @@ class UnifiedEmbedding(torch.nn.Module):
             return out
         cfg = (self.num_probes, self.combine, self.mode, self.seed, self.validate, self.optimizer, self.lr,
                self.eps)
-        return _FusedUpdate.apply(self.weight, self.momentum, values, offsets, psw, cfg)
+        return FusedEmbeddingBagUpdate.apply(self.weight, self.momentum, values, offsets, psw, cfg)
 
 
 # ---- end embedding -----------------------------------------------------------------------------

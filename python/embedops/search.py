@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ._load import _C
-from ._utils import _WITH_CUDA, check_int, to_tensor
-from .matryoshka import _check_dims, _check_metric, _funnel_plan
+from ._utils import _WITH_CUDA, check_dims, check_int, check_metric, funnel_plan, to_tensor
 
 # ---- matryoshka --------------------------------------------------------------------------------
 
@@ -73,12 +72,12 @@ class MatryoshkaIndex:
             raise TypeError(f"{op}: dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         if dims is None:
             dims = [d for d in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if d < dim] + [dim]
-        dims = _check_dims(op, list(dims), dim)
+        dims = check_dims(op, list(dims), dim)
         if dims[-1] != dim:
             dims.append(dim)
         self.dim = dim
         self.dims = dims
-        self.metric = _check_metric(op, metric)
+        self.metric = check_metric(op, metric)
         self.dtype = dtype
         self.device = torch.device(device)
         if self.device.type == "cuda" and not _WITH_CUDA:
@@ -87,10 +86,10 @@ class MatryoshkaIndex:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}: device must be cpu or cuda, got {self.device}")
         self._n = 0
-        # CPU: segment-major storage, one contiguous (capacity, d_i - d_{i-1}) block per prefix
-        # segment, so that scanning a prefix reads contiguous memory (as fast as a dedicated
-        # prefix copy, without the copy). CUDA: one row-major (capacity, D) block.
-        bounds = [0] + dims if self.device.type == "cpu" else [0, dim]
+        # Segment-major storage on every device: one contiguous (capacity, d_i - d_{i-1}) block per
+        # prefix segment, so that scanning a prefix reads contiguous memory (as fast as a dedicated
+        # prefix copy, without the copy); the _blocks ops read it on CPU and CUDA.
+        bounds = [0] + dims
         self._bounds = bounds
         self._blocks = [torch.empty((0, e - a), dtype=dtype, device=self.device) for a, e in zip(bounds, bounds[1:])]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -107,7 +106,7 @@ class MatryoshkaIndex:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """The stored vectors, ``(len(self), D)`` (a copy on CPU, where they are stored per segment)."""
+        """The stored vectors, ``(len(self), D)`` (a copy: they are stored per prefix segment)."""
         blocks = self._views()
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
@@ -177,15 +176,12 @@ class MatryoshkaIndex:
         op = "MatryoshkaIndex.search"
         q, was_np = self._queries(op, queries)
         single = dim is None or isinstance(dim, (int, np.integer))
-        dims = _check_dims(op, [self.dim] if dim is None else dim, self.dim)
+        dims = check_dims(op, [self.dim] if dim is None else dim, self.dim)
         k = check_int(op, "k", k)
         if not 0 <= k <= self._n:
             raise ValueError(f"{op}: k must be in [0, len(index)={self._n}], got {k}")
         inv = self._inv_rows(dims)
-        if len(self._blocks) == 1:
-            v, i = torch.ops.embedops.matryoshka_topk(q, self._views()[0], k, dims, self.metric, inv)
-        else:
-            v, i = torch.ops.embedops.matryoshka_topk_blocks(q, self._views(), k, dims, self.metric, inv)
+        v, i = torch.ops.embedops.matryoshka_topk_blocks(q, self._views(), k, dims, self.metric, inv)
         if single:
             v, i = v[0], i[0]
         return self._result(v, i, was_np)
@@ -202,12 +198,9 @@ class MatryoshkaIndex:
         op = "MatryoshkaIndex.funnel_search"
         q, was_np = self._queries(op, queries)
         dim = self.dim if dim is None else check_int(op, "dim", dim)
-        dims, ks = _funnel_plan(op, stages, k, dim, self.dim, self._n)
+        dims, ks = funnel_plan(op, stages, k, dim, self.dim, self._n)
         inv = self._inv_rows(dims[:1])
-        if len(self._blocks) == 1:
-            v, i = torch.ops.embedops.matryoshka_funnel(q, self._views()[0], dims, ks, self.metric, inv)
-        else:
-            v, i = torch.ops.embedops.matryoshka_funnel_blocks(q, self._views(), dims, ks, self.metric, inv)
+        v, i = torch.ops.embedops.matryoshka_funnel_blocks(q, self._views(), dims, ks, self.metric, inv)
         return self._result(v, i, was_np)
 
     @staticmethod
