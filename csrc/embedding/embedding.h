@@ -34,8 +34,8 @@ void check_hash_ids_args(const at::Tensor& values, int64_t feature, int64_t prob
 enum class PoolMode : int { kSum = 0, kMean = 1, kMax = 2 };
 enum class Combine : int { kConcat = 0, kSum = 1, kMean = 2 };
 
-PoolMode parse_pool_mode(c10::string_view op, c10::string_view mode);
-Combine parse_combine(c10::string_view op, c10::string_view combine);
+PoolMode parse_pool_mode(const char* op, c10::string_view mode);
+Combine parse_combine(const char* op, c10::string_view combine);
 
 // Everything the kernels need to know about the bag layout, checked once on the host.
 struct BagLayout {
@@ -54,7 +54,7 @@ struct BagLayout {
 
 // Checks every device-independent argument of the op family (names the op and the argument) and
 // returns the layout. Data-dependent offset checks are separate (per backend).
-BagLayout check_bag_args(c10::string_view op, const at::Tensor& weight, const at::Tensor& values,
+BagLayout check_bag_args(const char* op, const at::Tensor& weight, const at::Tensor& values,
                          const at::Tensor& offsets, at::IntArrayRef num_probes, c10::string_view combine,
                          c10::string_view mode, const c10::optional<at::Tensor>& per_sample_weights);
 
@@ -65,13 +65,13 @@ struct BagBackwardInputs {
   at::Tensor offs, v, g, psw, argmax;
   bool has_psw = false;
 };
-BagBackwardInputs prepare_bag_backward(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
+BagBackwardInputs prepare_bag_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& weight,
                                        const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
                                        at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
                                        const c10::optional<at::Tensor>& per_sample_weights);
 
 // Host-side offsets check (CPU tensors): offsets[0] == 0, non-decreasing, offsets[-1] <= N.
-void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t num_values);
+void check_offsets_cpu(const char* op, const at::Tensor& offsets64, int64_t num_values);
 
 // The column of out that block q (feature f), element d of bag b goes to, and its combine scale.
 C10_HOST_DEVICE inline int64_t out_column(int combine, int64_t q, int64_t f, int64_t d, int64_t dim) {
@@ -92,7 +92,7 @@ C10_HOST_DEVICE inline acc_t pool_scale(int mode, int64_t bag_len) {
 
 // Row-wise optimizer steps, applied to one row's gradient g (already summed over the batch).
 enum class Optimizer : int { kSGD = 0, kRowwiseAdagrad = 1 };
-Optimizer parse_optimizer(c10::string_view op, c10::string_view optimizer);
+Optimizer parse_optimizer(const char* op, c10::string_view optimizer);
 
 // Row-wise Adagrad (FBGEMM's ROWWISE_ADAGRAD): state += mean_d(g^2); the row moves by
 // -lr * g / (sqrt(state) + eps). Returns the multiplier applied to g.

@@ -9,27 +9,27 @@
 
 namespace embedops {
 
-PoolMode parse_pool_mode(c10::string_view op, c10::string_view mode) {
+PoolMode parse_pool_mode(const char* op, c10::string_view mode) {
   if (mode == "sum") return PoolMode::kSum;
   if (mode == "mean") return PoolMode::kMean;
   if (mode == "max") return PoolMode::kMax;
   TORCH_CHECK_VALUE(false, op, ": mode must be \"sum\", \"mean\" or \"max\", got \"", mode, "\"");
 }
 
-Combine parse_combine(c10::string_view op, c10::string_view combine) {
+Combine parse_combine(const char* op, c10::string_view combine) {
   if (combine == "concat") return Combine::kConcat;
   if (combine == "sum") return Combine::kSum;
   if (combine == "mean") return Combine::kMean;
   TORCH_CHECK_VALUE(false, op, ": combine must be \"concat\", \"sum\" or \"mean\", got \"", combine, "\"");
 }
 
-Optimizer parse_optimizer(c10::string_view op, c10::string_view optimizer) {
+Optimizer parse_optimizer(const char* op, c10::string_view optimizer) {
   if (optimizer == "sgd") return Optimizer::kSGD;
   if (optimizer == "rowwise_adagrad") return Optimizer::kRowwiseAdagrad;
   TORCH_CHECK_VALUE(false, op, ": optimizer must be \"sgd\" or \"rowwise_adagrad\", got \"", optimizer, "\"");
 }
 
-BagLayout check_bag_args(c10::string_view op, const at::Tensor& weight, const at::Tensor& values,
+BagLayout check_bag_args(const char* op, const at::Tensor& weight, const at::Tensor& values,
                          const at::Tensor& offsets, at::IntArrayRef num_probes, c10::string_view combine,
                          c10::string_view mode, const c10::optional<at::Tensor>& per_sample_weights) {
   BagLayout L;
@@ -78,7 +78,7 @@ BagLayout check_bag_args(c10::string_view op, const at::Tensor& weight, const at
   return L;
 }
 
-void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t num_values) {
+void check_offsets_cpu(const char* op, const at::Tensor& offsets64, int64_t num_values) {
   const int64_t* o = offsets64.const_data_ptr<int64_t>();
   const int64_t n = offsets64.numel();
   TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets[0] must be 0, got ", o[0]);
@@ -92,7 +92,7 @@ void check_offsets_cpu(c10::string_view op, const at::Tensor& offsets64, int64_t
                     " points past the end of values (len(values) = ", num_values, ")");
 }
 
-BagBackwardInputs prepare_bag_backward(c10::string_view op, const at::Tensor& grad_out, const at::Tensor& weight,
+BagBackwardInputs prepare_bag_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& weight,
                                        const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& argmax,
                                        at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
                                        const c10::optional<at::Tensor>& per_sample_weights) {

@@ -74,7 +74,7 @@ __device__ inline bool bag_bounds(const int64_t* __restrict__ offs, int64_t j, i
 }
 
 // Reads the device error flag (a stream synchronisation) and raises the CPU check's message.
-inline void raise_if_offsets_error(c10::string_view op, const at::Tensor& error, const at::Tensor& offsets64,
+inline void raise_if_offsets_error(const char* op, const at::Tensor& error, const at::Tensor& offsets64,
                                    int64_t num_values) {
   if (error.item<int>() != 0) {
     check_offsets_cpu(op, offsets64.cpu(), num_values);  // throws the precise message
