@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     print(f"{'torch_runtime':<{width}}  {torch.__version__}")
+    from embedops.integrations import available
+
+    found = available()
+    listed = ", ".join(f"{name} ({'importable' if ok else 'not installed'})" for name, ok in found.items())
+    print(f"{'integrations':<{width}}  {listed}")
     return 0
 
 

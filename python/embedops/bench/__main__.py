@@ -1,5 +1,6 @@
 """CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--only I,J] [--json PATH]
-[--plot DIR] [--cpu-capability default|avx2|avx512]"""
+[--plot DIR] [--cpu-capability default|avx2|avx512]
+python -m embedops.bench --plot-from A.json B.json --plot DIR   (chart saved runs side by side)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from . import FAMILIES, load_family
-from .core import plot, print_table, run, write_json
+from .core import plot, plot_levels, print_table, run, write_json
 
 
 # What --cpu-capability sets before torch, MKL, oneDNN and faiss load: the embedops level AND the
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes and shorter timing (< 2 min on 2 cores)")
     p.add_argument("--json", metavar="PATH", help="write the results (with date, device, torch, build info) here")
     p.add_argument("--plot", metavar="DIR", help="write one PNG chart of speedups per family here")
+    p.add_argument("--plot-from", metavar="JSON", nargs="+",
+                   help="run nothing: chart these --json results side by side (e.g. one per CPU level) "
+                        "into the --plot DIR")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only", metavar="I[,J...]",
                    help="run only these cases of each family, by 0-based position in its case list")
@@ -87,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="run embedops at this CPU level and cap torch / MKL / oneDNN / faiss to the same "
                         "instruction set (re-runs the bench in a fresh process with those variables set)")
     args = p.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot-from needs --plot DIR")
+        import json
+
+        reports = []
+        for path in args.plot_from:
+            with open(path) as f:
+                reports.append(json.load(f))
+        for path in plot_levels(reports, args.plot):
+            print(f"wrote {path}")
+        return 0
     if args.cpu_capability and os.environ.get(_CHILD) != args.cpu_capability:
         env = dict(os.environ, **CPU_LEVEL_ENV[args.cpu_capability], **{_CHILD: args.cpu_capability})
         argv_child = sys.argv[1:] if argv is None else list(argv)

@@ -348,3 +348,58 @@ def plot(report: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _level_label(report: dict) -> str:
+    lvl = (report.get("cpu_level") or {}).get("embedops")
+    return f"{report['device']} {lvl}" if report["device"] == "cpu" and lvl else report["device_name"]
+
+
+def plot_levels(reports: list[dict], out_dir: str) -> list[str]:
+    """One PNG per family comparing several runs (CPU levels, or CPU vs GPU): per case, one bar of
+    speedup over its baseline per run. ``reports``: loaded ``--json`` files."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from e
+    os.makedirs(out_dir, exist_ok=True)
+    labels = [_level_label(r) for r in reports]
+    paths = []
+    families = sorted({row["family"] for r in reports for row in r["results"]})
+    for family in families:
+        keys = []  # (case, shapes, baseline) in first-seen order
+        speed: dict[tuple, list] = {}
+        for i, r in enumerate(reports):
+            for row in r["results"]:
+                if row["family"] != family or not row["speedup"]:
+                    continue
+                key = (row["case"], row["shapes"], row["baseline"])
+                if key not in speed:
+                    keys.append(key)
+                    speed[key] = [None] * len(reports)
+                speed[key][i] = row["speedup"]
+        if not keys:
+            continue
+        n, width = len(reports), 0.8 / len(reports)
+        fig, ax = plt.subplots(figsize=(10, 0.5 * len(keys) * max(1, n / 2) + 1.8))
+        for i, label in enumerate(labels):
+            ys = [j + (i - (n - 1) / 2) * width for j in range(len(keys))]
+            xs = [speed[key][i] or 0 for key in keys]
+            ax.barh(ys, xs, height=width, label=label)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(keys)), [f"{c} [{sh}]\nvs {b}" for c, sh, b in keys], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup of embedops over the baseline (×, log scale; > 1: embedops faster)")
+        ax.set_title(f"{family}: {', '.join(labels)}", fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{family}_levels.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
