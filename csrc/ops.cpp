@@ -31,6 +31,11 @@ TORCH_LIBRARY(embedops, m) {
 
   // ---- matryoshka -----------------------------------------------------------------------------
   m.def("matryoshka_similarity(Tensor queries, Tensor corpus, int[] dims, str metric=\"cosine\") -> Tensor", pt2);
+  // Packed binary codes (uint8 "ubinary" or int8 "binary"), queries (B, nbytes), corpus (N, nbytes);
+  // the k nearest corpus rows by Hamming distance over the first nbits bits (-1: all), nearest
+  // first, ties to the lower index: distances (B, k) int32, indices (B, k) int64.
+  m.def("hamming_topk(Tensor query_codes, Tensor corpus_codes, int k, int nbits=-1) -> (Tensor distances, "
+        "Tensor indices)", pt2);
   m.def("matryoshka_topk(Tensor queries, Tensor corpus, int k, int[] dims, str metric=\"cosine\", "
         "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
   m.def("matryoshka_funnel(Tensor queries, Tensor corpus, int[] dims, int[] ks, str metric=\"cosine\", "

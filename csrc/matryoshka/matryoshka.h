@@ -35,6 +35,18 @@ void check_inv_norms(const char* op, const std::optional<at::Tensor>& inv_norms,
 // funnel stages: ks non-increasing, ks[0] <= N, one k per dim.
 void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, int64_t N);
 
+// Packed binary codes (sentence-transformers' "ubinary" uint8 or "binary" int8 = ubinary - 128;
+// bit i of a vector is bit 7 - i % 8 of byte i / 8): queries (B, nbytes), corpus (N, nbytes).
+struct HammingShape {
+  int64_t B = 0, N = 0, nbytes = 0;
+  int64_t nbits = 0;  // the compared prefix: the first nbits bits of every code
+};
+
+// Same dtype (uint8 or int8), device and code length; nbits in [1, 8 * nbytes] (-1: all bits);
+// k in [0, N].
+HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
+                                int64_t nbits);
+
 // corpus rows must have unit stride along D; returns corpus or a contiguous copy.
 at::Tensor rows_unit_stride(const at::Tensor& corpus);
 

@@ -67,4 +67,26 @@ at::Tensor rows_unit_stride(const at::Tensor& corpus) {
   return corpus.contiguous();
 }
 
+HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
+                                int64_t nbits) {
+  check_dim(op, "query_codes", queries, 2, "(B, nbytes)");
+  check_dim(op, "corpus_codes", corpus, 2, "(N, nbytes)");
+  TORCH_CHECK_TYPE(queries.scalar_type() == at::kByte || queries.scalar_type() == at::kChar, op,
+                   ": query_codes must be packed bits as uint8 (\"ubinary\") or int8 (\"binary\"), got ",
+                   queries.scalar_type());
+  check_same_dtype(op, "corpus_codes", corpus, "query_codes", queries);
+  check_same_device(op, "corpus_codes", corpus, "query_codes", queries);
+  check_size(op, "corpus_codes", corpus, 1, queries.size(1), "the code length nbytes of query_codes");
+  HammingShape s;
+  s.B = queries.size(0);
+  s.N = corpus.size(0);
+  s.nbytes = queries.size(1);
+  TORCH_CHECK_VALUE(s.nbytes >= 1, op, ": codes must have at least one byte, got nbytes = 0");
+  s.nbits = nbits < 0 ? 8 * s.nbytes : nbits;
+  TORCH_CHECK_VALUE(nbits == -1 || (nbits >= 1 && nbits <= 8 * s.nbytes), op, ": nbits must be in [1, 8 * nbytes = ",
+                    8 * s.nbytes, "] (or None for all bits), got ", nbits);
+  check_topk_k(op, k, s.N);
+  return s;
+}
+
 }  // namespace embedops

@@ -14,6 +14,7 @@ from .embedding import hash_ids, lengths_to_offsets, multiplexed_embedding_bag
 from .attention import co_attention, cross_attention, cross_attention_varlen, mixture_attention
 from .matryoshka import matryoshka_funnel, matryoshka_inv_norms, matryoshka_similarity, matryoshka_topk
 from .search import MatryoshkaIndex
+from .compressed import hamming_topk, quantize_embeddings
 from . import nn  # noqa: F401  (embedops.nn.CrossAttention, CoAttention, UnifiedEmbedding, ...)
 
 __version__ = _C.build_info()["version"]
@@ -41,4 +42,5 @@ __all__ = [
     "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag",
     "cross_attention", "cross_attention_varlen", "co_attention", "mixture_attention",
     "MatryoshkaIndex", "matryoshka_funnel", "matryoshka_inv_norms", "matryoshka_similarity", "matryoshka_topk",
+    "hamming_topk", "quantize_embeddings",
 ]

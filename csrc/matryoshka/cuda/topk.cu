@@ -14,6 +14,9 @@
 // (one warp per survivor reads only the new segment of the row), rescores, and keeps the best of
 // each stage by a bitonic sort in shared memory. ks[0] <= 1024 (512 for float64), at most 32
 // stages on CUDA. Column blocks are read in place (at most 32 blocks).
+//
+// hamming_topk: grid (S slices, B queries), each block popcounts its slice's codes against one
+// query and keeps a block top-k of -distance; the same merge kernel as topk.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -207,6 +210,112 @@ void matryoshka_topk_cuda(const at::Tensor& q, const std::vector<at::Tensor>& bl
   });
 }
 
+// ---- hamming_topk -------------------------------------------------------------------------------
+
+// 8 bytes of a code: one load when rows are 8-byte aligned, else byte by byte
+__device__ __forceinline__ uint64_t code_word(const uint8_t* p, bool aligned) {
+  if (aligned) return *reinterpret_cast<const uint64_t*>(p);
+  uint64_t w = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w |= static_cast<uint64_t>(p[j]) << (8 * j);
+  return w;
+}
+
+struct HammingPrefix {
+  int64_t nbytes, nw, last_bytes;  // row length; prefix words; bytes of the last word inside a row
+  uint64_t last_mask;              // the last word's prefix bits (same rule as the CPU kernel)
+  bool aligned;
+};
+
+__device__ __forceinline__ int hamming_distance(const uint8_t* q, const uint8_t* x, const HammingPrefix& h) {
+  int d = 0;
+  for (int64_t w = 0; w + 1 < h.nw; ++w) d += __popcll(code_word(q + 8 * w, h.aligned) ^ code_word(x + 8 * w, h.aligned));
+  uint64_t ql = 0, xl = 0;
+  const uint8_t* qe = q + 8 * (h.nw - 1);
+  const uint8_t* xe = x + 8 * (h.nw - 1);
+  for (int64_t j = 0; j < h.last_bytes; ++j) {
+    ql |= static_cast<uint64_t>(qe[j]) << (8 * j);
+    xl |= static_cast<uint64_t>(xe[j]) << (8 * j);
+  }
+  return d + __popcll((ql ^ xl) & h.last_mask);
+}
+
+// grid (S, B): block (slice, b) keeps the k nearest rows of its slice (score = -distance, exact in
+// float for distances < 2^24, so the ranking is the top-k order: nearest first, ties to the lower
+// index) in state[b, slice, :].
+template <int KP>
+__global__ void __launch_bounds__(mat::kThreads) hamming_slice_kernel(
+    const uint8_t* __restrict__ q, const uint8_t* __restrict__ x, int64_t N, HammingPrefix h, int k,
+    float* __restrict__ state_s, int64_t* __restrict__ state_i) {
+  __shared__ mat::BlockTopK<float, KP> t;
+  const int64_t S = gridDim.x, slice = blockIdx.x, b = blockIdx.y;
+  const int64_t chunk = (N + S - 1) / S;
+  const int64_t begin = std::min(N, slice * chunk), end = std::min(N, begin + chunk);
+  float* ss = state_s + (b * S + slice) * k;
+  int64_t* si = state_i + (b * S + slice) * k;
+  if (begin >= end) return;  // uniform per block; the state keeps its sentinels
+  mat::block_topk_load(t, ss, si, k);
+  const uint8_t* qb = q + b * h.nbytes;
+  mat::block_topk_offer(t, k, begin, end, [&](int64_t n, float& sc, int64_t& ix) {
+    sc = -static_cast<float>(hamming_distance(qb, x + n * h.nbytes, h));
+    ix = n;
+  });
+  mat::block_topk_finish(t);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    ss[i] = t.s[i];
+    si[i] = t.id[i];
+  }
+}
+
+void hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& corpus, const HammingShape& s, int64_t k,
+                       at::Tensor& distances, at::Tensor& indices) {
+  constexpr const char* op = "hamming_topk";
+  const c10::cuda::CUDAGuard guard(queries.device());
+  TORCH_CHECK_VALUE(k <= kMaxKCuda, op, ": k must be <= ", kMaxKCuda, " on CUDA, got ", k);
+  TORCH_CHECK(s.B <= 65535, op, ": at most 65535 queries per call on CUDA, got ", s.B);
+  HammingPrefix h{};
+  const int64_t used = (s.nbits + 7) / 8;
+  h.nbytes = s.nbytes;
+  h.nw = (used + 7) / 8;
+  h.last_bytes = std::min<int64_t>(8, s.nbytes - 8 * (h.nw - 1));
+  const int64_t in_last = used - 8 * (h.nw - 1);
+  h.last_mask = 0;
+  for (int64_t j = 0; j < in_last; ++j) h.last_mask |= uint64_t(0xFF) << (8 * j);
+  if (s.nbits % 8 != 0) {
+    const uint64_t partial = static_cast<uint8_t>(0xFF << (8 - s.nbits % 8));
+    h.last_mask &= ~(uint64_t(0xFF) << (8 * (in_last - 1)));
+    h.last_mask |= partial << (8 * (in_last - 1));
+  }
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(queries.const_data_ptr());
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(corpus.const_data_ptr());
+  h.aligned = s.nbytes % 8 == 0 && reinterpret_cast<uintptr_t>(qp) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 8 == 0;
+  const int64_t B = s.B, N = s.N;
+  const int sms = sm_count(queries.get_device());
+  int64_t S = std::max<int64_t>(1, (2 * sms + B - 1) / B);
+  S = std::min<int64_t>({S, 256, std::max<int64_t>(1, N / 2048)});
+  const auto fopts = queries.options().dtype(at::kFloat);
+  at::Tensor state_s = at::empty({B, S, k}, fopts);
+  at::Tensor state_i = at::empty({B, S, k}, fopts.dtype(at::kLong));
+  at::Tensor scores = at::empty({B, k}, fopts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = state_s.numel();
+  fill_sentinel_kernel<float><<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(
+      state_s.data_ptr<float>(), state_i.data_ptr<int64_t>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  mat::dispatch_kp(k, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(B));
+    hamming_slice_kernel<KP><<<grid, mat::kThreads, 0, stream>>>(qp, xp, N, h, static_cast<int>(k),
+                                                                 state_s.data_ptr<float>(), state_i.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    merge_slices_kernel<float, KP><<<dim3(static_cast<unsigned>(B), 1), mat::kThreads, 0, stream>>>(
+        state_s.const_data_ptr<float>(), state_i.const_data_ptr<int64_t>(), B, S, static_cast<int>(k),
+        scores.data_ptr<float>(), indices.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  distances.copy_(scores.neg());
+}
+
 // ---- funnel ------------------------------------------------------------------------------------
 
 template <typename acc_t, int KP>
@@ -335,5 +444,6 @@ void matryoshka_funnel_rerank_cuda(const at::Tensor& q, const std::vector<at::Te
 
 EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_topk_stub, &matryoshka_topk_cuda);
 EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_funnel_rerank_stub, &matryoshka_funnel_rerank_cuda);
+EMBEDOPS_REGISTER_CUDA_KERNEL(hamming_topk_stub, &hamming_topk_cuda);
 
 }  // namespace embedops

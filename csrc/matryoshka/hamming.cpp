@@ -1,0 +1,36 @@
+// hamming_topk: k nearest packed binary codes by Hamming distance over a bit prefix, the host side
+// of both backends (compiled once): checks, contiguous codes, the outputs, and the kernel of the
+// inputs' device (cpu/hamming_kernel.cpp at the CPU level in use, cuda/topk.cu).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "matryoshka/matryoshka.h"
+#include "matryoshka/matryoshka_kernels.h"
+
+namespace embedops {
+
+EMBEDOPS_DEFINE_STUB(hamming_topk_stub, HammingTopkKernel);
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> hamming_topk_host(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
+                                                     int64_t nbits) {
+  const HammingShape s = check_hamming_args("hamming_topk", queries, corpus, k, nbits);
+  at::Tensor distances = at::empty({s.B, k}, queries.options().dtype(at::kInt));
+  at::Tensor indices = at::empty({s.B, k}, queries.options().dtype(at::kLong));
+  if (s.B == 0 || k == 0) return {distances, indices};
+  hamming_topk_stub(queries.device().type(), queries.contiguous(), corpus.contiguous(), s, k, distances, indices);
+  return {distances, indices};
+}
+
+void register_ops(torch::Library& m) { m.impl("hamming_topk", &hamming_topk_host); }
+
+}  // namespace
+
+EMBEDOPS_HOST_OPS(register_ops)
+
+}  // namespace embedops
