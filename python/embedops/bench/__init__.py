@@ -11,7 +11,7 @@ import importlib
 from .core import Case, assert_close, run
 
 # family name -> module; run in this order
-FAMILIES = ["embedding", "matryoshka", "attention"]
+FAMILIES = ["embedding", "matryoshka", "compressed", "attention", "integrations"]
 
 
 def load_family(name: str):
