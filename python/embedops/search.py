@@ -95,6 +95,19 @@ class MatryoshkaIndex:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self._inv = torch.empty((len(dims), 0), dtype=acc, device=self.device)
 
+    @classmethod
+    def from_model(cls, model, sentences, *, dims=None, batch_size: int = 32, show_progress_bar=None,
+                   metric: str = "cosine", encode_kwargs=None, **index_kwargs) -> "MatryoshkaIndex":
+        """A new index of ``model``'s raw embeddings of ``sentences`` (a sentence-transformers model;
+        the raw, unnormalised vectors are stored, so every prefix is exact). Progress: a bar on stderr
+        when it is a terminal (``show_progress_bar=None``), always (True) or never (False). See
+        :func:`embedops.integrations.sentence_transformers.index_from_model`."""
+        from .integrations.sentence_transformers import index_from_model
+
+        return index_from_model(model, sentences, dims=dims, batch_size=batch_size,
+                                show_progress_bar=show_progress_bar, metric=metric, encode_kwargs=encode_kwargs,
+                                **index_kwargs)
+
     # -- contents ------------------------------------------------------------------------------
 
     def __len__(self) -> int:
