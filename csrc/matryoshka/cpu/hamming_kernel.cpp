@@ -10,7 +10,9 @@
 // at the default level. At the avx512 level on CPUs with VPOPCNTDQ (Ice Lake and later, Zen 4),
 // 256/512/1024-bit codes take a vector path: 8 rows' 64-byte pieces are transposed in registers
 // (8x8 64-bit words), so one VPOPCNTQ counts a word of 8 rows and the query words are broadcasts;
-// the 8 distances are compared with the threshold in one mask compare.
+// the 8 distances are compared with the threshold in one mask compare. At the avx2 level the same
+// idea on 4 rows x 4 words: a word of 4 rows per ymm, popcount by the nibble table (VPSHUFB) into
+// byte counts, summed per row by VPSADBW once per 4 rows and query.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,13 +21,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "matryoshka/matryoshka.h"
 #include "matryoshka/matryoshka_kernels.h"
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -131,13 +134,14 @@ inline void offer(NearHeap& h, int32_t& worst, const int64_t* d, int n, int64_t 
 // W = 8 or 16 words (512 / 1024 bits; any row length): 8 rows per step. W = 4 (256 bits, rows of
 // exactly 32 bytes): 16 rows per step, two rows per 64-byte load (lanes: even rows in words 0-3,
 // odd rows in words 4-7 of the transposed block). Returns the first row not scanned.
-template <int W>
-EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int nq,
-                                      int64_t r0, int64_t r1, NearHeap* heaps, int32_t* worst) {
+template <int W, int NQ>
+EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int64_t r0,
+                                      int64_t r1, NearHeap* heaps, int32_t* worst) {
+  constexpr int nq = NQ;
   constexpr int kRowsPerStep = W == 4 ? 16 : 8;
   int64_t r = r0;
   for (; r + kRowsPerStep <= r1; r += kRowsPerStep) {
-    __m512i acc[kQB], acc_odd[kQB];
+    __m512i acc[NQ], acc_odd[NQ];
     for (int j = 0; j < nq; ++j) acc[j] = acc_odd[j] = _mm512_setzero_si512();
     for (int piece = 0; piece < (W == 4 ? 1 : W / 8); ++piece) {
       __m512i v[8];
@@ -191,22 +195,86 @@ bool has_vpopcntdq() {
 }
 #endif  // CPU_CAPABILITY_AVX512
 
-// Rows [r0, r1) against queries [q0, q0 + nq) (nq <= kQB): W > 0 words known at compile time
+#if defined(CPU_CAPABILITY_AVX2)
+// byte-wise popcount of v (each byte 0..8) by the nibble table
+inline __m256i popcount_bytes(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+// W = 4, 8 or 16 words: 4 rows per step (row pieces of 32 bytes transposed 4x4 in registers).
+// Byte counts of up to 16 words stay below 256. Returns the first row not scanned.
+template <int W, int NQ>
+int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int64_t r0, int64_t r1,
+                  NearHeap* heaps, int32_t* worst) {
+  constexpr int nq = NQ;
+  static_assert(W % 4 == 0 && W <= 16, "byte counts must not overflow");
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m256i acc[NQ];
+    for (int j = 0; j < nq; ++j) acc[j] = _mm256_setzero_si256();
+    for (int piece = 0; piece < W / 4; ++piece) {
+      __m256i v[4];
+      for (int i = 0; i < 4; ++i)
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corpus + (r + i) * row_bytes + 32 * piece));
+      const __m256i t0 = _mm256_unpacklo_epi64(v[0], v[1]), t1 = _mm256_unpackhi_epi64(v[0], v[1]);
+      const __m256i t2 = _mm256_unpacklo_epi64(v[2], v[3]), t3 = _mm256_unpackhi_epi64(v[2], v[3]);
+      __m256i T[4];  // T[w]: word 4 * piece + w of the 4 rows
+      T[0] = _mm256_permute2x128_si256(t0, t2, 0x20);
+      T[2] = _mm256_permute2x128_si256(t0, t2, 0x31);
+      T[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+      T[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+      for (int j = 0; j < nq; ++j) {
+        const uint64_t* q = qwords + j * W + 4 * piece;
+        for (int w = 0; w < 4; ++w) {
+          const __m256i x = _mm256_xor_si256(T[w], _mm256_set1_epi64x(static_cast<long long>(q[w])));
+          acc[j] = _mm256_add_epi8(acc[j], popcount_bytes(x));
+        }
+      }
+    }
+    for (int j = 0; j < nq; ++j) {
+      const __m256i d = _mm256_sad_epu8(acc[j], _mm256_setzero_si256());  // per-row distances
+      const __m256i lt = _mm256_cmpgt_epi64(_mm256_set1_epi64x(worst[j]), d);
+      if (_mm256_movemask_pd(_mm256_castsi256_pd(lt)) == 0) continue;
+      alignas(32) int64_t dd[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dd), d);
+      for (int i = 0; i < 4; ++i) {
+        const int32_t di = static_cast<int32_t>(dd[i]);
+        if (di < worst[j]) {
+          heaps[j].push(di, r + i);
+          worst[j] = heaps[j].d[0];
+        }
+      }
+    }
+  }
+  return r;
+}
+#endif  // CPU_CAPABILITY_AVX2
+
+// Rows [r0, r1) against NQ queries (1 or kQB): W > 0 words known at compile time
 // (whole words, no mask), W == 0 the general prefix.
-template <int W>
-void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int nq, const Prefix& pre, int64_t r0,
+template <int W, int NQ>
+void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, const Prefix& pre, int64_t r0,
           int64_t r1, NearHeap* heaps) {
+  constexpr int nq = NQ;
   const int64_t nw = W > 0 ? W : pre.nw;
-  int32_t worst[kQB];
+  int32_t worst[NQ];
   for (int j = 0; j < nq; ++j) worst[j] = heaps[j].d[0];
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (W > 0) {
-    if (has_vpopcntdq() && (W != 4 || row_bytes == 32)) r0 = scan_vpopcnt<W>(corpus, row_bytes, qwords, nq, r0, r1, heaps, worst);
+    if (has_vpopcntdq() && (W != 4 || row_bytes == 32))
+      r0 = scan_vpopcnt<W, NQ>(corpus, row_bytes, qwords, r0, r1, heaps, worst);
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (W > 0) r0 = scan_avx2<W, NQ>(corpus, row_bytes, qwords, r0, r1, heaps, worst);
 #endif
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* x = corpus + r * row_bytes;
-    int32_t dist[kQB] = {};
+    int32_t dist[NQ] = {};
     if constexpr (W > 0) {
       uint64_t xw[W];
       for (int w = 0; w < W; ++w) xw[w] = load_word(x + 8 * w);
@@ -273,11 +341,20 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
         heaps[j] = NearHeap{pd.data() + off, pi.data() + off, k};
       }
       const uint64_t* qw = qwords.data() + q0 * nw;
+      // a full block of queries shares each row's loads; the last, partial block goes query by query
+      auto run = [&](auto w_tag) {
+        constexpr int kW = decltype(w_tag)::value;
+        if (nq == kQB) {
+          scan<kW, kQB>(xp, s.nbytes, qw, pre, r0, r1, heaps);
+        } else {
+          for (int j = 0; j < nq; ++j) scan<kW, 1>(xp, s.nbytes, qw + j * nw, pre, r0, r1, heaps + j);
+        }
+      };
       switch (W) {
-        case 4: scan<4>(xp, s.nbytes, qw, nq, pre, r0, r1, heaps); break;
-        case 8: scan<8>(xp, s.nbytes, qw, nq, pre, r0, r1, heaps); break;
-        case 16: scan<16>(xp, s.nbytes, qw, nq, pre, r0, r1, heaps); break;
-        default: scan<0>(xp, s.nbytes, qw, nq, pre, r0, r1, heaps); break;
+        case 4: run(std::integral_constant<int, 4>{}); break;
+        case 8: run(std::integral_constant<int, 8>{}); break;
+        case 16: run(std::integral_constant<int, 16>{}); break;
+        default: run(std::integral_constant<int, 0>{}); break;
       }
     }
   });
