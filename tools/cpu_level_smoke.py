@@ -68,6 +68,22 @@ def main() -> int:
         out[f"matryoshka_topk indices B={B}"] = idx.clone()
     fv, fi = embedops.matryoshka_funnel(torch.randn(5, 96), x, 5, [(16, 40), (48, 20)])
     out["matryoshka_funnel indices"] = fi.clone()
+    # hamming_topk: the vector paths (256 / 512 bits, a full query block of 8 and a partial one) and
+    # the general path (100 bits), exact against the bit reference
+    for nbytes, nbits, B in ((32, None, 11), (64, None, 9), (13, 100, 3)):
+        qc = torch.randint(0, 256, (B, nbytes), dtype=torch.uint8)
+        xc = torch.randint(0, 256, (3000, nbytes), dtype=torch.uint8)
+        d, i = embedops.hamming_topk(qc, xc, 7, nbits=nbits)
+        nb = nbits or 8 * nbytes
+        bits = lambda c: ((c.long().unsqueeze(-1) >> torch.arange(7, -1, -1)) & 1).flatten(1)[:, :nb]
+        full = (bits(qc)[:, None, :] != bits(xc)[None, :, :]).sum(-1)
+        key = full * 4096 + torch.arange(3000)  # nearest first, ties to the lower index
+        want_i = key.argsort(dim=1)[:, :7]
+        ok = torch.equal(i, want_i) and torch.equal(d.long(), full.gather(1, want_i))
+        out[f"hamming_topk {nb} bits"] = i.clone()
+        print(f"{'ok  ' if ok else 'FAIL'} hamming_topk {nb} bits B={B}: exact", flush=True)
+        if not ok:
+            raise SystemExit(f"cpu_level_smoke: hamming_topk {nb} bits differs from the bit reference")
 
     # attention: short keys (Lk = 77, fused pass), long keys (tiled pass), fp32 backward, padding
     for Lq, Lk in ((50, 77), (40, 300)):
