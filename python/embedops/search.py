@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._load import _C
-from ._utils import _WITH_CUDA, check_dims, check_int, check_metric, funnel_plan, to_tensor
+from ._utils import _WITH_CUDA, ProgressBar, check_dims, check_int, check_metric, funnel_plan, show_progress, to_tensor
 
 # ---- matryoshka --------------------------------------------------------------------------------
 
@@ -126,9 +126,25 @@ class MatryoshkaIndex:
     def _views(self) -> list[torch.Tensor]:
         return [b[: self._n] for b in self._blocks]
 
-    def add(self, vectors) -> None:
+    def add(self, vectors, *, show_progress_bar: bool | None = None) -> None:
         """Appends ``(n, D)`` vectors (tensor or numpy, any float dtype; converted to the index's
-        dtype and device). Their per-prefix inverse norms are computed here, once."""
+        dtype and device). Their per-prefix inverse norms are computed here, once. Inputs of a
+        million rows or more show a progress bar on stderr when it is a terminal
+        (``show_progress_bar=None``; True / False: always / never)."""
+        if (isinstance(vectors, (torch.Tensor, np.ndarray)) and vectors.ndim == 2 and vectors.shape[1] == self.dim
+                and vectors.shape[0] >= self._PROGRESS_ROWS and show_progress(show_progress_bar)):
+            self._reserve(self._n + vectors.shape[0])
+            with ProgressBar("adding", vectors.shape[0], True) as bar:
+                for r0 in range(0, vectors.shape[0], self._PROGRESS_ROWS // 4):
+                    part = vectors[r0: r0 + self._PROGRESS_ROWS // 4]
+                    self._add(part)
+                    bar.advance(part.shape[0])
+            return
+        self._add(vectors)
+
+    _PROGRESS_ROWS = 1 << 20
+
+    def _add(self, vectors) -> None:
         op = "MatryoshkaIndex.add"
         v, _ = to_tensor(vectors, op, "vectors")
         if v.dim() != 2 or v.shape[1] != self.dim:
@@ -140,6 +156,14 @@ class MatryoshkaIndex:
         if n == 0:
             return
         need = self._n + n
+        self._reserve(need)
+        for blk, a, e in zip(self._blocks, self._bounds, self._bounds[1:]):
+            blk[self._n: need] = v[:, a:e]
+        self._inv[:, self._n: need] = torch.ops.embedops.matryoshka_inv_norms(v, self.dims)
+        self._n = need
+
+    def _reserve(self, need: int) -> None:
+        """Capacity for ``need`` rows (amortised doubling)."""
         if need > self._blocks[0].shape[0]:
             cap = max(need, 2 * self._blocks[0].shape[0], 1024)
             grown = []
@@ -153,10 +177,6 @@ class MatryoshkaIndex:
             inv = torch.empty((len(self.dims), cap), dtype=self._inv.dtype, device=self.device)
             inv[:, : self._n] = self._inv[:, : self._n]
             self._inv = inv
-        for blk, a, e in zip(self._blocks, self._bounds, self._bounds[1:]):
-            blk[self._n: need] = v[:, a:e]
-        self._inv[:, self._n: need] = torch.ops.embedops.matryoshka_inv_norms(v, self.dims)
-        self._n = need
 
     # -- search --------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils import check_metric
+from .._utils import ProgressBar, check_metric, rich_available, show_progress
 from ..matryoshka import matryoshka_topk
 from ..search import MatryoshkaIndex
 
@@ -140,12 +140,6 @@ def semantic_search(query_embeddings, corpus_embeddings, top_k: int = 10, dim: i
             for row_ids, row_vals in zip(ids, values)]
 
 
-def _show_progress(show_progress_bar) -> bool:
-    if show_progress_bar is None:
-        return sys.stderr.isatty()
-    return bool(show_progress_bar)
-
-
 def index_from_model(model, sentences: Sequence[str], *, dims: Sequence[int] | None = None, batch_size: int = 32,
                      show_progress_bar: bool | None = None, metric: str = "cosine",
                      encode_kwargs: dict[str, Any] | None = None, **index_kwargs) -> MatryoshkaIndex:
@@ -211,14 +205,8 @@ def index_from_model(model, sentences: Sequence[str], *, dims: Sequence[int] | N
             raise ValueError(f"{fn}: sentences is empty and the model does not report its embedding dimension")
         return MatryoshkaIndex(D, dims=dims, metric=metric, **index_kwargs)
 
-    show = _show_progress(show_progress_bar)
-    try:
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-    except ImportError:
-        Progress = None
-    if show and Progress is None:  # one encode call with sentence-transformers' own bar
+    show = show_progress(show_progress_bar)
+    if show and not rich_available():  # one encode call with sentence-transformers' own bar
         emb = encode(sentences, True)
         index = MatryoshkaIndex(emb.shape[1], dims=dims, metric=metric, **index_kwargs)
         index.add(emb)
@@ -228,21 +216,11 @@ def index_from_model(model, sentences: Sequence[str], *, dims: Sequence[int] | N
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
     chunk = 16 * batch_size
     parts = []
-    bar = None
-    if show:
-        bar = Progress(TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-        bar.start()
-        task = bar.add_task("", total=len(sentences))
-    try:
+    with ProgressBar("encoding", len(sentences), show) as bar:
         for start in range(0, len(order), chunk):
             idx = order[start: start + chunk]
             parts.append(encode([sentences[i] for i in idx], False))
-            if bar is not None:
-                bar.advance(task, len(idx))
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance(len(idx))
     emb = torch.cat(parts) if len(parts) > 1 else parts[0]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
