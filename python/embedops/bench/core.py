@@ -316,7 +316,7 @@ def write_json(report: dict, path: str) -> None:
         json.dump(report, f, indent=1)
 
 
-def plot(report: dict, out_dir: str) -> list[str]:
+def _pyplot():
     try:
         import matplotlib
 
@@ -324,6 +324,18 @@ def plot(report: dict, out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(report: dict, out_dir: str) -> list[str]:
+    plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     families = sorted({r["family"] for r in report["results"]})
@@ -342,11 +354,7 @@ def plot(report: dict, out_dir: str) -> list[str]:
         ax.invert_yaxis()
         ax.set_xlabel("speedup of embedops over the baseline (×, log scale)")
         ax.set_title(f"{family} — {report['device_name']}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{family}_{report['device']}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, os.path.join(out_dir, f"{family}_{report['device']}.png")))
     return paths
 
 
@@ -358,13 +366,7 @@ def _level_label(report: dict) -> str:
 def plot_levels(reports: list[dict], out_dir: str) -> list[str]:
     """One PNG per family comparing several runs (CPU levels, or CPU vs GPU): per case, one bar of
     speedup over its baseline per run. ``reports``: loaded ``--json`` files."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from e
+    plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     labels = [_level_label(r) for r in reports]
     paths = []
@@ -396,10 +398,6 @@ def plot_levels(reports: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel("speedup of embedops over the baseline (×, log scale; > 1: embedops faster)")
         ax.set_title(f"{family}: {', '.join(labels)}", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{family}_levels.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, os.path.join(out_dir, f"{family}_levels.png")))
     return paths
 
