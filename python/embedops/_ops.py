@@ -194,6 +194,10 @@ def _matryoshka_similarity_backward(ctx, grad):
 torch.library.register_autograd("embedops::matryoshka_similarity", _matryoshka_similarity_backward,
                                 setup_context=_matryoshka_similarity_setup)
 
+
+# ---- compressed codes ---------------------------------------------------------------------------
+
+
 @torch.library.register_fake("embedops::hamming_topk")
 def _hamming_topk_fake(query_codes, corpus_codes, k, nbits=-1):
     return (query_codes.new_empty((query_codes.shape[0], k), dtype=torch.int32),

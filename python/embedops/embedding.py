@@ -7,6 +7,7 @@ import torch
 
 from ._utils import check_device, check_int, check_int64, to_tensor
 
+
 def hash_ids(values, *, feature: int, probe: int, num_rows: int, seed: int = 0):
     """Rows of a shared table for raw categorical ids: THE hash of embedops' embedding family.
 
