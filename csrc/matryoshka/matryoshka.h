@@ -42,6 +42,15 @@ struct HammingShape {
   int64_t nbits = 0;  // the compared prefix: the first nbits bits of every code
 };
 
+// The compared prefix as 64-bit little-endian words, the rule both backends use: nw words, the
+// last one read with last_bytes bytes (never past a row) and masked to the prefix's bytes and bits
+// (bit i is bit 7 - i % 8 of byte i / 8, so a partial last byte keeps its high bits).
+struct HammingWords {
+  int64_t nw = 0, last_bytes = 8;
+  uint64_t last_mask = ~uint64_t(0);
+};
+HammingWords hamming_words(const HammingShape& s);
+
 // Same dtype (uint8 or int8), device and code length; nbits in [1, 8 * nbytes] (-1: all bits);
 // k in [0, N].
 HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,

@@ -2,6 +2,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+
 #include "common/checks.h"
 #include "matryoshka/matryoshka.h"
 
@@ -65,6 +67,22 @@ void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, i
 at::Tensor rows_unit_stride(const at::Tensor& corpus) {
   if (corpus.size(0) > 1 && corpus.stride(1) == 1 && corpus.stride(0) >= corpus.size(1)) return corpus;
   return corpus.contiguous();
+}
+
+HammingWords hamming_words(const HammingShape& s) {
+  HammingWords h;
+  const int64_t used = (s.nbits + 7) / 8;  // bytes holding the prefix
+  h.nw = (used + 7) / 8;
+  h.last_bytes = std::min<int64_t>(8, s.nbytes - 8 * (h.nw - 1));
+  const int64_t in_last = used - 8 * (h.nw - 1);
+  h.last_mask = 0;
+  for (int64_t j = 0; j < in_last; ++j) h.last_mask |= uint64_t(0xFF) << (8 * j);
+  if (s.nbits % 8 != 0) {  // the partial last byte: its high nbits % 8 bits
+    const uint64_t partial = static_cast<uint8_t>(0xFF << (8 - s.nbits % 8));
+    h.last_mask &= ~(uint64_t(0xFF) << (8 * (in_last - 1)));
+    h.last_mask |= partial << (8 * (in_last - 1));
+  }
+  return h;
 }
 
 HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,

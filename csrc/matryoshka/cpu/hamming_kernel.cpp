@@ -48,27 +48,6 @@ inline uint64_t load_word(const uint8_t* p) {
 
 inline int popcount64(uint64_t w) { return __builtin_popcountll(w); }
 
-// The compared prefix as words: nw words, the last one masked to the prefix's bytes and bits
-// (bit i is bit 7 - i % 8 of byte i / 8: a partial last byte keeps its high bits) and read with
-// last_bytes bytes (never past a row).
-struct Prefix {
-  int64_t nw = 0, last_bytes = 8;
-  uint64_t last_mask = ~uint64_t(0);
-};
-
-Prefix make_prefix(const HammingShape& s) {
-  Prefix p;
-  const int64_t used = (s.nbits + 7) / 8;  // bytes holding the prefix
-  p.nw = (used + 7) / 8;
-  p.last_bytes = std::min<int64_t>(8, s.nbytes - 8 * (p.nw - 1));
-  uint8_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t in_last = used - 8 * (p.nw - 1);
-  for (int64_t j = 0; j < in_last; ++j) m[j] = 0xFF;
-  if (s.nbits % 8 != 0) m[in_last - 1] = static_cast<uint8_t>(0xFF << (8 - s.nbits % 8));
-  std::memcpy(&p.last_mask, m, 8);
-  return p;
-}
-
 // A max-heap of the k nearest (distance, index) pairs, root = the farthest kept.
 struct NearHeap {
   int32_t* d;
@@ -258,7 +237,7 @@ int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwor
 // Rows [r0, r1) against NQ queries (1 or kQB): W > 0 words known at compile time
 // (whole words, no mask), W == 0 the general prefix.
 template <int W, int NQ>
-void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, const Prefix& pre, int64_t r0,
+void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, const HammingWords& pre, int64_t r0,
           int64_t r1, NearHeap* heaps) {
   constexpr int nq = NQ;
   const int64_t nw = W > 0 ? W : pre.nw;
@@ -304,7 +283,7 @@ void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, cons
 
 void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, const HammingShape& s, int64_t k,
                          at::Tensor& distances, at::Tensor& indices) {
-  const Prefix pre = make_prefix(s);
+  const HammingWords pre = hamming_words(s);
   const int64_t nw = pre.nw;
   const int W = (pre.last_mask == ~uint64_t(0) && 8 * nw <= s.nbytes && (nw == 4 || nw == 8 || nw == 16))
                     ? static_cast<int>(nw) : 0;

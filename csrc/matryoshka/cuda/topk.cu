@@ -223,7 +223,7 @@ __device__ __forceinline__ uint64_t code_word(const uint8_t* p, bool aligned) {
 
 struct HammingPrefix {
   int64_t nbytes, nw, last_bytes;  // row length; prefix words; bytes of the last word inside a row
-  uint64_t last_mask;              // the last word's prefix bits (same rule as the CPU kernel)
+  uint64_t last_mask;              // the last word's prefix bits (hamming_words, matryoshka.h)
   bool aligned;
 };
 
@@ -273,19 +273,12 @@ void hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& corpus, cons
   const c10::cuda::CUDAGuard guard(queries.device());
   TORCH_CHECK_VALUE(k <= kMaxKCuda, op, ": k must be <= ", kMaxKCuda, " on CUDA, got ", k);
   TORCH_CHECK(s.B <= 65535, op, ": at most 65535 queries per call on CUDA, got ", s.B);
+  const HammingWords words = hamming_words(s);
   HammingPrefix h{};
-  const int64_t used = (s.nbits + 7) / 8;
   h.nbytes = s.nbytes;
-  h.nw = (used + 7) / 8;
-  h.last_bytes = std::min<int64_t>(8, s.nbytes - 8 * (h.nw - 1));
-  const int64_t in_last = used - 8 * (h.nw - 1);
-  h.last_mask = 0;
-  for (int64_t j = 0; j < in_last; ++j) h.last_mask |= uint64_t(0xFF) << (8 * j);
-  if (s.nbits % 8 != 0) {
-    const uint64_t partial = static_cast<uint8_t>(0xFF << (8 - s.nbits % 8));
-    h.last_mask &= ~(uint64_t(0xFF) << (8 * (in_last - 1)));
-    h.last_mask |= partial << (8 * (in_last - 1));
-  }
+  h.nw = words.nw;
+  h.last_bytes = words.last_bytes;
+  h.last_mask = words.last_mask;
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(queries.const_data_ptr());
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(corpus.const_data_ptr());
   h.aligned = s.nbytes % 8 == 0 && reinterpret_cast<uintptr_t>(qp) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 8 == 0;
