@@ -11,6 +11,8 @@ TORCH_LIBRARY(embedops, m) {
   m.def("hash_ids(Tensor values, int feature, int probe, int num_rows, int seed=0) -> Tensor", pt2);
   // pooling: the bag reduction ("mode" in the Python API; a schema argument named "mode" clashes
   // with torch.library internals). -> (out (B, out_dim), argmax (B, Q*D) int64 for mode "max", else (0,))
+  // weight: a float (R, D) table, or a uint8 int8-row-quantised (R, D + 8) table (embedding/quantized.h;
+  // forward only: float32 out, argmax always (0,)).
   m.def(
       "multiplexed_embedding_bag(Tensor weight, Tensor values, Tensor offsets, int[] num_probes, "
       "str combine=\"concat\", str pooling=\"sum\", Tensor? per_sample_weights=None, int seed=0, "
@@ -46,6 +48,14 @@ TORCH_LIBRARY(embedops, m) {
         "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
   m.def("matryoshka_funnel_blocks(Tensor queries, Tensor[] blocks, int[] dims, int[] ks, "
         "str metric=\"cosine\", Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  // float queries (B, D) against int8 / uint8 codes (column blocks, widths adding up to D) made with
+  // the (2, D) min/max `ranges`, dequantised on the fly: values / indices (P, B, k) like matryoshka_topk
+  m.def("int8_topk(Tensor queries, Tensor[] blocks, Tensor ranges, int k, int[] dims, str metric=\"dot\", "
+        "Tensor? corpus_inv_norms=None) -> (Tensor, Tensor)", pt2);
+  // the best k of each query's candidate rows (B, C) at prefix dim, over float blocks or (ranges
+  // given) int8 / uint8 code blocks: values / indices (B, k)
+  m.def("matryoshka_rescore(Tensor queries, Tensor[] blocks, Tensor candidates, int k, int dim, "
+        "str metric=\"cosine\", Tensor? ranges=None) -> (Tensor, Tensor)", pt2);
 
   // ---- attention ------------------------------------------------------------------------------
   // out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32 (float64 for float64 inputs).

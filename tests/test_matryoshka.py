@@ -419,7 +419,8 @@ def test_index_load_rejects_bad_files(tmp_path):
     data = good.read_bytes()
     cases = {
         "magic": (b"NOTANIDX" + data[8:], "bad magic"),
-        "version": (data[:8] + (2).to_bytes(4, "little") + data[12:], "version 2 is not supported"),
+        "version": (data[:8] + (3).to_bytes(4, "little") + data[12:], "version 3 is not supported"),
+        "flags": (data[:30] + b"\x08" + data[31:], "corrupt header"),
         "truncated": (data[:-5], "size mismatch"),
         "extra": (data + b"\0", "size mismatch"),
         "payload": (data[:-1] + bytes([data[-1] ^ 0xFF]), "checksum mismatch"),

@@ -32,6 +32,14 @@ void check_topk_k(const char* op, int64_t k, int64_t N);
 void check_inv_norms(const char* op, const std::optional<at::Tensor>& inv_norms, int64_t rows, int64_t N,
                      const at::Tensor& corpus);
 
+// int8 / uint8 codes of sentence-transformers' quantize_embeddings ("int8" = "uint8" - 128) and
+// the (2, D) per-dimension ranges [min; max] they were made with: returns `dequant` (2, D) in the
+// compute type of `queries` on their device, row 0 base, row 1 step, so that a code c stands for
+// base + step * c (the midpoint of its step: min + (c + offset + 0.5) * step, step = (max - min) / 255,
+// offset 128 for int8, 0 for uint8). ranges: floating point, finite, max >= min.
+at::Tensor code_dequant(const char* op, const at::Tensor& ranges, int64_t D, at::ScalarType code_dtype,
+                        const at::Tensor& queries);
+
 // funnel stages: ks non-increasing, ks[0] <= N, one k per dim.
 void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, int64_t N);
 

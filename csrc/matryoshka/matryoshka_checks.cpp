@@ -1,6 +1,8 @@
 // Argument checks of the matryoshka ops, shared by the CPU and CUDA kernels.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/stack.h>
 
 #include <algorithm>
 
@@ -62,6 +64,23 @@ void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, i
     TORCH_CHECK_VALUE(i == 0 || ks[i] <= ks[i - 1], op,
                       ": ks must be non-increasing (a stage reranks the previous stage's survivors), got ", ks);
   }
+}
+
+at::Tensor code_dequant(const char* op, const at::Tensor& ranges, int64_t D, at::ScalarType code_dtype,
+                        const at::Tensor& queries) {
+  check_dim(op, "ranges", ranges, 2, "(2, D)");
+  check_float_dtype(op, "ranges", ranges);
+  check_same_device(op, "ranges", ranges, "queries", queries);
+  TORCH_CHECK_VALUE(ranges.size(0) == 2 && ranges.size(1) == D, op, ": ranges must have shape (2, D=", D,
+                    ") (per-dimension min and max rows), got ", ranges.sizes());
+  // float32 arithmetic for the step, as the quantisation (sentence-transformers, numpy float32) does
+  const at::Tensor r = ranges.to(at::kFloat);
+  TORCH_CHECK_VALUE(r.isfinite().all().item<bool>(), op, ": ranges must be finite");
+  TORCH_CHECK_VALUE((r[1] >= r[0]).all().item<bool>(), op, ": ranges must have max >= min in every dimension");
+  const at::Tensor step = (r[1] - r[0]) / 255;
+  const double offset = code_dtype == at::kChar ? 128.5 : 0.5;
+  const at::Tensor base = r[0] + step * offset;
+  return at::stack({base, step}).to(acc_dtype_of(queries.scalar_type())).contiguous();
 }
 
 at::Tensor rows_unit_stride(const at::Tensor& corpus) {

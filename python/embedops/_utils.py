@@ -146,3 +146,52 @@ def funnel_plan(op: str, stages, k: int, dim: int, D: int, N: int) -> tuple[list
             raise ValueError(f"{op}: the k of each stage must be non-increasing and k <= the last stage's, got "
                              f"stages {pairs} and k={k}")
     return dims, ks
+
+
+_STAGE_PRECISIONS = ("float", "int8", "binary")
+
+
+def has_precision_stages(stages) -> bool:
+    """True if any funnel stage names its precision: ``(precision, dim, k)``."""
+    try:
+        return any(isinstance(st, (tuple, list)) and len(st) == 3 for st in stages)
+    except TypeError:
+        return False
+
+
+def code_funnel_plan(op: str, stages, k: int, D: int, N: int, available) -> list[tuple[str, int, int]]:
+    """The ``[(precision, dim, shortlist), ...]`` of a funnel over compressed codes: ``(dim, k)``
+    stages mean float; the first stage scans every row (binary only there), each later one rescores
+    the previous stage's survivors; shortlists non-increasing, ``k`` <= the last."""
+    k = check_int(op, "k", k)
+    plan = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, (tuple, list)) or len(st) not in (2, 3):
+            raise TypeError(f"{op}: stages[{i}] must be (precision, dim, shortlist_size) or (dim, k), got {st!r}")
+        prec, d, kk = ("float", *st) if len(st) == 2 else st
+        if prec not in _STAGE_PRECISIONS:
+            raise ValueError(f"{op}: stages[{i}] precision must be one of {_STAGE_PRECISIONS}, got {prec!r}")
+        if prec not in available:
+            raise ValueError(f"{op}: stages[{i}] is a {prec} stage, but this index holds no {prec} "
+                             f"{'vectors (keep_float=False)' if prec == 'float' else 'codes'}; it holds "
+                             f"{', '.join(available)}")
+        if prec == "binary" and i > 0:
+            raise ValueError(f"{op}: a binary stage can only be the first stage (a shortlist from the bit "
+                             f"codes), got one at stages[{i}]")
+        d, kk = check_int(op, "stages", d), check_int(op, "stages", kk)
+        if not 1 <= d <= D:
+            raise ValueError(f"{op}: stages[{i}] dim must be in [1, D={D}], got {d}")
+        if kk < 1:
+            raise ValueError(f"{op}: stages[{i}] shortlist size must be >= 1, got {kk}")
+        if i == 0 and kk > N:
+            raise ValueError(f"{op}: stages[0] keeps {kk} rows, more than the index holds (N={N})")
+        if i > 0 and kk > plan[-1][2]:
+            raise ValueError(f"{op}: shortlist sizes must be non-increasing (each stage rescores the previous "
+                             f"stage's survivors), got stages {list(stages)}")
+        plan.append((prec, d, kk))
+    if not plan:
+        raise ValueError(f"{op}: stages must hold at least one stage")
+    if not 0 <= k <= plan[-1][2]:
+        raise ValueError(f"{op}: k must be in [0, the last stage's shortlist size {plan[-1][2]}], got {k}")
+    return plan
+

@@ -114,4 +114,49 @@ def hamming_topk(query_codes, corpus_codes, k: int, *, nbits: int | None = None)
     return (d.cpu().numpy(), i.cpu().numpy()) if was_np else (d, i)
 
 
-__all__ = ["hamming_topk", "quantize_embeddings"]
+def _code_ranges(op: str, ranges, device: torch.device) -> torch.Tensor:
+    if ranges is None:
+        raise ValueError(f"{op}: ranges= is required: the (2, D) per-dimension min/max the codes were quantised "
+                         "with (quantize_embeddings' ranges, or the min/max of its calibration embeddings)")
+    r, _ = to_tensor(ranges, op, "ranges")
+    if r.dim() != 2 or r.shape[0] != 2:
+        raise ValueError(f"{op}: ranges must have shape (2, D) (min row, max row), got {tuple(r.shape)}")
+    return r.to(device)
+
+
+def int8_topk(queries, corpus_codes, k: int, *, ranges, dim: int | None = None, metric: str = "dot"):
+    """Exact top-k of float queries against int8 / uint8 codes, dequantised on the fly (asymmetric).
+
+    Args:
+        queries: ``(B, D)`` float queries (numpy or torch; float32, float16, bfloat16 or float64;
+            scores are float32, float64 for float64 queries).
+        corpus_codes: ``(N, D)`` codes from :func:`quantize_embeddings` with precision ``"int8"``
+            or ``"uint8"``, the queries' device.
+        k: results per query, ``0 <= k <= N``.
+        ranges: ``(2, D)`` the per-dimension ``[min; max]`` the codes were made with. Code ``c`` of
+            dimension j stands for the midpoint of its step, ``min_j + (u + 0.5) * step_j`` with
+            ``u = c + 128`` for int8 (``c`` for uint8) and ``step_j = (max_j - min_j) / 255``.
+        dim: score the first ``dim`` dimensions only (a Matryoshka prefix; default D).
+        metric: ``"dot"`` (default, sentence-transformers' rescoring) or ``"cosine"`` (each row's
+            dequantised prefix renormalised).
+
+    Returns:
+        ``(values, indices)``, each ``(B, k)``: scores best first (ties to the lower index, NaN
+        last) and int64 row ids; numpy if the queries were numpy.
+
+    The codes are dequantised tile by tile inside the scan (never the whole corpus), and the
+    selection is fused as in :func:`embedops.matryoshka_topk`.
+    """
+    op = "int8_topk"
+    q, was_np = to_tensor(queries, op, "queries")
+    x, _ = to_tensor(corpus_codes, op, "corpus_codes")
+    check_device(op, "queries", q)
+    k = check_int(op, "k", k)
+    r = _code_ranges(op, ranges, q.device)
+    d = q.shape[-1] if dim is None else check_int(op, "dim", dim)
+    v, i = torch.ops.embedops.int8_topk(q, [x], r, k, [d], metric)
+    v, i = v[0], i[0]
+    return (v.cpu().numpy(), i.cpu().numpy()) if was_np else (v, i)
+
+
+__all__ = ["hamming_topk", "int8_topk", "quantize_embeddings"]

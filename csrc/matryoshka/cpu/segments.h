@@ -4,6 +4,10 @@
 // per-prefix inverse norms.
 
 #include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -72,6 +76,51 @@ inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, in
   for (int b = 0; b < NB; ++b) dots[b] += d[b];
 }
 
+// int8 / uint8 codes as float lanes: kLanes<float> codes of x converted (vpmovsxbd / vpmovzxbd + vcvtdq2ps)
+// (intrinsics: GCC lowers __builtin_convertvector of a byte vector to byte-by-byte extracts)
+template <typename C>
+inline simd_t<float> load_codes(const C* x) {
+  static_assert(std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>);
+  constexpr bool kSigned = std::is_same_v<C, int8_t>;
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return (simd_t<float>)_mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+  return (simd_t<float>)_mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  simd_t<float> v;
+  for (int i = 0; i < kLanes<float>; ++i) v[i] = static_cast<float>(x[i]);
+  return v;
+#endif
+}
+
+// seg_dot_sq over int8 / uint8 codes dequantised in registers: the value of column j is
+// base[j] + step[j] * x[j] (x, base, step and q[b] indexed by the same column j).
+template <typename C, int NB>
+inline void code_seg_dot_sq(const C* __restrict__ x, const float* const* q, const float* __restrict__ base,
+                            const float* __restrict__ step, int64_t a, int64_t e, float* dots, float& sq) {
+  constexpr int L = kLanes<float>;
+  simd_t<float> accq[NB] = {};
+  simd_t<float> accn = {};
+  int64_t j = a;
+  for (; j + L <= e; j += L) {
+    const simd_t<float> v = loadu(base + j) + loadu(step + j) * load_codes(x + j);
+    accn += v * v;
+    for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
+  }
+  float s = hsum(accn);
+  float d[NB];
+  for (int b = 0; b < NB; ++b) d[b] = hsum(accq[b]);
+  for (; j < e; ++j) {
+    const float v = base[j] + step[j] * static_cast<float>(x[j]);
+    s += v * v;
+    for (int b = 0; b < NB; ++b) d[b] += q[b][j] * v;
+  }
+  sq += s;
+  for (int b = 0; b < NB; ++b) dots[b] += d[b];
+}
+
 // out[r] (+)= <q[0:len], x[r][0:len]>, four rows at a time (GEMV over contiguous-ish rows).
 template <typename T>
 inline void rows_dot1(const T* __restrict__ x, int64_t ld, int64_t nrows, const T* __restrict__ q, int64_t len,
@@ -116,6 +165,9 @@ struct TileRows {
   int64_t ldx;
   int64_t width;
   std::vector<acc_t> buf;
+  // int8 / uint8 codes: the value of column c is base[c] + step[c] * code (null: a plain cast)
+  const acc_t* base = nullptr;
+  const acc_t* step = nullptr;
 
   const acc_t* load(int64_t n0, int64_t nt, int64_t& ld) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -128,7 +180,11 @@ struct TileRows {
         const scalar_t* src = x + (n0 + r) * ldx;
         if (r + kAhead < nt) prefetch_row(src + kAhead * ldx, width * static_cast<int64_t>(sizeof(scalar_t)));
         acc_t* dst = buf.data() + r * width;
-        for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(src[c]);
+        if (base != nullptr) {
+          for (int64_t c = 0; c < width; ++c) dst[c] = base[c] + step[c] * static_cast<acc_t>(src[c]);
+        } else {
+          for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(src[c]);
+        }
       }
       ld = width;
       return buf.data();

@@ -87,10 +87,15 @@ struct BlockTiles {
   std::vector<const acc_t*> rows;
   std::vector<int64_t> ld;
 
-  BlockTiles(const Blocks<scalar_t>& b, int64_t dm) : bl(b), dmax(dm) {
+  // dq: codes' dequantisation (base row, then step row, D each, global columns) or null
+  BlockTiles(const Blocks<scalar_t>& b, int64_t dm, const acc_t* dq, int64_t D) : bl(b), dmax(dm) {
     for (size_t i = 0; i < b.ptr.size(); ++i) {
       const int64_t w = std::max<int64_t>(0, std::min(dm, b.c1[i]) - b.c0[i]);
       tiles.push_back({b.ptr[i], b.ld[i], w, {}});
+      if (dq != nullptr) {
+        tiles.back().base = dq + b.c0[i];
+        tiles.back().step = dq + D + b.c0[i];
+      }
     }
     rows.resize(b.ptr.size());
     ld.resize(b.ptr.size());
@@ -119,11 +124,14 @@ inline void admit_row(const acc_t* __restrict__ dots, int64_t nt, int64_t n0, bo
   }
 }
 
-template <typename acc_t, int NB>
-void direct_tile(const std::vector<const acc_t*>& rows, const std::vector<int64_t>& ld, int64_t nt, int64_t n0,
+// rows: the tile's rows per block, in the compute type (x_t = acc_t), or the raw int8 / uint8
+// codes (x_t = the code type, acc_t = float) dequantised in registers with dq (base row, then step
+// row, D each, global columns).
+template <typename x_t, typename acc_t, int NB>
+void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>& ld, int64_t nt, int64_t n0,
                  const acc_t* q, int64_t D, const MatryoshkaShape& s, const std::vector<std::vector<Piece>>& pieces,
-                 const std::vector<int64_t>& row_bytes, const acc_t* qinv, const acc_t* given_inv, acc_t* hs,
-                 int64_t* hi, int64_t k) {
+                 const std::vector<int64_t>& row_bytes, const acc_t* qinv, const acc_t* given_inv, const acc_t* dq,
+                 acc_t* hs, int64_t* hi, int64_t k) {
   const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
   constexpr int64_t kAhead = 8;
   for (int64_t r = 0; r < nt; ++r) {
@@ -138,7 +146,12 @@ void direct_tile(const std::vector<const acc_t*>& rows, const std::vector<int64_
       for (const Piece& pc : pieces[p]) {
         const acc_t* qr[NB];
         for (int b = 0; b < NB; ++b) qr[b] = q + b * D + pc.qoff;
-        mat::seg_dot_sq<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, dots, sq);
+        if constexpr (std::is_same_v<x_t, acc_t>) {
+          mat::seg_dot_sq<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, dots, sq);
+        } else {
+          mat::code_seg_dot_sq<x_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, dq + pc.qoff, dq + D + pc.qoff, pc.lo,
+                                        pc.hi, dots, sq);
+        }
       }
       const acc_t ix = !s.cosine ? acc_t(1) : given_inv ? given_inv[p * N + n0 + r] : mat::inv_norm_from_sq(sq);
       for (int b = 0; b < NB; ++b) {
@@ -209,10 +222,10 @@ void packed_tile(const BlockTiles<scalar_t, float>& tiles, const Blocks<scalar_t
   }
 }
 
-template <typename scalar_t>
+// dq: for int8 / uint8 codes their dequantisation (see BlockTiles), else null
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s, int64_t k,
-                 const at::opmath_type<scalar_t>* given_inv, at::Tensor& values, at::Tensor& indices) {
-  using acc_t = at::opmath_type<scalar_t>;
+                 const acc_t* given_inv, const acc_t* dq, at::Tensor& values, at::Tensor& indices) {
   const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size()), D = q_acc.size(1);
   const int64_t dmax = s.dims.back();
   const acc_t* q = q_acc.const_data_ptr<acc_t>();
@@ -225,15 +238,27 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
     const int64_t bytes = std::max<int64_t>(0, std::min(dmax, bl.c1[i]) - bl.c0[i]) * static_cast<int64_t>(sizeof(acc_t));
     row_bytes[i] = bl.ld[i] * static_cast<int64_t>(sizeof(scalar_t)) >= 2 * bytes + 256 ? bytes : 0;
   }
+  std::vector<int64_t> code_row_bytes(bl.ptr.size());  // the same for raw code rows
+  for (size_t i = 0; i < bl.ptr.size(); ++i) {
+    const int64_t bytes = std::max<int64_t>(0, std::min(dmax, bl.c1[i]) - bl.c0[i]);
+    code_row_bytes[i] = bl.ld[i] >= 2 * bytes + 256 ? bytes : 0;
+  }
   // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
   // row; otherwise (dot metric, or norms given) BLAS streams the tile (faster than our loops).
-  const bool direct = B <= kDirectMaxB && s.cosine && given_inv == nullptr;
   constexpr bool kFloatScores = std::is_same_v<acc_t, float>;
+  // codes with float scores and few queries: dequantised in registers, straight from the codes
+  constexpr bool kCodes = std::is_integral_v<scalar_t>;
+  const bool direct_codes = kCodes && kFloatScores && B <= kDirectMaxB;
+  const bool direct = direct_codes || (B <= kDirectMaxB && s.cosine && given_inv == nullptr);
   const bool packed = kFloatScores && B > kDirectMaxB;
   constexpr int64_t kPanels = 8;
-  const int64_t T = direct   ? 2048
-                    : packed ? kPanels * mat::kNR
-                             : std::clamp<int64_t>((65536 / B + 63) / 64 * 64, 256, 16384);
+  int64_t T = direct   ? 2048
+              : packed ? kPanels * mat::kNR
+                       : std::clamp<int64_t>((65536 / B + 63) / 64 * 64, 256, 16384);
+  // codes are dequantised tile by tile into a per-thread buffer: keep it within L2 (~256 KB)
+  if constexpr (kCodes) {
+    if (!packed && !direct_codes) T = std::min(T, std::clamp<int64_t>((65536 / dmax + 7) / 8 * 8, 32, 2048));
+  }
   std::vector<float> qp;  // packed query panels (packed path)
   const int64_t nqp = (B + mat::kMR - 1) / mat::kMR;
   if constexpr (kFloatScores) {
@@ -257,7 +282,7 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
       h.s.assign(slots, mat::sentinel_score<acc_t>());
       h.id.assign(slots, mat::kSentinelIndex);
     }
-    BlockTiles<scalar_t, acc_t> tiles(bl, dmax);
+    BlockTiles<scalar_t, acc_t> tiles(bl, dmax, dq, D);
     at::Tensor R;
     std::vector<acc_t> xinv;
     std::vector<float> xp;
@@ -270,13 +295,33 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
     }
     for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      if constexpr (kCodes && kFloatScores) {
+        if (direct_codes) {
+          std::vector<const scalar_t*> raw(bl.ptr.size());
+          for (size_t i = 0; i < raw.size(); ++i) raw[i] = bl.ptr[i] + n0 * bl.ld[i];
+          switch (B) {
+#define EMBEDOPS_DIRECT(NB)                                                                                    \
+  case NB:                                                                                                     \
+    direct_tile<scalar_t, acc_t, NB>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes, qinv.data(), given_inv, \
+                                     dq, h.s.data(), h.id.data(), k);                                          \
+    break;
+            EMBEDOPS_DIRECT(1)
+            EMBEDOPS_DIRECT(2)
+            EMBEDOPS_DIRECT(3)
+            EMBEDOPS_DIRECT(4)
+#undef EMBEDOPS_DIRECT
+            default: TORCH_INTERNAL_ASSERT(false);
+          }
+          continue;
+        }
+      }
       tiles.load(n0, nt);
       if (direct) {
         switch (B) {
 #define EMBEDOPS_DIRECT(NB)                                                                                   \
   case NB:                                                                                                    \
-    direct_tile<acc_t, NB>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes, qinv.data(), given_inv, \
-                           h.s.data(), h.id.data(), k);                                                       \
+    direct_tile<acc_t, acc_t, NB>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes, qinv.data(),       \
+                                  given_inv, nullptr, h.s.data(), h.id.data(), k);                             \
     break;
           EMBEDOPS_DIRECT(1)
           EMBEDOPS_DIRECT(2)
@@ -376,6 +421,22 @@ Blocks<scalar_t> make_blocks(const std::vector<at::Tensor>& ts) {
   return bl;
 }
 
+// Global columns [a, e) of row `row` into seg[a, e) as acc_t (codes dequantised with dq: base
+// row then step row, D each; null for a float corpus).
+template <typename scalar_t, typename acc_t>
+inline void gather_row(const Blocks<scalar_t>& bl, int64_t row, int64_t a, int64_t e, acc_t* seg, const acc_t* dq,
+                       int64_t D) {
+  for (size_t i = 0; i < bl.ptr.size(); ++i) {
+    const int64_t lo = std::max(a, bl.c0[i]), hi = std::min(e, bl.c1[i]);
+    const scalar_t* src = bl.ptr[i] + row * bl.ld[i] - bl.c0[i];
+    if (dq != nullptr) {
+      for (int64_t j = lo; j < hi; ++j) seg[j] = dq[j] + dq[D + j] * static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = lo; j < hi; ++j) seg[j] = static_cast<acc_t>(src[j]);
+    }
+  }
+}
+
 template <typename scalar_t>
 void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s,
                    at::IntArrayRef ks, const at::Tensor& v0, const at::Tensor& i0, at::Tensor& values,
@@ -388,13 +449,8 @@ void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Ma
   const int64_t* iin = i0.const_data_ptr<int64_t>();
   acc_t* vo = values.data_ptr<acc_t>();
   int64_t* io = indices.data_ptr<int64_t>();
-  // global columns [a, e) of row `row` into seg[a, e) as acc_t
   auto gather = [&](int64_t row, int64_t a, int64_t e, acc_t* seg) {
-    for (size_t i = 0; i < bl.ptr.size(); ++i) {
-      const int64_t lo = std::max(a, bl.c0[i]), hi = std::min(e, bl.c1[i]);
-      const scalar_t* src = bl.ptr[i] + row * bl.ld[i] - bl.c0[i];
-      for (int64_t j = lo; j < hi; ++j) seg[j] = static_cast<acc_t>(src[j]);
-    }
+    gather_row<scalar_t, acc_t>(bl, row, a, e, seg, nullptr, D);
   };
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> dot(k0), sq(k0), score(k0), dot2(k0), sq2(k0), score2(k0), seg(D);
@@ -456,12 +512,89 @@ void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Ma
   });
 }
 
+// The best k of each query's candidates at prefix s.dims[0] (any order in; best first out, the
+// order of topk.h). Parallel over queries.
+template <typename scalar_t, typename acc_t>
+void rescore_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s, const acc_t* dq,
+                    const at::Tensor& candidates, int64_t k, at::Tensor& values, at::Tensor& indices) {
+  const int64_t D = q_acc.size(1), d = s.dims[0], C = candidates.size(1);
+  const acc_t* q = q_acc.const_data_ptr<acc_t>();
+  const int64_t* cand = candidates.const_data_ptr<int64_t>();
+  acc_t* vo = values.data_ptr<acc_t>();
+  int64_t* io = indices.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * d));
+  at::parallel_for(0, s.B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> seg(d), score(C);
+    std::vector<int64_t> order(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t* qb = q + b * D;
+      const int64_t* cb = cand + b * C;
+      acc_t qsq = 0;
+      mat::seg_sq(qb, 0, d, qsq);
+      const acc_t iq = mat::inv_norm_from_sq(qsq);
+      const acc_t* qrow[1] = {qb};
+      for (int64_t c = 0; c < C; ++c) {
+        gather_row<scalar_t, acc_t>(bl, cb[c], 0, d, seg.data(), dq, D);
+        acc_t dot = 0, sq = 0;
+        mat::seg_dot_sq<acc_t, 1>(seg.data(), qrow, 0, d, &dot, sq);
+        score[c] = s.cosine ? mat::cosine_from_dot(dot, iq, mat::inv_norm_from_sq(sq)) : dot;
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t u, int64_t v) {
+        return mat::ranks_before(score[u], cb[u], score[v], cb[v]);
+      });
+      for (int64_t j = 0; j < k; ++j) {
+        vo[b * k + j] = score[order[j]];
+        io[b * k + j] = cb[order[j]];
+      }
+    }
+  });
+}
+
+// f.template operator()<code_t, acc_t>() for int8 / uint8 codes and float / double queries
+template <typename F>
+void dispatch_codes(at::ScalarType codes, at::ScalarType acc, F&& f) {
+  const bool dbl = acc == at::kDouble;
+  if (codes == at::kChar) {
+    dbl ? f.template operator()<int8_t, double>() : f.template operator()<int8_t, float>();
+  } else {
+    TORCH_INTERNAL_ASSERT(codes == at::kByte);
+    dbl ? f.template operator()<uint8_t, double>() : f.template operator()<uint8_t, float>();
+  }
+}
+
 void topk_cpu_kernel(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
-                     int64_t k, const at::Tensor& inv, at::Tensor& values, at::Tensor& indices) {
+                     int64_t k, const at::Tensor& inv, const at::Tensor& dequant, at::Tensor& values,
+                     at::Tensor& indices) {
+  if (dequant.defined()) {
+    dispatch_codes(blocks[0].scalar_type(), q_acc.scalar_type(), [&]<typename code_t, typename acc_t>() {
+      topk_kernel<code_t, acc_t>(q_acc, make_blocks<code_t>(blocks), s, k,
+                                 inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr,
+                                 dequant.const_data_ptr<acc_t>(), values, indices);
+    });
+    return;
+  }
   EMBEDOPS_DISPATCH_FLOATING(blocks[0].scalar_type(), "matryoshka_topk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    topk_kernel<scalar_t>(q_acc, make_blocks<scalar_t>(blocks), s, k,
-                          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, values, indices);
+    topk_kernel<scalar_t, acc_t>(q_acc, make_blocks<scalar_t>(blocks), s, k,
+                                 inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, nullptr, values, indices);
+  });
+}
+
+void rescore_cpu_kernel(const at::Tensor& q_acc, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
+                        const at::Tensor& dequant, const at::Tensor& candidates, int64_t k, at::Tensor& values,
+                        at::Tensor& indices) {
+  if (dequant.defined()) {
+    dispatch_codes(blocks[0].scalar_type(), q_acc.scalar_type(), [&]<typename code_t, typename acc_t>() {
+      rescore_kernel<code_t, acc_t>(q_acc, make_blocks<code_t>(blocks), s, dequant.const_data_ptr<acc_t>(),
+                                    candidates, k, values, indices);
+    });
+    return;
+  }
+  EMBEDOPS_DISPATCH_FLOATING(blocks[0].scalar_type(), "matryoshka_rescore_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    rescore_kernel<scalar_t, acc_t>(q_acc, make_blocks<scalar_t>(blocks), s, nullptr, candidates, k, values,
+                                    indices);
   });
 }
 
@@ -477,6 +610,7 @@ void funnel_rerank_cpu_kernel(const at::Tensor& q_acc, const std::vector<at::Ten
 
 EMBEDOPS_REGISTER_CPU_KERNEL(matryoshka_topk_stub, &topk_cpu_kernel);
 EMBEDOPS_REGISTER_CPU_KERNEL(matryoshka_funnel_rerank_stub, &funnel_rerank_cpu_kernel);
+EMBEDOPS_REGISTER_CPU_KERNEL(matryoshka_rescore_stub, &rescore_cpu_kernel);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace embedops

@@ -19,6 +19,7 @@
 // query and keeps a block top-k of -distance; the same merge kernel as topk.
 
 #include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -130,7 +131,8 @@ at::Tensor corpus_tile(const std::vector<at::Tensor>& blocks, int64_t n0, int64_
 }
 
 void matryoshka_topk_cuda(const at::Tensor& q, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
-                          int64_t k, const at::Tensor& given_inv, at::Tensor& values, at::Tensor& indices) {
+                          int64_t k, const at::Tensor& given_inv, const at::Tensor& dequant, at::Tensor& values,
+                          at::Tensor& indices) {
   constexpr const char* op = "matryoshka_topk";
   const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK_VALUE(k <= kMaxKCuda, op, ": k must be <= ", kMaxKCuda, " on CUDA, got ", k,
@@ -142,6 +144,11 @@ void matryoshka_topk_cuda(const at::Tensor& q, const std::vector<at::Tensor>& bl
   const int64_t dmax = s.dims.back();
   const auto acc_opts = q.options();
   const bool copies = blocks.size() > 1 || blocks[0].scalar_type() != acc;
+  at::Tensor dq_base, dq_step;  // codes: the tile is dequantised as base + step * code
+  if (dequant.defined()) {
+    dq_base = dequant[0].narrow(0, 0, dmax);
+    dq_step = dequant[1].narrow(0, 0, dmax);
+  }
 
   at::Tensor qinv = at::empty({P, B}, acc_opts);
   if (s.cosine) launch_inv_norms(q, q.stride(0), B, s.dims, qinv, 0, B);
@@ -174,7 +181,8 @@ void matryoshka_topk_cuda(const at::Tensor& q, const std::vector<at::Tensor>& bl
       constexpr int KP = decltype(kp)::value;
       for (int64_t n0 = 0; n0 < N; n0 += T) {
         const int64_t nt = std::min(T, N - n0);
-        const at::Tensor xc = corpus_tile(blocks, n0, nt, dmax, acc);
+        at::Tensor xc = corpus_tile(blocks, n0, nt, dmax, acc);
+        if (dequant.defined()) xc = dq_base.addcmul(xc, dq_step);  // (dmax,) broadcast over the rows
         const acc_t* xinv = nullptr;
         int64_t xinv_ld = 0;
         if (s.cosine) {
@@ -433,8 +441,54 @@ void matryoshka_funnel_rerank_cuda(const at::Tensor& q, const std::vector<at::Te
   });
 }
 
+// ---- matryoshka_rescore -------------------------------------------------------------------------
+//
+// A few candidates per query (the later stages of a compressed funnel): gathered with ATen into a
+// (B, C, d) tile, dequantised, scored with one batched GEMV, ranked by three stable sorts (index
+// ascending, then score descending with NaN as -inf, then NaN last): the order of topk.h.
+
+// inv_norm_from_sq (topk.h) elementwise
+at::Tensor inv_norms_from_sq(const at::Tensor& sq) {
+  return sq.rsqrt().masked_fill(sq == 0, 0).masked_fill(~sq.isfinite(), std::numeric_limits<double>::quiet_NaN());
+}
+
+void matryoshka_rescore_cuda(const at::Tensor& q, const std::vector<at::Tensor>& blocks, const MatryoshkaShape& s,
+                             const at::Tensor& dequant, const at::Tensor& candidates, int64_t k, at::Tensor& values,
+                             at::Tensor& indices) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = s.B, C = candidates.size(1), d = s.dims[0];
+  // candidates sorted by row id first, so that the stable sorts below break score ties to the lower id
+  const auto [ids, _] = candidates.sort(/*stable=*/true, 1, /*descending=*/false);
+  const at::Tensor flat = ids.reshape({-1});
+  std::vector<at::Tensor> parts;
+  for (int64_t c = 0; const at::Tensor& blk : blocks) {
+    if (c >= d) break;
+    const int64_t w = std::min(blk.size(1), d - c);
+    parts.push_back(blk.narrow(1, 0, w).index_select(0, flat));
+    c += w;
+  }
+  at::Tensor x = (parts.size() == 1 ? parts[0] : at::cat(parts, 1)).to(q.scalar_type());
+  if (dequant.defined()) x = dequant[0].narrow(0, 0, d).addcmul(x, dequant[1].narrow(0, 0, d));
+  x = x.view({B, C, d});
+  const at::Tensor qd = q.narrow(1, 0, d);
+  at::Tensor score = x.bmm(qd.unsqueeze(2)).squeeze(2);  // (B, C)
+  if (s.cosine) {
+    const at::Tensor ix = inv_norms_from_sq(x.square().sum(2));
+    const at::Tensor iq = inv_norms_from_sq(qd.square().sum(1, /*keepdim=*/true));
+    score = (score * iq * ix).masked_fill((iq == 0) | (ix == 0), 0);
+  }
+  const at::Tensor nan = score.isnan();
+  const auto [by_score, o1] =
+      score.masked_fill(nan, -std::numeric_limits<double>::infinity()).sort(/*stable=*/true, 1, /*descending=*/true);
+  const auto [nan_last, o2] = nan.gather(1, o1).to(at::kByte).sort(/*stable=*/true, 1, /*descending=*/false);
+  const at::Tensor order = o1.gather(1, o2).narrow(1, 0, k);
+  values.copy_(score.gather(1, order));
+  indices.copy_(ids.gather(1, order));
+}
+
 }  // namespace
 
+EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_rescore_stub, &matryoshka_rescore_cuda);
 EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_topk_stub, &matryoshka_topk_cuda);
 EMBEDOPS_REGISTER_CUDA_KERNEL(matryoshka_funnel_rerank_stub, &matryoshka_funnel_rerank_cuda);
 EMBEDOPS_REGISTER_CUDA_KERNEL(hamming_topk_stub, &hamming_topk_cuda);
