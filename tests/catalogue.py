@@ -149,6 +149,23 @@ bad("embedding", "bag psw wrong dtype", TypeError, "multiplexed_embedding_bag: p
     lambda: _meb(_W, _V, _O, per_sample_weights=torch.ones(12, dtype=torch.float64)))
 bad("embedding", "bag op bad mode string", ValueError, "multiplexed_embedding_bag: mode must be")(
     lambda: torch.ops.embedops.multiplexed_embedding_bag(_W, _V, _O, [1], "concat", "median", None, 0, True))
+_QTAB = embedops.quantize_table(_W, "int8")  # (50, 16) uint8 row-quantised table, D = 8
+bad("embedding", "bag int8 table <= 8 columns", ValueError,
+    "multiplexed_embedding_bag: weight is a uint8 row-quantised table .* more than 8 columns")(
+    lambda: _meb(_QTAB[:, :8].contiguous(), _V, _O))
+bad("embedding", "bag int8 table non-contiguous", ValueError,
+    "multiplexed_embedding_bag: weight \\(a uint8 row-quantised table\\) must be contiguous")(
+    lambda: _meb(torch.cat([_QTAB, _QTAB], 1)[:, :16], _V, _O))
+bad("embedding", "bag int8 table float64 psw", TypeError, "multiplexed_embedding_bag: per_sample_weights must be float32")(
+    lambda: _meb(_QTAB, _V, _O, per_sample_weights=torch.ones(12, dtype=torch.float64)))
+bad("embedding", "bag int8 table backward", TypeError,
+    "multiplexed_embedding_bag_backward: weight is a uint8 row-quantised table")(
+    lambda: torch.ops.embedops.multiplexed_embedding_bag_backward(torch.ones(5, 8), _QTAB, _V, _O, torch.empty(0, dtype=torch.long),
+                                                                  [1], "concat", "sum", None, 0, True, False))
+bad("embedding", "quantize_table int weight", TypeError, "quantize_table: weight must be float32")(
+    lambda: embedops.quantize_table(_W.long()))
+bad("embedding", "dequantize_table float table", TypeError, "dequantize_table: table must be a uint8")(
+    lambda: embedops.dequantize_table(_W))
 bad("embedding", "UnifiedEmbedding bad optimizer", ValueError, "UnifiedEmbedding: optimizer")(
     lambda: embedops.nn.UnifiedEmbedding(100, 8, features={"a": 1}, optimizer="adam"))
 bad("embedding", "UnifiedEmbedding num_rows 0", ValueError, "UnifiedEmbedding: num_rows")(
@@ -158,6 +175,14 @@ SMOKE.append(Smoke(
     "multiplexed_embedding_bag",
     lambda: _meb(_W, _V, _O, num_probes=2, mode="mean"),
     lambda: reference.multiplexed_embedding_bag(_W.double(), _V, _O, num_probes=[2], mode="mean").float(),
+    _close,
+))
+
+SMOKE.append(Smoke(
+    "multiplexed_embedding_bag int8 table",
+    lambda: _meb(_QTAB, _V, _O, num_probes=2, per_sample_weights=torch.linspace(0, 1, 12)),
+    lambda: reference.multiplexed_embedding_bag(embedops.dequantize_table(_QTAB, torch.float64), _V, _O, num_probes=[2],
+                                                per_sample_weights=torch.linspace(0, 1, 12).double()).float(),
     _close,
 ))
 

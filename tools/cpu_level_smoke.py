@@ -55,6 +55,19 @@ def main() -> int:
         want = ref.multiplexed_embedding_bag(w.double(), values, offsets, [2, 1], mode=mode)
         close(f"embedding_bag D={D} {mode}", got, want, 1e-5, 1e-5, out)
 
+    # embedding over an int8 row-quantised table: fixed-D (D = 64, sum with weights), general (D = 24,
+    # max), against the float64 reference of the exactly dequantised table
+    for D, mode in ((64, "sum"), (24, "max")):
+        table = embedops.quantize_table(torch.randn(1000, D), "int8")
+        values = torch.randint(-(2**40), 2**40, (60,))
+        offsets = torch.tensor([0, 5, 17, 17, 30, 44, 60])
+        psw = torch.rand(60) if mode == "sum" else None
+        got = embedops.multiplexed_embedding_bag(table, values, offsets, num_probes=[2, 1], mode=mode,
+                                                 per_sample_weights=psw)
+        want = ref.multiplexed_embedding_bag(embedops.dequantize_table(table, f64), values, offsets, [2, 1],
+                                             mode=mode, per_sample_weights=None if psw is None else psw.double())
+        close(f"embedding_bag int8 table D={D} {mode}", got, want, 1e-5, 1e-5, out)
+
     # matryoshka: similarity and top-k at B = 7 (packed micro kernel) and B = 3 (direct path)
     x = torch.nn.functional.normalize(torch.randn(300, 96), dim=1)
     dims = [16, 40, 96]

@@ -19,6 +19,7 @@
 namespace embedops {
 
 EMBEDOPS_DEFINE_STUB(embedding_bag_forward_stub, EmbeddingBagForwardKernel);
+EMBEDOPS_DEFINE_STUB(embedding_bag_forward_int8_stub, EmbeddingBagForwardKernel);
 EMBEDOPS_DEFINE_STUB(embedding_bag_backward_stub, EmbeddingBagBackwardKernel);
 EMBEDOPS_DEFINE_STUB(embedding_bag_update_stub, EmbeddingBagUpdateKernel);
 
@@ -38,10 +39,14 @@ std::tuple<at::Tensor, at::Tensor> forward_host(const at::Tensor& weight, const 
   const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
   const at::Tensor psw = has_psw ? per_sample_weights->contiguous() : at::Tensor();
   // (B, out_dim): tens of MB for a production batch, fresh (page-faulted) on every call
-  at::Tensor out = empty_output({L.batch, L.out_dim}, weight.options());
-  at::Tensor argmax = L.mode == PoolMode::kMax ? at::empty({L.batch, L.num_blocks * L.dim}, weight.options().dtype(at::kLong))
-                                               : at::empty({0}, weight.options().dtype(at::kLong));
-  embedding_bag_forward_stub(weight.device().type(), L, seed, w, v, offs, psw, validate, out, argmax);
+  // a uint8 weight is an int8 row-quantised table (quantized.h): float32 out, no argmax (no backward)
+  const bool quantized = weight.scalar_type() == at::kByte;
+  at::Tensor out = empty_output({L.batch, L.out_dim}, quantized ? weight.options().dtype(at::kFloat) : weight.options());
+  at::Tensor argmax = L.mode == PoolMode::kMax && !quantized
+                          ? at::empty({L.batch, L.num_blocks * L.dim}, weight.options().dtype(at::kLong))
+                          : at::empty({0}, weight.options().dtype(at::kLong));
+  const auto& stub = quantized ? embedding_bag_forward_int8_stub : embedding_bag_forward_stub;
+  stub(weight.device().type(), L, seed, w, v, offs, psw, validate, out, argmax);
   return {out, argmax};
 }
 

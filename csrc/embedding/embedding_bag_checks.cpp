@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "embedding/embedding.h"
+#include "embedding/quantized.h"
 
 namespace embedops {
 
@@ -35,10 +36,25 @@ BagLayout check_bag_args(const char* op, const at::Tensor& weight, const at::Ten
   BagLayout L;
   L.mode = parse_pool_mode(op, mode);
   L.combine = parse_combine(op, combine);
-  check_float_dtype(op, "weight", weight);
-  check_dim(op, "weight", weight, 2, "(num_rows, dim)");
+  // a uint8 weight is an int8 row-quantised table (quantized.h): (R, D + 8), forward only
+  const bool quantized = weight.scalar_type() == at::kByte;
+  TORCH_CHECK_TYPE(quantized || is_float_dtype(weight.scalar_type()), op,
+                   ": weight must be float32, float16, bfloat16 or float64 (a float table), or uint8 (an int8 "
+                   "row-quantised table, see embedops.quantize_table), got ", weight.scalar_type());
+  if (quantized) {
+    check_dim(op, "weight", weight, 2, "(num_rows, dim + 8) (a uint8 row-quantised table)");
+    TORCH_CHECK_VALUE(weight.size(1) > kInt8RowExtraBytes, op,
+                      ": weight is a uint8 row-quantised table (num_rows, dim + 8): every row holds dim codes, then "
+                      "a float32 scale and a float32 bias, so it needs more than 8 columns, got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(weight.is_contiguous(), op,
+                      ": weight (a uint8 row-quantised table) must be contiguous (its rows are fused byte records), "
+                      "got shape ", weight.sizes(), " with strides ", weight.strides(), "; call .contiguous()");
+  } else {
+    check_dim(op, "weight", weight, 2, "(num_rows, dim)");
+    TORCH_CHECK_VALUE(weight.size(1) > 0, op, ": weight must have dim > 0 columns, got shape ", weight.sizes());
+  }
   TORCH_CHECK_VALUE(weight.size(0) > 0, op, ": weight must have num_rows > 0 rows, got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) > 0, op, ": weight must have dim > 0 columns, got shape ", weight.sizes());
   check_index_dtype(op, "values", values);
   check_dim(op, "values", values, 1, "(N,)");
   check_index_dtype(op, "offsets", offsets);
@@ -63,14 +79,20 @@ BagLayout check_bag_args(const char* op, const at::Tensor& weight, const at::Ten
                     " features, got ", offsets.numel(), " entries");
   L.batch = (offsets.numel() - 1) / L.num_features;
   L.num_rows = weight.size(0);
-  L.dim = weight.size(1);
+  L.dim = quantized ? weight.size(1) - kInt8RowExtraBytes : weight.size(1);
   L.num_blocks = L.pbase[L.num_features];
   L.out_dim = (L.combine == Combine::kConcat ? L.num_blocks : L.num_features) * L.dim;
   if (per_sample_weights.has_value() && per_sample_weights->defined()) {
     const at::Tensor& w = *per_sample_weights;
     TORCH_CHECK_VALUE(L.mode == PoolMode::kSum, op, ": per_sample_weights is only supported with mode=\"sum\", got mode=\"",
                       mode, "\"");
-    check_same_dtype(op, "per_sample_weights", w, "weight", weight);
+    if (quantized) {
+      TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op,
+                       ": per_sample_weights must be float32 (the output's dtype) with a uint8 row-quantised "
+                       "weight, got ", w.scalar_type());
+    } else {
+      check_same_dtype(op, "per_sample_weights", w, "weight", weight);
+    }
     check_dim(op, "per_sample_weights", w, 1, "(N,)");
     check_size(op, "per_sample_weights", w, 0, values.numel(), "the number of values N");
     check_same_device(op, "per_sample_weights", w, "weight", weight);
@@ -97,6 +119,9 @@ BagBackwardInputs prepare_bag_backward(const char* op, const at::Tensor& grad_ou
                                        at::IntArrayRef num_probes, c10::string_view combine, c10::string_view mode,
                                        const c10::optional<at::Tensor>& per_sample_weights) {
   BagBackwardInputs in;
+  TORCH_CHECK_TYPE(weight.scalar_type() != at::kByte, op,
+                   ": weight is a uint8 row-quantised table, which is for inference only (forward); a backward or "
+                   "an optimizer update needs a float table (embedops.dequantize_table gives one)");
   in.L = check_bag_args(op, weight, values, offsets, num_probes, combine, mode, per_sample_weights);
   check_same_dtype(op, "grad_out", grad_out, "weight", weight);
   check_same_device(op, "grad_out", grad_out, "weight", weight);

@@ -28,6 +28,10 @@ using HashIdsKernel = void(const at::Tensor& v, uint64_t salt, uint64_t num_rows
 
 EMBEDOPS_DECLARE_STUB(hash_ids_stub, HashIdsKernel);
 EMBEDOPS_DECLARE_STUB(embedding_bag_forward_stub, EmbeddingBagForwardKernel);
+// The same forward over a uint8 row-quantised table (quantized.h: weight (R, D + 8), D codes then
+// the row's float32 scale and bias): out float32 (B, out_dim), psw float32 or undefined; argmax
+// is unused (empty: quantised tables have no backward).
+EMBEDOPS_DECLARE_STUB(embedding_bag_forward_int8_stub, EmbeddingBagForwardKernel);
 EMBEDOPS_DECLARE_STUB(embedding_bag_backward_stub, EmbeddingBagBackwardKernel);
 EMBEDOPS_DECLARE_STUB(embedding_bag_update_stub, EmbeddingBagUpdateKernel);
 

@@ -33,11 +33,7 @@
 #include "embedding/embedding.h"
 #include "embedding/embedding_kernels.h"
 #include "embedding/hashing.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
+#include "embedding/cpu/embedding_bag_cpu.h"
 
 // GCC's unroll-and-jam (on at -O3) fuses two ids of the id loops below and then runs the loops
 // over D scalar (measured: 3-4x slower); keep it off for this file's kernels.
@@ -49,19 +45,6 @@
 namespace embedops {
 namespace CPU_CAPABILITY {
 namespace {
-
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
-std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
-  std::vector<uint64_t> salts(L.num_blocks);
-  for (int64_t f = 0; f < L.num_features; ++f)
-    for (int64_t p = 0; p < L.probes[f]; ++p)
-      salts[L.pbase[f] + p] = hash_salt(seed, static_cast<uint32_t>(f), static_cast<uint32_t>(p));
-  return salts;
-}
 
 // ---- forward -----------------------------------------------------------------------------------
 
@@ -189,64 +172,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
 // (see stream_output). Measured on the bench's F=26 B=4096 L~5 D=64 P=1 trace, 1 thread: 15.5 ms
 // with bag-ahead hashing, 8.4 ms with this (nn.EmbeddingBag on pre-hashed ids: 9.2 ms).
 
-constexpr int64_t kHashBlockRows = 2048;
-constexpr int64_t kGatherAhead = 64;       // rows
-constexpr int64_t kPrefetchRowBytes = 256;  // of each row (longer rows: the rest on demand)
-// Outputs at least this big may be written with streaming (non-temporal) stores.
-constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
-
-// Whether to write the output with streaming stores. Each bag writes one strided D-wide piece of
-// a (B, out_dim) row, so write-allocate stores first read every line they are about to overwrite
-// (and a big output cannot stay cached anyway): streaming stores measured ~20 % faster on a
-// 26 MB output. But on pages the allocator has just mapped (glibc serves allocations above its
-// mmap threshold, 32 MB at most, from fresh mappings that the kernel zeroes on first touch)
-// they measured ~10 % slower, so they are used only when the output's first and last pages are
-// already resident (memory the allocator reuses).
-template <typename scalar_t>
-bool stream_output(const scalar_t* out, int64_t numel, int64_t row_bytes) {
-  const int64_t bytes = numel * static_cast<int64_t>(sizeof(scalar_t));
-  if (row_bytes % 64 != 0 || reinterpret_cast<uintptr_t>(out) % 64 != 0 || bytes < kStreamOutBytes) return false;
-#if defined(__linux__)
-  const long page = sysconf(_SC_PAGESIZE);
-  if (page <= 0) return false;
-  for (const char* at : {reinterpret_cast<const char*>(out), reinterpret_cast<const char*>(out) + bytes - 1}) {
-    unsigned char resident = 0;
-    void* p = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(at) & ~static_cast<uintptr_t>(page - 1));
-    if (mincore(p, 1, &resident) != 0 || (resident & 1) == 0) return false;
-  }
-  return true;
-#else
-  return false;
-#endif
-}
-
-// hash_row() for num_rows < 2^32, as 64-bit lane operations the compiler vectorises:
-// floor(h * R / 2^64) = ((h >> 32) * R + ((h mod 2^32) * R >> 32)) >> 32 exactly, and no term
-// overflows (the sum is at most 2^64 - 1). Both products are of two 32-bit values, written as such
-// so that AVX2 (which has no 64 x 64-bit vector multiply) does each in one vpmuludq.
-// Same bits as hashing.h's hash_row.
-inline int64_t hash_row_narrow(int64_t value, uint64_t salt, uint32_t num_rows) {
-  const uint64_t h = mix64(static_cast<uint64_t>(value) ^ salt);
-  const uint64_t hi = static_cast<uint64_t>(static_cast<uint32_t>(h >> 32)) * num_rows;
-  const uint64_t lo = static_cast<uint64_t>(static_cast<uint32_t>(h)) * num_rows;
-  return static_cast<int64_t>((hi + (lo >> 32)) >> 32);
-}
-
-template <typename index_t>
-void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t* salts, int64_t P,
-                     uint64_t num_rows, int64_t* __restrict__ rows) {
-  if (num_rows < (uint64_t(1) << 32)) {
-    const uint32_t r32 = static_cast<uint32_t>(num_rows);
-    for (int64_t p = 0; p < P; ++p) {
-      const uint64_t s = salts[p];
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, r32);
-    }
-  } else {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t p = 0; p < P; ++p) rows[t * P + p] = hash_row(static_cast<int64_t>(vals[t]), salts[p], num_rows);
-  }
-}
+// (kHashBlockRows, kGatherAhead, stream_output, hash_rows_block: embedding_bag_cpu.h)
 
 template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw, int kD>
 void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,

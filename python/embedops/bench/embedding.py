@@ -236,6 +236,99 @@ def _adagrad_case(device, batch, dim, mean_len, probes):
     )
 
 
+# ---- int8 row-quantised tables ----------------------------------------------------------------------
+# The same trace over an int8 row-quantised copy of the table (embedops.quantize_table: D codes +
+# float32 scale + float32 bias per row, 72 bytes at D = 64 instead of 256). Its scales and biases are
+# rounded to float16 values first, so that FBGEMM's inference TBE (which keeps them as fp16, in front
+# of the codes: 68-byte rows) holds exactly the same values. Baselines, ids pre-hashed (not timed):
+#   (c) FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen, SparseType.INT8, CPU, fp32 output;
+#   (d) torch.ops.quantized.embedding_bag_byte_rowwise_offsets: PyTorch's 8-bit row-wise bag (FBGEMM's
+#       EmbeddingSpMDM kernels) on exactly our bytes, rows in (b, f, p) order;
+#   (e) our float op on the dequantised float32 table (what int8 saves: bandwidth).
+# Bytes: every looked-up row once (N * P * (D + 8)) + the float32 output.
+
+
+def _fp16_exact_int8_table(weight: torch.Tensor) -> torch.Tensor:
+    """quantize_table(weight) with every scale and bias rounded to a float16 value (kept as float32)."""
+    t = embedops.quantize_table(weight, "int8")
+    d = t.shape[1] - 8
+    sb = t[:, d:].contiguous().view(torch.float32).half().float()
+    t[:, d:] = sb.contiguous().view(torch.uint8)
+    return t
+
+
+def _fbgemm_int8_tbe(d: _Bags, table: torch.Tensor):
+    """FBGEMM's CPU inference TBE over one INT8 table holding table's values; (module, indices,
+    offsets) with ids pre-hashed, or (None, reason)."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+    except Exception as e:  # ImportError, or a build that does not load with this torch
+        return None, f"fbgemm_gpu not importable ({type(e).__name__}: {str(e)[:80]})"
+    if d.device != "cpu":
+        return None, "the FBGEMM baseline here is its CPU TBE"
+    nf, batch, probes = d.nf, d.batch, d.probes[0]
+    bounds = d.offsets[:: batch].tolist()
+    lengths = d.offsets.diff().view(nf, batch)
+    idx, lens = [], []
+    for f in range(nf):
+        for p in range(probes):  # virtual feature f * P + p: our columns (f * P + p) * D
+            idx.append(embedops.hash_ids(d.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
+                                         num_rows=d.num_rows, seed=d.seed))
+            lens.append(lengths[f])
+    indices = torch.cat(idx).int()
+    offsets = torch.nn.functional.pad(torch.cat(lens).cumsum(0), (1, 0)).int()
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[("table", d.num_rows, d.dim, SparseType.INT8, EmbeddingLocation.HOST)],
+        feature_table_map=[0] * (nf * probes), pooling_mode=PoolingMode.SUM, device="cpu",
+        output_dtype=SparseType.FP32)
+    tbe.initialize_weights()
+    codes, qparams = tbe.split_embedding_weights()[0]  # views of its (R, 4 + D) rows: fp16 scale, bias, codes
+    sb = table[:, d.dim:].contiguous().view(torch.float32).half()
+    codes.copy_(table[:, :d.dim])
+    qparams.copy_(sb.contiguous().view(torch.uint8))
+    return tbe, indices, offsets
+
+
+def _int8_forward_case(device, batch, dim, mean_len, probes):
+    d = _Bags(device, batch, dim, mean_len, probes)
+    table = _fp16_exact_int8_table(d.weight)
+    dequantised = embedops.dequantize_table(table)
+    rows, offs = d.prehashed()
+    baselines, metrics = {}, {}
+    tbe = _fbgemm_int8_tbe(d, table)
+    if tbe[0] is None:
+        metrics["fbgemm"] = "skipped: " + tbe[1]
+    else:
+        m, ind, off = tbe
+
+        def fbgemm_forward():
+            with torch.no_grad():
+                return m(ind, off)
+
+        baselines["(c) FBGEMM IntNBit TBE INT8 pre-hashed"] = fbgemm_forward
+    if hasattr(torch.ops.quantized, "embedding_bag_byte_rowwise_offsets") and device == "cpu":
+        def torch_byte_rowwise():
+            out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, rows, offs, False, 0, False, None,
+                                                                         None, True)
+            return out.view(batch, -1)
+
+        baselines["(d) torch quantized byte_rowwise pre-hashed"] = torch_byte_rowwise
+    baselines["(e) our float op, dequantised fp32 table"] = lambda: d.ours(weight=dequantised)
+    elem = d.elem
+    nbytes = d.n * probes * (dim + 8) + batch * sum(d.probes) * dim * elem
+    return Case(
+        name="int8 table fwd sum",
+        shapes=d.shapes(),
+        fn=lambda: d.ours(weight=table),
+        baselines=baselines,
+        check=_close(1e-5),
+        bytes=nbytes,
+        metrics=metrics,
+    )
+
+
 def cases(device: str, quick: bool):
     n = 1 << (20 if quick else 23)
     out = [lambda dtype=dtype: _hash_case(device, n, dtype) for dtype in (torch.int64, torch.int32)]
@@ -244,6 +337,8 @@ def cases(device: str, quick: bool):
         lambda: _forward_case(device, 4096, 64, 5, 1, fbgemm=True),  # targets: >= 0.9x (b), >= 1.2x (c)
         lambda: _backward_case(device, 4096, 64, 5, 2),  # target: >= 1.5x (a)
         lambda: _adagrad_case(device, 4096, 64, 5, 2),  # targets: >= 2x dense + optim.Adagrad, >= 1.5x FBGEMM
+        lambda: _int8_forward_case(device, 4096, 64, 5, 2),  # target: >= 1x (c) FBGEMM
+        lambda: _int8_forward_case(device, 4096, 64, 5, 1),  # target: >= 1x (c) FBGEMM
     ]
     if not quick:
         out += [
