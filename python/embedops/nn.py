@@ -355,6 +355,20 @@ class UnifiedEmbedding(torch.nn.Module):
         return (f"num_rows={self.num_rows}, dim={self.dim}, features={self.features}, combine={self.combine!r}, "
                 f"mode={self.mode!r}, optimizer={self.optimizer!r}, lr={self.lr}, seed={self.seed}")
 
+    def quantized(self, precision: str = "int8") -> "QuantizedUnifiedEmbedding":
+        """An inference copy of this module with a compressed table: :class:`QuantizedUnifiedEmbedding`.
+
+        ``precision``: ``"int8"`` (row-wise int8 in FBGEMM's fused layout, see
+        :func:`embedops.quantize_table`: D + 8 bytes a row, every element within half its row's
+        step ``(max - min) / 255``), ``"fp16"`` or ``"bf16"`` (the table rounded to that dtype).
+        The copy has the same features, combine, mode, seed and forward inputs, returns this
+        module's dtype, has no parameters and no gradient; this module is not modified.
+        """
+        return QuantizedUnifiedEmbedding(self.num_rows, self.dim, self.features, combine=self.combine,
+                                         mode=self.mode, seed=self.seed, validate=self.validate,
+                                         precision=precision, weight=self.weight.detach(),
+                                         out_dtype=self.weight.dtype, device=self.weight.device)
+
     @staticmethod
     def _jagged(op: str, name: str, x):
         """(values, offsets) of one jagged input given as a tuple or a dict."""
@@ -377,8 +391,9 @@ class UnifiedEmbedding(torch.nn.Module):
                 raise ValueError(f"{op}: {name} {what} must be 1-D, got shape {tuple(t.shape)}")
         return values, offsets
 
-    def _flatten(self, x, per_sample_weights):
-        op = "UnifiedEmbedding"
+    def _flatten(self, x, per_sample_weights, op: str = "UnifiedEmbedding"):
+        if _is_kjt(x):
+            x, per_sample_weights = _from_kjt(op, x, per_sample_weights, self.features)
         if isinstance(x, Mapping) and set(x) - {"values", "offsets", "lengths"}:
             missing = [n for n in self.features if n not in x]
             extra = [n for n in x if n not in self.features]
@@ -416,16 +431,158 @@ class UnifiedEmbedding(torch.nn.Module):
             raise TypeError(f"{op}: per_sample_weights must be a tensor for a flat input")
         return values, offsets, per_sample_weights
 
-    def forward(self, x, per_sample_weights=None) -> torch.Tensor:
+    def forward(self, x, per_sample_weights=None, *, keyed_tensor: bool = False):
+        """``keyed_tensor=True`` returns a ``torchrec.KeyedTensor`` (keys: the features, each its
+        block of columns) instead of the (B, out_dim) tensor; ``x`` may also be a
+        ``torchrec.KeyedJaggedTensor`` (its keys: the module's features, its weights: the
+        per-sample weights). torchrec is imported only for these."""
         values, offsets, psw = self._flatten(x, per_sample_weights)
         if self.optimizer is None or not torch.is_grad_enabled():
             out, _ = torch.ops.embedops.multiplexed_embedding_bag(
                 self.weight, values, offsets, self.num_probes, self.combine, self.mode, psw, self.seed,
                 self.validate)
-            return out
-        cfg = (self.num_probes, self.combine, self.mode, self.seed, self.validate, self.optimizer, self.lr,
-               self.eps)
-        return FusedEmbeddingBagUpdate.apply(self.weight, self.momentum, values, offsets, psw, cfg)
+        else:
+            cfg = (self.num_probes, self.combine, self.mode, self.seed, self.validate, self.optimizer, self.lr,
+                   self.eps)
+            out = FusedEmbeddingBagUpdate.apply(self.weight, self.momentum, values, offsets, psw, cfg)
+        return _keyed_tensor(self, out) if keyed_tensor else out
+
+
+def _is_kjt(x) -> bool:
+    """A torchrec.KeyedJaggedTensor, recognised without importing torchrec."""
+    return type(x).__name__ == "KeyedJaggedTensor" and type(x).__module__.startswith("torchrec")
+
+
+def _from_kjt(op: str, kjt, per_sample_weights, features):
+    """A KeyedJaggedTensor as the module's dict input ({name: {"values", "offsets"}}) plus its weights."""
+    keys = list(kjt.keys())
+    missing = [n for n in features if n not in keys]
+    extra = [n for n in keys if n not in features]
+    if missing or extra:
+        raise ValueError(f"{op}: the KeyedJaggedTensor's keys must be exactly the features {list(features)}; "
+                         f"missing {missing}, unknown {extra}")
+    if getattr(kjt, "variable_stride_per_key", lambda: False)():
+        raise ValueError(f"{op}: a KeyedJaggedTensor with a variable batch size per key is not supported")
+    weights = kjt.weights_or_none()
+    if weights is not None and per_sample_weights is not None:
+        raise ValueError(f"{op}: the KeyedJaggedTensor has weights; do not pass per_sample_weights too")
+    values, offsets = kjt.values(), kjt.offsets()
+    if offsets.dim() != 1 or offsets.numel() != len(keys) * kjt.stride() + 1:
+        raise ValueError(f"{op}: KeyedJaggedTensor offsets have shape {tuple(offsets.shape)}, expected "
+                         f"(len(keys) * stride + 1,) = ({len(keys) * kjt.stride() + 1},)")
+    B = kjt.stride()
+    x, psw = {}, ({} if weights is not None else per_sample_weights)
+    for i, name in enumerate(keys):
+        a, e = int(offsets[i * B]), int(offsets[(i + 1) * B])
+        x[name] = (values[a:e], offsets[i * B: (i + 1) * B + 1] - offsets[i * B])
+        if weights is not None:
+            psw[name] = weights[a:e]
+    return x, psw
+
+
+def _keyed_tensor(module, out: torch.Tensor):
+    """(B, out_dim) output -> torchrec.KeyedTensor, one key per feature."""
+    try:
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+    except ImportError as e:
+        raise ImportError(f"{type(module).__name__}: keyed_tensor=True needs torchrec (pip install "
+                          f"'embedops[torchrec]'): {e}") from None
+    per_key = [p * module.dim if module.combine == "concat" else module.dim for p in module.features.values()]
+    return KeyedTensor(keys=list(module.features), length_per_key=per_key, values=out, key_dim=1)
+
+
+_PRECISIONS = {"int8": torch.uint8, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class QuantizedUnifiedEmbedding(torch.nn.Module):
+    """Inference-only UnifiedEmbedding with an int8 row-quantised, fp16 or bf16 table.
+
+    Usually made with :meth:`UnifiedEmbedding.quantized`. The forward takes exactly the inputs of
+    :class:`UnifiedEmbedding` (dict of jagged features, flat ``(values, offsets)``, ``lengths``,
+    a TorchRec KeyedJaggedTensor, ``keyed_tensor=True``) and hashes ids the same way, so it
+    replaces a trained module in a serving path.
+
+    Args:
+        num_rows, dim, features, combine, mode, seed, validate: as :class:`UnifiedEmbedding`.
+        precision: ``"int8"``: the buffer ``weight`` is a (R, D + 8) uint8 table in FBGEMM's
+            fused row layout (D codes, float32 scale, float32 bias per row; see
+            :func:`embedops.quantize_table`), looked up with float32 accumulation;
+            ``"fp16"`` / ``"bf16"``: ``weight`` is a (R, D) table of that dtype.
+        weight: optional (R, D) float table to compress (not modified); default zeros (load a
+            ``state_dict`` into it).
+        out_dtype: dtype of the output (default float32; :meth:`UnifiedEmbedding.quantized`
+            passes the source module's dtype). ``per_sample_weights`` may be of any float dtype.
+        device: of the table.
+
+    ``weight`` is a buffer (in ``state_dict``), not a parameter: nothing here has a gradient.
+    Returns: (B, out_dim) tensor of ``out_dtype`` (or a KeyedTensor with ``keyed_tensor=True``).
+    """
+
+    def __init__(self, num_rows: int, dim: int, features: Mapping[str, int], *, combine: str = "concat",
+                 mode: str = "sum", seed: int = 0, validate: bool = True, precision: str = "int8",
+                 weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        op = "QuantizedUnifiedEmbedding"
+        # the configuration checks of UnifiedEmbedding, on a (1, 1) stand-in table
+        cfg = UnifiedEmbedding(1, dim, features, combine=combine, mode=mode, seed=seed, validate=validate)
+        num_rows = check_int(op, "num_rows", num_rows)
+        if num_rows <= 0:
+            raise ValueError(f"{op}: num_rows must be > 0, got {num_rows}")
+        if precision not in _PRECISIONS:
+            raise ValueError(f"{op}: precision must be 'int8', 'fp16' or 'bf16', got {precision!r}")
+        if out_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{op}: out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
+        self.num_rows, self.dim = num_rows, cfg.dim
+        self.features = dict(cfg.features)
+        self.combine, self.mode, self.seed, self.validate = cfg.combine, cfg.mode, cfg.seed, cfg.validate
+        self.precision, self.out_dtype = precision, out_dtype
+        table_dtype = _PRECISIONS[precision]
+        if weight is None:
+            cols = self.dim + 8 if precision == "int8" else self.dim
+            table = torch.zeros(num_rows, cols, dtype=table_dtype, device=device)
+        else:
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+            if tuple(weight.shape) != (num_rows, self.dim):
+                raise ValueError(f"{op}: weight must have shape (num_rows, dim) = ({num_rows}, {self.dim}), got "
+                                 f"{tuple(weight.shape)}")
+            w = weight.detach().to(device) if device is not None else weight.detach()
+            if precision == "int8":
+                from .embedding import quantize_table
+
+                table = quantize_table(w, "int8")
+            else:
+                table = w.to(table_dtype, copy=True).contiguous()
+        self.register_buffer("weight", table)
+
+    # the input handling of UnifiedEmbedding (same features, same forms)
+    _jagged = staticmethod(UnifiedEmbedding._jagged)
+
+    @property
+    def num_probes(self) -> list[int]:
+        return list(self.features.values())
+
+    @property
+    def out_dim(self) -> int:
+        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
+        return blocks * self.dim
+
+    def extra_repr(self) -> str:
+        return (f"num_rows={self.num_rows}, dim={self.dim}, features={self.features}, precision={self.precision!r}, "
+                f"combine={self.combine!r}, mode={self.mode!r}, seed={self.seed}, out_dtype={self.out_dtype}")
+
+    def forward(self, x, per_sample_weights=None, *, keyed_tensor: bool = False):
+        values, offsets, psw = UnifiedEmbedding._flatten(self, x, per_sample_weights, op="QuantizedUnifiedEmbedding")
+        if psw is not None:
+            if not isinstance(psw, torch.Tensor) or not psw.is_floating_point():
+                raise TypeError("QuantizedUnifiedEmbedding: per_sample_weights must be a float tensor")
+            psw = psw.detach().to(torch.float32 if self.precision == "int8" else self.weight.dtype)
+        with torch.no_grad():
+            out, _ = torch.ops.embedops.multiplexed_embedding_bag(
+                self.weight, values, offsets, self.num_probes, self.combine, self.mode, psw, self.seed,
+                self.validate)
+        out = out.to(self.out_dtype)
+        return _keyed_tensor(self, out) if keyed_tensor else out
 
 
 # ---- end embedding -----------------------------------------------------------------------------

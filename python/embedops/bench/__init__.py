@@ -11,7 +11,7 @@ import importlib
 from .core import Case, assert_close, run
 
 # family name -> module; run in this order
-FAMILIES = ["embedding", "matryoshka", "compressed", "attention", "integrations"]
+FAMILIES = ["embedding", "matryoshka", "compressed", "attention", "integrations", "distributed"]
 
 
 def load_family(name: str):
