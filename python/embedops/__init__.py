@@ -10,11 +10,11 @@ import torch  # noqa: F401  (must be imported before the native extension)
 
 from ._load import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd registrations)
-from .embedding import hash_ids, lengths_to_offsets, multiplexed_embedding_bag
+from .embedding import dequantize_table, hash_ids, lengths_to_offsets, multiplexed_embedding_bag, quantize_table
 from .attention import co_attention, cross_attention, cross_attention_varlen, mixture_attention
 from .matryoshka import matryoshka_funnel, matryoshka_inv_norms, matryoshka_similarity, matryoshka_topk
 from .search import MatryoshkaIndex
-from .compressed import hamming_topk, quantize_embeddings
+from .compressed import hamming_topk, int8_topk, quantize_embeddings
 from . import nn  # noqa: F401  (embedops.nn.CrossAttention, CoAttention, UnifiedEmbedding, ...)
 
 __version__ = _C.build_info()["version"]
@@ -39,8 +39,8 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info", "__version__",
-    "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag",
+    "hash_ids", "lengths_to_offsets", "multiplexed_embedding_bag", "quantize_table", "dequantize_table",
     "cross_attention", "cross_attention_varlen", "co_attention", "mixture_attention",
     "MatryoshkaIndex", "matryoshka_funnel", "matryoshka_inv_norms", "matryoshka_similarity", "matryoshka_topk",
-    "hamming_topk", "quantize_embeddings",
+    "hamming_topk", "int8_topk", "quantize_embeddings",
 ]

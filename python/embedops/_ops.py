@@ -22,7 +22,9 @@ def _bag_out_shape(weight, offsets, num_probes, combine):
     f = len(num_probes)
     batch = (offsets.shape[0] - 1) // f
     blocks = sum(num_probes) if combine == "concat" else f
-    return batch, blocks * weight.shape[1]
+    # a uint8 weight is an int8 row-quantised table (R, D + 8): D codes, float32 scale and bias
+    dim = weight.shape[1] - 8 if weight.dtype == torch.uint8 else weight.shape[1]
+    return batch, blocks * dim
 
 
 @torch.library.register_fake("embedops::multiplexed_embedding_bag")
@@ -30,6 +32,10 @@ def _meb_fake(weight, values, offsets, num_probes, combine="concat", pooling="su
               seed=0, validate=True):
     torch._check(len(num_probes) > 0, lambda: "multiplexed_embedding_bag: num_probes must not be empty")
     batch, cols = _bag_out_shape(weight, offsets, num_probes, combine)
+    if weight.dtype == torch.uint8:  # int8 row-quantised table: float32 out, no argmax (forward only)
+        torch._check(weight.shape[1] > 8, lambda: "multiplexed_embedding_bag: a uint8 row-quantised weight "
+                     "(num_rows, dim + 8) needs more than 8 columns")
+        return weight.new_empty((batch, cols), dtype=torch.float32), weight.new_empty((0,), dtype=torch.int64)
     out = weight.new_empty((batch, cols))
     if pooling == "max":
         argmax = weight.new_empty((batch, sum(num_probes) * weight.shape[1]), dtype=torch.int64)
@@ -87,6 +93,9 @@ class FusedEmbeddingBagUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, state, values, offsets, per_sample_weights, cfg):
         num_probes, combine, mode, seed, validate, optimizer, lr, eps = cfg
+        if weight.dtype == torch.uint8:
+            raise TypeError("FusedEmbeddingBagUpdate: weight is a uint8 row-quantised table, which is for inference "
+                            f"only; the fused {optimizer} update needs a float table (embedops.dequantize_table)")
         with torch.no_grad():
             out, argmax = torch.ops.embedops.multiplexed_embedding_bag(
                 weight, values, offsets, num_probes, combine, mode, per_sample_weights, seed, validate)
@@ -202,6 +211,18 @@ torch.library.register_autograd("embedops::matryoshka_similarity", _matryoshka_s
 def _hamming_topk_fake(query_codes, corpus_codes, k, nbits=-1):
     return (query_codes.new_empty((query_codes.shape[0], k), dtype=torch.int32),
             query_codes.new_empty((query_codes.shape[0], k), dtype=torch.int64))
+
+
+@torch.library.register_fake("embedops::int8_topk")
+def _int8_topk_fake(queries, blocks, ranges, k, dims, metric="dot", corpus_inv_norms=None):
+    shape = (len(dims), queries.shape[0], k)
+    return (queries.new_empty(shape, dtype=_mat_acc_dtype(queries)), queries.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.register_fake("embedops::matryoshka_rescore")
+def _matryoshka_rescore_fake(queries, blocks, candidates, k, dim, metric="cosine", ranges=None):
+    shape = (queries.shape[0], k)
+    return (queries.new_empty(shape, dtype=_mat_acc_dtype(queries)), queries.new_empty(shape, dtype=torch.int64))
 
 
 # ---- attention ---------------------------------------------------------------------------------

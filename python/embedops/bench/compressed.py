@@ -52,6 +52,205 @@ def _hamming_case(device: str, n: int, b: int, nbits: int, k: int = 10) -> Case:
     )
 
 
+# ---- int8 scans and binary -> int8 funnels (issue #14) -------------------------------------------------
+#
+# Synthetic Matryoshka-like corpus of bench/matryoshka.py (D = 768, variance decaying along the
+# dimensions, unit norm; the last corpus is shared with that family's cache). The embedops side uses
+#   embedops.int8_topk(queries, codes, k, ranges=, dim=)           float queries . int8 codes
+#   embedops.MatryoshkaIndex(D, codes=("binary", "int8"), keep_float=False, calibration_embeddings=)
+#       .funnel_search(q, k, stages=[("binary", bits, shortlist), ("int8", D, k)])
+# and the builders are left out (with a message on stderr) while the build lacks them.
+
+_RECALL_QUERIES = 256  # recall@10 is measured on this many queries (not the timed batch)
+_FUNNEL_STAGES = ((256, 200), (128, 400))  # (bit prefix, shortlist) of the binary stage
+_K_FACTORS = (2, 4, 5, 8, 10, 16, 20, 32, 40, 64, 100)
+_SHARED: dict = {}
+
+
+def _has_int8_topk() -> bool:
+    return hasattr(embedops, "int8_topk")
+
+
+def _has_code_index() -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(embedops.MatryoshkaIndex).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "codes" in params and "keep_float" in params
+
+
+def _int8_codes(x: torch.Tensor):
+    """(int8 codes (n, D), ranges (2, D)) of the corpus, sentence-transformers' scheme; cached."""
+    key = ("i8", x.data_ptr(), x.shape[0])
+    if _SHARED.get("i8key") != key:
+        _SHARED.pop("i8", None)
+        ranges = torch.stack([x.amin(0), x.amax(0)])
+        codes = torch.empty(x.shape, dtype=torch.int8)
+        for s in range(0, x.shape[0], 65536):
+            codes[s:s + 65536] = embedops.quantize_embeddings(x[s:s + 65536], "int8", ranges=ranges)
+        _SHARED["i8"], _SHARED["i8key"] = (codes, ranges), key
+    return _SHARED["i8"]
+
+
+def _exact_truth(x: torch.Tensor, k: int = 10):
+    """Queries for recall and their exact float32 full-D top-k (faiss knn, inner product); cached."""
+    from .matryoshka import data
+
+    key = ("truth", x.data_ptr(), x.shape[0], k)
+    if _SHARED.get("truthkey") != key:
+        import faiss
+
+        q, _ = data(x.shape[0], _RECALL_QUERIES)
+        _, ids = faiss.knn(q.numpy(), x.numpy(), k, faiss.METRIC_INNER_PRODUCT)
+        _SHARED["truth"], _SHARED["truthkey"] = (q, ids), key
+    return _SHARED["truth"]
+
+
+def _recall(found, truth, k: int = 10) -> float:
+    found = np.asarray(found)[:, :k]
+    return float(np.mean([len(set(f.tolist()) & set(t[:k].tolist())) / k for f, t in zip(found, truth)]))
+
+
+def _faiss_sq8(xp: np.ndarray, ranges: np.ndarray, metric, fill: bool = True):
+    """faiss IndexScalarQuantizer(QT_8bit) over xp with its per-dimension [min, max] set to ``ranges``
+    (what its min/max training would find on the whole corpus; no training copy of 1M rows)."""
+    import faiss
+
+    d = xp.shape[1]
+    sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, metric)
+    vmin, vmax = ranges[0].astype(np.float32), ranges[1].astype(np.float32)
+    faiss.copy_array_to_vector(np.concatenate([vmin, vmax - vmin]).astype(np.float32), sq.sq.trained)
+    sq.is_trained = True
+    for s in range(0, xp.shape[0] if fill else 0, 65536):
+        sq.add(np.ascontiguousarray(xp[s:s + 65536]))
+    return sq
+
+
+def _int8_scan_case(device: str, n: int, b: int, dprime: int, k: int = 10) -> Case:
+    from .matryoshka import data
+
+    q, x = data(n, b)
+    codes, ranges = _int8_codes(x)
+    qt, ct, rt = q.to(device), codes.to(device), ranges.to(device)
+    steps = (ranges[1] - ranges[0]) / 255
+    steps = torch.where(steps == 0, torch.ones_like(steps), steps)
+    baselines = {}
+    if device == "cpu":
+        import faiss
+
+        xn = x.numpy()
+        sq = _faiss_sq8(xn[:, :dprime], ranges[:, :dprime].numpy(), faiss.METRIC_INNER_PRODUCT)
+        qp = np.ascontiguousarray(q[:, :dprime].numpy())
+        baselines[f"faiss IndexScalarQuantizer QT_8bit d'={dprime}"] = lambda: sq.search(qp, k)
+
+    def check(ours, theirs):
+        s, i = (torch.as_tensor(t).cpu() for t in ours)
+        # our scores = the query . the dequantised codes of the rows we return (either rounding
+        # convention of the dequantisation: within half a step per dimension)
+        deq = (codes[i.reshape(-1), :dprime].float() + 128) * steps[:dprime] + ranges[0, :dprime]
+        ref = (deq.view(b, k, dprime) * q[:, None, :dprime]).sum(-1)
+        tol = 0.5 * (q[:, :dprime].abs() * steps[:dprime]).sum(1, keepdim=True) + 1e-4
+        if not bool(((s - ref).abs() <= tol).all()):
+            raise CheckFailed(f"int8_topk scores differ from q . dequantised codes by up to {(s - ref).abs().max():.3g}")
+        overlap = _recall(i.numpy(), np.asarray(theirs[1]), k)
+        if overlap < 0.6:  # two int8 roundings (floor vs nearest): near-ties may swap, not more
+            raise CheckFailed(f"int8_topk top-{k} shares only {overlap:.0%} with faiss SQ8's")
+
+    return Case(
+        name=f"int8_topk d'={dprime}",
+        shapes=f"B={b} N={n:,} k={k}",
+        fn=lambda: embedops.int8_topk(qt, ct, k, ranges=rt, dim=dprime),
+        baselines=baselines,
+        check=check,
+        bytes=n * dprime,
+        flops=2 * b * n * dprime,
+    )
+
+
+def _funnel_case(device: str, n: int, b: int, bits: int, shortlist: int, k: int = 10) -> Case:
+    from .matryoshka import D, data
+
+    q, x = data(n, b)
+    qr, truth = _exact_truth(x, k)
+    kw = {} if device == "cpu" else {"device": device}
+    index = embedops.MatryoshkaIndex(D, codes=("binary", "int8"), keep_float=False, calibration_embeddings=x, **kw)
+    for s in range(0, n, 131072):
+        index.add(x[s:s + 131072].to(device))
+    stages = [("binary", bits, shortlist), ("int8", D, k)]
+    qt = q.to(device)
+    ours_recall = _recall(index.funnel_search(qr.to(device), k, stages=stages)[1].cpu().numpy(), truth, k)
+    metrics = {"recall@10": ours_recall, "index_B_per_vec": index.nbytes / n}
+    baselines = {}
+    if device == "cpu":
+        import faiss
+
+        xn, qn = x.numpy(), q.numpy()
+        # IndexFlatIP.search is faiss.knn(METRIC_INNER_PRODUCT) over its vectors: the same call
+        # without a second 4*N*D-byte copy of the corpus
+        baselines["faiss IndexFlatIP exact fp32 (knn)"] = lambda: faiss.knn(qn, xn, k, faiss.METRIC_INNER_PRODUCT)
+        # the same funnel in faiss: IndexLSH without rotation and with threshold 0 = the sign bits of the
+        # first `bits` dims; refine = SQ8 over all D (L2 order = inner-product order on unit vectors)
+        lsh = faiss.IndexLSH(D, bits, False, False)
+        sq8 = _faiss_sq8(xn, torch.stack([x.amin(0), x.amax(0)]).numpy(), faiss.METRIC_L2, fill=False)
+        rf = faiss.IndexRefine(lsh, sq8)  # trained (LSH without thresholds needs none, SQ8 has its ranges);
+        # faiss's wrapper keeps lsh and sq8 alive with rf
+        for s in range(0, n, 65536):
+            rf.add(np.ascontiguousarray(xn[s:s + 65536]))
+        qrn = qr.numpy()
+        chosen, rec = None, None
+        for kf in _K_FACTORS:  # the smallest k_factor whose recall matches ours
+            rf.k_factor = kf
+            rec = _recall(rf.search(qrn, k)[1], truth, k)
+            chosen = kf
+            if rec >= ours_recall - 0.005:
+                break
+        metrics.update({"faiss_refine_recall@10": rec, "faiss_refine_k_factor": float(chosen)})
+        same = max(1, shortlist // k)  # the k_factor giving faiss our shortlist: the same work
+
+        def refine(kf):
+            def search():
+                rf.k_factor = kf
+                return rf.search(qn, k)
+            return search
+
+        baselines[f"faiss IndexRefine(IndexLSH {bits}b, SQ8) k_factor={chosen} (matched recall)"] = refine(chosen)
+        if same != chosen:
+            rf.k_factor = same
+            metrics["faiss_refine_same_shortlist_recall@10"] = _recall(rf.search(qrn, k)[1], truth, k)
+            baselines[f"faiss IndexRefine(IndexLSH {bits}b, SQ8) k_factor={same} (same shortlist)"] = refine(same)
+    return Case(
+        name=f"funnel binary[{bits}]:{shortlist} -> int8[{D}]",
+        shapes=f"B={b} N={n:,} k={k}",
+        fn=lambda: index.funnel_search(qt, k, stages=stages),
+        baselines=baselines,
+        unchecked=tuple(baselines),  # different algorithms: compared by recall (metrics), then timed
+        bytes=n * bits / 8 + b * shortlist * D,
+        metrics=metrics,
+    )
+
+
+def compressed_search_cases(device: str, quick: bool):
+    """The int8-scan and funnel builders; none (and a message) while the build lacks the API."""
+    import sys
+
+    n = 200_000 if quick else 1_000_000
+    out = []
+    if _has_int8_topk():
+        out += [lambda b=b, d=d: _int8_scan_case(device, n, b, d) for d in (384, 768) for b in (1, 64)]
+    else:
+        print("compressed: embedops.int8_topk not available in this build: int8 scan cases skipped", file=sys.stderr)
+    if _has_code_index():
+        stages = _FUNNEL_STAGES[:1] if quick else _FUNNEL_STAGES
+        out += [lambda b=b, st=st: _funnel_case(device, n, b, *st) for st in stages for b in (1, 64)]
+    else:
+        print("compressed: embedops.MatryoshkaIndex has no codes=/keep_float= in this build: funnel cases skipped",
+              file=sys.stderr)
+    return out
+
+
 def cases(device: str, quick: bool):
     n = 200_000 if quick else 1_000_000
-    return [lambda b=b, nb=nb: _hamming_case(device, n, b, nb) for nb in (256, 512, 1024) for b in (1, 64)]
+    out = [lambda b=b, nb=nb: _hamming_case(device, n, b, nb) for nb in (256, 512, 1024) for b in (1, 64)]
+    return out + compressed_search_cases(device, quick)
