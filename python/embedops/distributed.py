@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._utils import check_dims, check_int, funnel_plan, to_tensor
-from .nn import UnifiedEmbedding, _keyed_tensor
+from .nn import UnifiedEmbedding, _FeatureLayout, _keyed_tensor
 from .search import MatryoshkaIndex
 
 _ERR_CODES = {ValueError: 1, TypeError: 2, IndexError: 3}
@@ -175,7 +175,7 @@ class _Plan:
     """Everything one forward's backward needs (a plain object, carried through autograd)."""
 
 
-class ShardedUnifiedEmbedding(nn.Module):
+class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
     """:class:`embedops.nn.UnifiedEmbedding` with its (R, D) table (and Adagrad state) split over the
     W ranks of a torch.distributed process group. Collective: every rank constructs it, calls
     ``forward`` and ``backward`` the same number of times, in the same order.
@@ -269,16 +269,7 @@ class ShardedUnifiedEmbedding(nn.Module):
         self.register_buffer("momentum", torch.zeros(m_rows, dtype=state_dtype, device=device),
                              persistent=optimizer == "rowwise_adagrad")
 
-    # -- layout ----------------------------------------------------------------------------------
-
-    @property
-    def num_probes(self) -> list[int]:
-        return list(self.features.values())
-
-    @property
-    def out_dim(self) -> int:
-        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
-        return blocks * self.dim
+    # -- traffic ---------------------------------------------------------------------------------
 
     @property
     def bytes_sent(self) -> int:

@@ -264,7 +264,21 @@ def _lengths_from_padding_mask(mask, shape) -> torch.Tensor:
 _OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
 
 
-class UnifiedEmbedding(torch.nn.Module):
+class _FeatureLayout:
+    """The output layout of a module over ``features`` (name -> probes), ``dim`` and ``combine``
+    (UnifiedEmbedding and its quantised / sharded forms)."""
+
+    @property
+    def num_probes(self) -> list[int]:
+        return list(self.features.values())
+
+    @property
+    def out_dim(self) -> int:
+        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
+        return blocks * self.dim
+
+
+class UnifiedEmbedding(_FeatureLayout, torch.nn.Module):
     """Unified Embedding (feature multiplexing): many categorical features in one hashed table.
 
     Args:
@@ -341,15 +355,6 @@ class UnifiedEmbedding(torch.nn.Module):
             self.register_buffer("momentum", torch.zeros(num_rows, dtype=state_dtype, device=device))
         else:
             self.register_buffer("momentum", torch.zeros(0, dtype=state_dtype, device=device), persistent=False)
-
-    @property
-    def num_probes(self) -> list[int]:
-        return list(self.features.values())
-
-    @property
-    def out_dim(self) -> int:
-        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
-        return blocks * self.dim
 
     def extra_repr(self) -> str:
         return (f"num_rows={self.num_rows}, dim={self.dim}, features={self.features}, combine={self.combine!r}, "
@@ -494,7 +499,7 @@ def _keyed_tensor(module, out: torch.Tensor):
 _PRECISIONS = {"int8": torch.uint8, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class QuantizedUnifiedEmbedding(torch.nn.Module):
+class QuantizedUnifiedEmbedding(_FeatureLayout, torch.nn.Module):
     """Inference-only UnifiedEmbedding with an int8 row-quantised, fp16 or bf16 table.
 
     Usually made with :meth:`UnifiedEmbedding.quantized`. The forward takes exactly the inputs of
@@ -557,15 +562,6 @@ class QuantizedUnifiedEmbedding(torch.nn.Module):
 
     # the input handling of UnifiedEmbedding (same features, same forms)
     _jagged = staticmethod(UnifiedEmbedding._jagged)
-
-    @property
-    def num_probes(self) -> list[int]:
-        return list(self.features.values())
-
-    @property
-    def out_dim(self) -> int:
-        blocks = sum(self.features.values()) if self.combine == "concat" else len(self.features)
-        return blocks * self.dim
 
     def extra_repr(self) -> str:
         return (f"num_rows={self.num_rows}, dim={self.dim}, features={self.features}, precision={self.precision!r}, "

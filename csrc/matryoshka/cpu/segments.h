@@ -81,7 +81,7 @@ inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, in
 template <typename C>
 inline simd_t<float> load_codes(const C* x) {
   static_assert(std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>);
-  constexpr bool kSigned = std::is_same_v<C, int8_t>;
+  [[maybe_unused]] constexpr bool kSigned = std::is_same_v<C, int8_t>;
 #if defined(__AVX512F__)
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return (simd_t<float>)_mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));

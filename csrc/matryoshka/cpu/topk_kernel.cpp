@@ -165,6 +165,19 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
   }
 }
 
+// f(std::integral_constant<int, B>{}) for the direct path's query counts B in [1, kDirectMaxB]
+template <typename F>
+void dispatch_direct_b(int64_t B, F&& f) {
+  static_assert(kDirectMaxB == 4);
+  switch (B) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: TORCH_INTERNAL_ASSERT(false, "direct path with B = ", B);
+  }
+}
+
 // One tile of rows [n0, n0 + nt) (nt <= 8 * kNR) on the packed path: pack every block's columns
 // below dims.back() into d-major panels, then per (query panel, row panel) the prefix micro
 // kernel hands each prefix's scores straight to admission.
@@ -293,43 +306,25 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
       R = at::empty({B, T}, acc_opts);
       xinv.resize(P * T);
     }
+    std::vector<const scalar_t*> raw(bl.ptr.size());  // the tile's code rows (direct_codes)
     for (int64_t tile = next_tile.fetch_add(1); tile < ntiles; tile = next_tile.fetch_add(1)) {
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       if constexpr (kCodes && kFloatScores) {
         if (direct_codes) {
-          std::vector<const scalar_t*> raw(bl.ptr.size());
           for (size_t i = 0; i < raw.size(); ++i) raw[i] = bl.ptr[i] + n0 * bl.ld[i];
-          switch (B) {
-#define EMBEDOPS_DIRECT(NB)                                                                                    \
-  case NB:                                                                                                     \
-    direct_tile<scalar_t, acc_t, NB>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes, qinv.data(), given_inv, \
-                                     dq, h.s.data(), h.id.data(), k);                                          \
-    break;
-            EMBEDOPS_DIRECT(1)
-            EMBEDOPS_DIRECT(2)
-            EMBEDOPS_DIRECT(3)
-            EMBEDOPS_DIRECT(4)
-#undef EMBEDOPS_DIRECT
-            default: TORCH_INTERNAL_ASSERT(false);
-          }
+          dispatch_direct_b(B, [&](auto nb) {
+            direct_tile<scalar_t, acc_t, decltype(nb)::value>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes,
+                                                              qinv.data(), given_inv, dq, h.s.data(), h.id.data(), k);
+          });
           continue;
         }
       }
       tiles.load(n0, nt);
       if (direct) {
-        switch (B) {
-#define EMBEDOPS_DIRECT(NB)                                                                                   \
-  case NB:                                                                                                    \
-    direct_tile<acc_t, acc_t, NB>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes, qinv.data(),       \
-                                  given_inv, nullptr, h.s.data(), h.id.data(), k);                             \
-    break;
-          EMBEDOPS_DIRECT(1)
-          EMBEDOPS_DIRECT(2)
-          EMBEDOPS_DIRECT(3)
-          EMBEDOPS_DIRECT(4)
-#undef EMBEDOPS_DIRECT
-          default: TORCH_INTERNAL_ASSERT(false);
-        }
+        dispatch_direct_b(B, [&](auto nb) {
+          direct_tile<acc_t, acc_t, decltype(nb)::value>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes,
+                                                         qinv.data(), given_inv, nullptr, h.s.data(), h.id.data(), k);
+        });
         continue;
       }
       if constexpr (kFloatScores) {
