@@ -82,6 +82,53 @@ def test_hamming_topk_numpy_in_numpy_out_and_edges():
     assert d.shape == (0, 4)
 
 
+def blocked(x: np.ndarray, piece: int, spare_rows: int = 0) -> torch.Tensor:
+    """x (N, nbytes) as hamming_topk's blocked layout (P, N, piece), a row slice of a larger store
+    (spare_rows more rows of garbage: the kernels must follow the strides, not assume N rows)."""
+    n, nb = x.shape
+    p = nb // piece
+    store = torch.full((p, n + spare_rows, piece), 0xA5, dtype=torch.uint8)
+    store[:, :n] = torch.from_numpy(x).view(n, p, piece).transpose(0, 1)
+    return store[:, :n]
+
+
+@pytest.mark.parametrize("nbytes,piece,nbits,N,B,k", [
+    (96, 32, 256, 3000, 1, 10),    # a 256-bit prefix of 768-bit codes: one piece (the funnel's first stage)
+    (96, 32, 512, 2500, 9, 7),     # two pieces, a full query block + one
+    (128, 32, 1024, 1500, 8, 5),   # four pieces
+    (96, 32, None, 1000, 3, 12),   # 12 words over three pieces: the general path
+    (96, 32, 300, 900, 2, 9),      # a prefix ending inside the second piece, partial byte
+    (128, 64, 1024, 1700, 8, 6),   # 64-byte pieces: the 8-rows-per-step path
+    (48, 16, 384, 800, 4, 8),      # 16-byte pieces: word by word
+    (24, 8, 190, 600, 3, 600),     # 8-byte pieces, k = N
+])
+def test_hamming_topk_blocked_layout_matches_reference(device, nbytes, piece, nbits, N, B, k):
+    rng = np.random.default_rng(nbytes * 31 + piece + N)
+    q, x = codes(rng, B, nbytes), codes(rng, N, nbytes, distinct=4)  # few byte values: many ties
+    xb = blocked(x, piece, spare_rows=37).to(device)
+    d, i = embedops.hamming_topk(torch.from_numpy(q).to(device), xb, k, nbits=nbits)
+    rd, ri = ref_hamming(q, x, k, nbits or 8 * nbytes)
+    np.testing.assert_array_equal(d.cpu().numpy(), rd)
+    np.testing.assert_array_equal(i.cpu().numpy(), ri)
+    opcheck(torch.ops.embedops.hamming_topk.default, (torch.from_numpy(q[:2]).to(device), xb[:, :200], 3, -1))
+
+
+def test_hamming_topk_blocked_layout_bad_input():
+    rng = np.random.default_rng(6)
+    q, x = torch.from_numpy(codes(rng, 3, 32)), codes(rng, 50, 32)
+    with pytest.raises(ValueError,
+                       match=r"hamming_topk: blocked corpus_codes \(P=2, N, piece_bytes=16\) hold 32"):
+        embedops.hamming_topk(q[:, :24], blocked(x, 16), 3)
+    with pytest.raises(ValueError, match="hamming_topk: blocked corpus_codes .* whole 64-bit words"):
+        embedops.hamming_topk(q[:, :12], blocked(x[:, :12], 4), 3)
+    with pytest.raises(ValueError, match=r"hamming_topk: corpus_codes must have 2 dims \(N, nbytes\) or 3"
+                       ):
+        embedops.hamming_topk(q, blocked(x, 16)[None], 3)
+    # a non-contiguous piece layout is made contiguous, not misread
+    t = blocked(x, 16).transpose(1, 2).contiguous().transpose(1, 2)
+    np.testing.assert_array_equal(embedops.hamming_topk(q, t, 5)[1].numpy(), ref_hamming(q.numpy(), x, 5, 256)[1])
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda q, x: embedops.hamming_topk(q, x, 21), ValueError, "hamming_topk: k must be <= the number of corpus rows"),
     (lambda q, x: embedops.hamming_topk(q, x, -1), ValueError, "hamming_topk: k must be >= 0"),

@@ -19,11 +19,17 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> hamming_topk_host(const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
                                                      int64_t nbits) {
-  const HammingShape s = check_hamming_args("hamming_topk", queries, corpus, k, nbits);
+  // rows of unit byte stride (a blocked corpus may be a row slice of a larger store: pieces and
+  // rows keep their strides)
+  const bool strided_ok = corpus.dim() == 3 ? corpus.stride(2) == 1 && corpus.stride(1) >= corpus.size(2) &&
+                                                  corpus.stride(0) >= corpus.size(1) * corpus.stride(1)
+                                            : corpus.is_contiguous();
+  const at::Tensor x = strided_ok ? corpus : corpus.contiguous();
+  const HammingShape s = check_hamming_args("hamming_topk", queries, x, k, nbits);
   at::Tensor distances = at::empty({s.B, k}, queries.options().dtype(at::kInt));
   at::Tensor indices = at::empty({s.B, k}, queries.options().dtype(at::kLong));
   if (s.B == 0 || k == 0) return {distances, indices};
-  hamming_topk_stub(queries.device().type(), queries.contiguous(), corpus.contiguous(), s, k, distances, indices);
+  hamming_topk_stub(queries.device().type(), queries.contiguous(), x, s, k, distances, indices);
   return {distances, indices};
 }
 

@@ -44,10 +44,18 @@ at::Tensor code_dequant(const char* op, const at::Tensor& ranges, int64_t D, at:
 void check_funnel_ks(const char* op, at::IntArrayRef dims, at::IntArrayRef ks, int64_t N);
 
 // Packed binary codes (sentence-transformers' "ubinary" uint8 or "binary" int8 = ubinary - 128;
-// bit i of a vector is bit 7 - i % 8 of byte i / 8): queries (B, nbytes), corpus (N, nbytes).
+// bit i of a vector is bit 7 - i % 8 of byte i / 8): queries (B, nbytes), corpus (N, nbytes) rows,
+// or blocked (P, N, piece_bytes) with P * piece_bytes = nbytes (piece p of every row holds its
+// bytes [p * piece_bytes, (p + 1) * piece_bytes): segment-major storage, so that a bit prefix reads
+// contiguous memory). Byte j of corpus row r lies at
+//   (j / piece_bytes) * piece_stride + r * row_stride + j % piece_bytes
+// (rows: piece_bytes = nbytes, piece_stride = 0). Blocked pieces are whole 64-bit words, so a word
+// never straddles two pieces.
 struct HammingShape {
   int64_t B = 0, N = 0, nbytes = 0;
   int64_t nbits = 0;  // the compared prefix: the first nbits bits of every code
+  int64_t row_stride = 0, piece_bytes = 0, piece_stride = 0;
+  int64_t byte_offset(int64_t j) const { return (j / piece_bytes) * piece_stride + j % piece_bytes; }
 };
 
 // The compared prefix as 64-bit little-endian words, the rule both backends use: nw words, the
@@ -60,7 +68,8 @@ struct HammingWords {
 HammingWords hamming_words(const HammingShape& s);
 
 // Same dtype (uint8 or int8), device and code length; nbits in [1, 8 * nbytes] (-1: all bits);
-// k in [0, N].
+// k in [0, N]; the corpus (N, nbytes) or blocked (P, N, piece_bytes), bytes of unit stride (the
+// host makes them so). Fills the layout fields for `corpus` as it will be passed to the kernel.
 HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
                                 int64_t nbits);
 

@@ -107,17 +107,33 @@ HammingWords hamming_words(const HammingShape& s) {
 HammingShape check_hamming_args(const char* op, const at::Tensor& queries, const at::Tensor& corpus, int64_t k,
                                 int64_t nbits) {
   check_dim(op, "query_codes", queries, 2, "(B, nbytes)");
-  check_dim(op, "corpus_codes", corpus, 2, "(N, nbytes)");
+  TORCH_CHECK_VALUE(corpus.dim() == 2 || corpus.dim() == 3, op,
+                    ": corpus_codes must have 2 dims (N, nbytes) or 3 (P, N, piece_bytes: blocked), got ",
+                    corpus.dim());
   TORCH_CHECK_TYPE(queries.scalar_type() == at::kByte || queries.scalar_type() == at::kChar, op,
                    ": query_codes must be packed bits as uint8 (\"ubinary\") or int8 (\"binary\"), got ",
                    queries.scalar_type());
   check_same_dtype(op, "corpus_codes", corpus, "query_codes", queries);
   check_same_device(op, "corpus_codes", corpus, "query_codes", queries);
-  check_size(op, "corpus_codes", corpus, 1, queries.size(1), "the code length nbytes of query_codes");
   HammingShape s;
   s.B = queries.size(0);
-  s.N = corpus.size(0);
   s.nbytes = queries.size(1);
+  if (corpus.dim() == 2) {
+    check_size(op, "corpus_codes", corpus, 1, queries.size(1), "the code length nbytes of query_codes");
+    s.N = corpus.size(0);
+    s.row_stride = s.nbytes;
+    s.piece_bytes = s.nbytes;
+  } else {
+    const int64_t P = corpus.size(0), pb = corpus.size(2);
+    TORCH_CHECK_VALUE(pb >= 8 && pb % 8 == 0, op, ": blocked corpus_codes (P, N, piece_bytes) need pieces of whole ",
+                      "64-bit words (piece_bytes a multiple of 8), got piece_bytes = ", pb);
+    TORCH_CHECK_VALUE(P * pb == s.nbytes, op, ": blocked corpus_codes (P=", P, ", N, piece_bytes=", pb, ") hold ",
+                      P * pb, " bytes per code, query_codes ", s.nbytes);
+    s.N = corpus.size(1);
+    s.piece_bytes = pb;
+    s.row_stride = corpus.stride(1);
+    s.piece_stride = corpus.stride(0);
+  }
   TORCH_CHECK_VALUE(s.nbytes >= 1, op, ": codes must have at least one byte, got nbytes = 0");
   s.nbits = nbits < 0 ? 8 * s.nbytes : nbits;
   TORCH_CHECK_VALUE(nbits == -1 || (nbits >= 1 && nbits <= 8 * s.nbytes), op, ": nbits must be in [1, 8 * nbytes = ",

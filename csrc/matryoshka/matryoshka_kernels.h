@@ -35,7 +35,7 @@ using MatryoshkaFunnelRerankKernel = void(const at::Tensor& q_acc, const std::ve
                                           const MatryoshkaShape& s, at::IntArrayRef ks, const at::Tensor& v0,
                                           const at::Tensor& i0, at::Tensor& values, at::Tensor& indices);
 
-// codes with contiguous rows; distances (B, k) int32, indices (B, k) int64, nearest first (ties
+// codes in the layout of s (row_stride, piece_bytes, piece_stride: matryoshka.h); distances (B, k) int32, indices (B, k) int64, nearest first (ties
 // to the lower index); 0 < k <= N
 using HammingTopkKernel = void(const at::Tensor& queries, const at::Tensor& corpus, const HammingShape& s, int64_t k,
                                at::Tensor& distances, at::Tensor& indices);

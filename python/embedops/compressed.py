@@ -91,7 +91,11 @@ def hamming_topk(query_codes, corpus_codes, k: int, *, nbits: int | None = None)
     Args:
         query_codes: packed binary codes ``(B, nbytes)``, uint8 (``"ubinary"``) or int8
             (``"binary"``), numpy or torch (CPU or CUDA), e.g. from :func:`quantize_embeddings`.
-        corpus_codes: ``(N, nbytes)``, the same dtype and device.
+        corpus_codes: ``(N, nbytes)``, the same dtype and device; or segment-major ``(P, N,
+            piece_bytes)`` with ``P * piece_bytes = nbytes`` and ``piece_bytes`` a multiple of 8
+            (piece ``p`` of every row holds its bytes ``[p * piece_bytes, (p + 1) * piece_bytes)``;
+            any row stride: e.g. a row slice of a larger store), so that a short bit prefix reads
+            only its own pieces (:class:`MatryoshkaIndex` stores its bits so, in 32-byte pieces).
         k: results per query, ``0 <= k <= N``.
         nbits: compare the first ``nbits`` bits (dimensions) only, in ``[1, 8 * nbytes]``; any
             value (not only multiples of 8: a partial last byte compares its high bits). Default:

@@ -140,15 +140,28 @@ class MatryoshkaIndex:
             self._ranges = _ranges_from(op, c.to(self.device, torch.float32), "calibration_embeddings")
         self._n = 0
         self._cap = 0
-        self._bits = torch.empty((0, (dim + 7) // 8), dtype=torch.uint8, device=self.device)
-        self._codes8 = torch.empty((0, dim), dtype=torch.int8, device=self.device)
         # Segment-major storage on every device: one contiguous (capacity, d_i - d_{i-1}) block per
         # prefix segment, so that scanning a prefix reads contiguous memory (as fast as a dedicated
-        # prefix copy, without the copy); the _blocks ops read it on CPU and CUDA.
+        # prefix copy, without the copy); the _blocks ops read it on CPU and CUDA. The int8 codes
+        # use the same segments merged left to right into blocks of >= 256 columns (a scan pays per
+        # block and row: narrow blocks cost more than the bytes they save); the sign bits are
+        # stored in pieces of 256 bits, (P, capacity, 32)
+        # (hamming_topk's blocked layout; the last piece zero-padded; codes under 256 bits: one
+        # piece of ceil(D / 64) words), so a bit prefix reads only its own pieces.
         bounds = [0] + dims
         self._bounds = bounds
         self._blocks = [torch.empty((0, e - a), dtype=dtype, device=self.device) for a, e in zip(bounds, bounds[1:])
                         if keep_float]
+        nb = (dim + 7) // 8
+        self._piece = 32 if nb >= 32 else 8 * ((nb + 7) // 8)
+        self._bits = torch.empty((-(-nb // self._piece), 0, self._piece), dtype=torch.uint8, device=self.device)
+        b8 = [0]
+        for e in dims:
+            if e - b8[-1] >= self._INT8_BLOCK or e == dim:
+                b8.append(e)
+        self._bounds8 = b8
+        self._codes8 = [torch.empty((0, e - a), dtype=torch.int8, device=self.device)
+                        for a, e in zip(b8, b8[1:]) if "int8" in codes]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self._inv = torch.empty((len(dims), 0), dtype=acc, device=self.device)
 
@@ -185,7 +198,7 @@ class MatryoshkaIndex:
             out["float"] = n * self.dim * torch.empty((), dtype=self.dtype).element_size()
             out["inv_norms"] = n * len(self.dims) * self._inv.element_size()
         if "binary" in self.codes:
-            out["binary"] = n * self._bits.shape[1]
+            out["binary"] = n * self._bits.shape[0] * self._piece  # the stored pieces, padding included
         if "int8" in self.codes:
             out["int8"] = n * self.dim
             out["ranges"] = 0 if self._ranges is None else 2 * self.dim * 4
@@ -216,6 +229,18 @@ class MatryoshkaIndex:
     def _views(self) -> list[torch.Tensor]:
         return [b[: self._n] for b in self._blocks]
 
+    def _views8(self) -> list[torch.Tensor]:
+        return [b[: self._n] for b in self._codes8]
+
+    def _bit_rows(self) -> torch.Tensor:
+        """The packed sign bits as ``(len(self), ceil(D / 8))`` rows (a copy)."""
+        p, n, w = self._bits.shape
+        return self._bits[:, : self._n].transpose(0, 1).reshape(self._n, p * w)[:, : (self.dim + 7) // 8]
+
+    def _int8_rows(self) -> torch.Tensor:
+        """The int8 codes as ``(len(self), D)`` rows (a copy)."""
+        return torch.cat(self._views8(), dim=1)
+
     def add(self, vectors, *, show_progress_bar: bool | None = None) -> None:
         """Appends ``(n, D)`` vectors (tensor or numpy, any float dtype; converted to the index's
         dtype and device). Their per-prefix inverse norms are computed here, once. Inputs of a
@@ -233,6 +258,7 @@ class MatryoshkaIndex:
         self._add(vectors)
 
     _PROGRESS_ROWS = 1 << 20
+    _INT8_BLOCK = 256  # the narrowest int8 code block (columns), see __init__
 
     def _add(self, vectors) -> None:
         op = "MatryoshkaIndex.add"
@@ -263,9 +289,12 @@ class MatryoshkaIndex:
                 blk[self._n: need] = v[:, a:e]
             self._inv[:, self._n: need] = torch.ops.embedops.matryoshka_inv_norms(v, self.dims)
         if bits is not None:
-            self._bits[self._n: need] = bits
+            p, _, w = self._bits.shape
+            bits = torch.nn.functional.pad(bits, (0, p * w - bits.shape[1]))
+            self._bits[:, self._n: need] = bits.view(n, p, w).transpose(0, 1)
         if codes8 is not None:
-            self._codes8[self._n: need] = codes8
+            for blk, a, e in zip(self._codes8, self._bounds8, self._bounds8[1:]):
+                blk[self._n: need] = codes8[:, a:e]
         self._n = need
 
     def _reserve(self, need: int) -> None:
@@ -287,9 +316,8 @@ class MatryoshkaIndex:
         if self.keep_float:
             self._inv = grow(self._inv, 1)
         if "binary" in self.codes:
-            self._bits = grow(self._bits)
-        if "int8" in self.codes:
-            self._codes8 = grow(self._codes8)
+            self._bits = grow(self._bits, 1)
+        self._codes8 = [grow(b) for b in self._codes8]
         self._cap = cap
 
     # -- search --------------------------------------------------------------------------------
@@ -338,8 +366,7 @@ class MatryoshkaIndex:
                 raise ValueError(f"{op}: a binary search takes one prefix (an int dim), got dims {dims}")
             return self._result(*self._binary_topk(q, k, dims[0]), was_np)
         if precision == "int8":
-            v, i = torch.ops.embedops.int8_topk(q, [self._codes8[: self._n]], self._ranges_or_empty(), k, dims,
-                                                self.metric)
+            v, i = torch.ops.embedops.int8_topk(q, self._views8(), self._ranges_or_empty(), k, dims, self.metric)
         else:
             inv = self._inv_rows(dims)
             v, i = torch.ops.embedops.matryoshka_topk_blocks(q, self._views(), k, dims, self.metric, inv)
@@ -364,8 +391,11 @@ class MatryoshkaIndex:
         return torch.zeros((2, self.dim), dtype=torch.float32, device=self.device)
 
     def _binary_topk(self, q: torch.Tensor, k: int, nbits: int):
+        p, _, w = self._bits.shape
+        use = -(-nbits // (8 * w))  # the pieces holding the prefix
         qbits = quantize_embeddings(q, "ubinary")
-        return torch.ops.embedops.hamming_topk(qbits, self._bits[: self._n], k, nbits)
+        qbits = torch.nn.functional.pad(qbits, (0, p * w - qbits.shape[1]))[:, : use * w]
+        return torch.ops.embedops.hamming_topk(qbits, self._bits[:use, : self._n], k, nbits)
 
     def funnel_search(self, queries, k: int, stages: Sequence[tuple] = ((64, 200), (256, 50)),
                       dim: int | None = None):
@@ -408,8 +438,7 @@ class MatryoshkaIndex:
         if prec == "binary":
             v, i = self._binary_topk(q, kk, d)
         elif prec == "int8":
-            v, i = torch.ops.embedops.int8_topk(q, [self._codes8[: self._n]], self._ranges_or_empty(), kk, [d],
-                                                self.metric)
+            v, i = torch.ops.embedops.int8_topk(q, self._views8(), self._ranges_or_empty(), kk, [d], self.metric)
             v, i = v[0], i[0]
         else:
             v, i = torch.ops.embedops.matryoshka_topk_blocks(q, self._views(), kk, [d], self.metric,
@@ -417,7 +446,7 @@ class MatryoshkaIndex:
             v, i = v[0], i[0]
         for prec, d, kk in plan[1:]:
             if prec == "int8":
-                v, i = torch.ops.embedops.matryoshka_rescore(q, [self._codes8[: self._n]], i, kk, d, self.metric,
+                v, i = torch.ops.embedops.matryoshka_rescore(q, self._views8(), i, kk, d, self.metric,
                                                              self._ranges_or_empty())
             else:
                 v, i = torch.ops.embedops.matryoshka_rescore(q, self._views(), i, kk, d, self.metric, None)
@@ -446,9 +475,9 @@ class MatryoshkaIndex:
             parts.append(raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
         if "binary" in self.codes:
             flags |= _BINARY
-            parts.append(self._bits[: self._n].cpu().numpy().tobytes())
+            parts.append(self._bit_rows().cpu().numpy().tobytes())
         if "int8" in self.codes:
-            parts.append(self._codes8[: self._n].cpu().numpy().tobytes())
+            parts.append(self._int8_rows().cpu().numpy().tobytes())
         payload = b"".join(parts)
         header = _HEADER.pack(self.MAGIC, self.VERSION, self.dim, self._n, len(self.dims),
                               _METRIC_CODE[self.metric], _DTYPES[self.dtype], flags, zlib.crc32(payload))

@@ -1,18 +1,21 @@
 // hamming_topk on the CPU (compiled once per CPU level): XOR + popcount over 64-bit words of the
-// compared bit prefix, a bounded max-heap of the k nearest per query with an integer threshold
-// (a row that is not strictly nearer than the current k-th is rejected by one compare: rows are
-// scanned in increasing index, so an equal distance never displaces a kept, lower index).
+// compared bit prefix, the k nearest per query kept behind an integer threshold (NearSet: a row
+// that is not strictly nearer than the k-th kept is rejected by one compare: rows are scanned in
+// increasing index, so an equal distance never displaces a kept, lower index).
 //
 // Work: blocks of kQB queries x chunks of corpus rows, so a chunk's codes are loaded once per
 // query block, and B = 1 still splits the corpus over every core; each (block, chunk) task keeps
-// its own heaps, merged per query at the end (exact: the merge orders by (distance, index)). The
+// its own sets, merged per query at the end (exact: the merge orders by (distance, index)). The
 // popcount is one POPCNT per word at the avx2/avx512 levels (x86-64-v3 has POPCNT), a bit trick
 // at the default level. At the avx512 level on CPUs with VPOPCNTDQ (Ice Lake and later, Zen 4),
 // 256/512/1024-bit codes take a vector path: 8 rows' 64-byte pieces are transposed in registers
 // (8x8 64-bit words), so one VPOPCNTQ counts a word of 8 rows and the query words are broadcasts;
-// the 8 distances are compared with the threshold in one mask compare. At the avx2 level the same
-// idea on 4 rows x 4 words: a word of 4 rows per ymm, popcount by the nibble table (VPSHUFB) into
-// byte counts, summed per row by VPSADBW once per 4 rows and query.
+// the 8 distances are compared with the threshold in one mask compare. Codes of 32-byte rows (a
+// 256-bit corpus, or the pieces of a blocked corpus (P, N, 32): matryoshka.h) take 16 rows per step,
+// two rows per 64-byte load. At the avx2 level the same idea on 4 rows x 4 words: a word of 4 rows
+// per ymm, popcount by the nibble table (VPSHUFB) into byte counts, summed per row by VPSADBW once
+// per 4 rows and query. Word w of row r is read at x + r * row_stride + woff[w] (woff: the layout's
+// byte offsets of the words, matryoshka.h), so rows and blocked pieces take the same paths.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -48,27 +51,42 @@ inline uint64_t load_word(const uint8_t* p) {
 
 inline int popcount64(uint64_t w) { return __builtin_popcountll(w); }
 
-// A max-heap of the k nearest (distance, index) pairs, root = the farthest kept.
-struct NearHeap {
-  int32_t* d;
-  int64_t* id;
-  int64_t k;
+// The k nearest (distance, index) pairs of rows offered in increasing index, kept as a buffer
+// with a threshold: a row is offered only when strictly nearer than the threshold (the k-th
+// nearest at the last compaction; equal distances never displace a kept, lower index), appended
+// in O(1), and when the buffer is full it is cut back to its k nearest (nth_element, ties to the
+// lower index) and the threshold tightened. Cheaper than a heap for the large k of a funnel's
+// shortlist (k = 200..1000: a push per admitted row instead of log2 k moves), the same result.
+struct NearSet {
+  int64_t k = 0, n = 0;
+  int32_t thr = kNoDist;
+  std::vector<std::pair<int32_t, int64_t>> buf;
 
-  static bool farther(int32_t da, int64_t ia, int32_t db, int64_t ib) { return da > db || (da == db && ia > ib); }
-  void push(int32_t dist, int64_t index) {  // caller checked it is nearer than the root
-    int64_t i = 0;
-    while (true) {
-      const int64_t l = 2 * i + 1;
-      if (l >= k) break;
-      const int64_t r = l + 1;
-      const int64_t w = (r < k && farther(d[r], id[r], d[l], id[l])) ? r : l;
-      if (!farther(d[w], id[w], dist, index)) break;
-      d[i] = d[w];
-      id[i] = id[w];
-      i = w;
+  void init(int64_t k_) {
+    k = k_;
+    n = 0;
+    thr = kNoDist;
+    buf.resize(static_cast<size_t>(2 * k + 128));
+  }
+  // caller checked dist < thr; returns the (maybe tightened) threshold
+  int32_t push(int32_t dist, int64_t index) {
+    buf[n++] = {dist, index};
+    if (n == static_cast<int64_t>(buf.size())) compact();
+    return thr;
+  }
+  void compact() {
+    if (n < k) return;
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + n);
+    n = k;
+    thr = buf[k - 1].first;
+  }
+  // the kept pairs into d / id (k slots, unset slots keep their sentinels), any order
+  void write(int32_t* d, int64_t* id) {
+    if (n > k) compact();
+    for (int64_t j = 0; j < n; ++j) {
+      d[j] = buf[j].first;
+      id[j] = buf[j].second;
     }
-    d[i] = dist;
-    id[i] = index;
   }
 };
 
@@ -99,41 +117,41 @@ EMBEDOPS_VPOPCNT inline void transpose8x8(__m512i* v) {
   v[7] = _mm512_shuffle_i64x2(u[3], u[7], 0xDD);
 }
 
-// Offers the distances d[0..n) of rows row0 + i * step (increasing) to heap j.
-inline void offer(NearHeap& h, int32_t& worst, const int64_t* d, int n, int64_t row0, int64_t step) {
+// Offers the distances d[0..n) of rows row0 + i * step (increasing) to set h.
+inline void offer(NearSet& h, int32_t& worst, const int64_t* d, int n, int64_t row0, int64_t step) {
   for (int i = 0; i < n; ++i) {
     const int32_t di = static_cast<int32_t>(d[i]);
-    if (di < worst) {
-      h.push(di, row0 + i * step);
-      worst = h.d[0];
-    }
+    if (di < worst) worst = h.push(di, row0 + i * step);
   }
 }
 
-// W = 8 or 16 words (512 / 1024 bits; any row length): 8 rows per step. W = 4 (256 bits, rows of
-// exactly 32 bytes): 16 rows per step, two rows per 64-byte load (lanes: even rows in words 0-3,
-// odd rows in words 4-7 of the transposed block). Returns the first row not scanned.
-template <int W, int NQ>
-EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int64_t r0,
-                                      int64_t r1, NearHeap* heaps, int32_t* worst) {
+// kPairs = false: W = 8 or 16 words (512 / 1024 bits) in 64-byte pieces (rows, or blocked pieces of
+// a multiple of 64 bytes), 8 rows per step. kPairs = true: 32-byte rows (row_stride 32; W = 4, 8, 16
+// in pieces of 32 bytes), 16 rows per step, two rows per 64-byte load (lanes: even rows in words
+// 0-3, odd rows in words 4-7 of the transposed block). Returns the first row not scanned.
+template <int W, int NQ, bool kPairs>
+EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_stride, const int64_t* woff,
+                                      const uint64_t* qwords, int64_t r0, int64_t r1, NearSet* heaps, int32_t* worst) {
   constexpr int nq = NQ;
-  constexpr int kRowsPerStep = W == 4 ? 16 : 8;
+  constexpr int kRowsPerStep = kPairs ? 16 : 8;
+  constexpr int kPieces = kPairs ? W / 4 : W / 8;
   int64_t r = r0;
   for (; r + kRowsPerStep <= r1; r += kRowsPerStep) {
     __m512i acc[NQ], acc_odd[NQ];
     for (int j = 0; j < nq; ++j) acc[j] = acc_odd[j] = _mm512_setzero_si512();
-    for (int piece = 0; piece < (W == 4 ? 1 : W / 8); ++piece) {
+    for (int piece = 0; piece < kPieces; ++piece) {
       __m512i v[8];
       for (int i = 0; i < 8; ++i) {
-        const uint8_t* p = W == 4 ? corpus + (r + 2 * i) * row_bytes : corpus + (r + i) * row_bytes + 64 * piece;
+        const uint8_t* p = kPairs ? corpus + woff[4 * piece] + (r + 2 * i) * 32
+                                  : corpus + woff[8 * piece] + (r + i) * row_stride;
         v[i] = _mm512_loadu_si512(p);
       }
       transpose8x8(v);
       for (int j = 0; j < nq; ++j) {
         const uint64_t* q = qwords + j * W;
-        if constexpr (W == 4) {
+        if constexpr (kPairs) {
           for (int w = 0; w < 4; ++w) {
-            const __m512i qb = _mm512_set1_epi64(static_cast<long long>(q[w]));
+            const __m512i qb = _mm512_set1_epi64(static_cast<long long>(q[4 * piece + w]));
             acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(v[w], qb)));
             acc_odd[j] = _mm512_add_epi64(acc_odd[j], _mm512_popcnt_epi64(_mm512_xor_si512(v[w + 4], qb)));
           }
@@ -148,10 +166,10 @@ EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_bytes, 
     for (int j = 0; j < nq; ++j) {
       const __m512i thr = _mm512_set1_epi64(worst[j]);
       __mmask8 m = _mm512_cmplt_epi64_mask(acc[j], thr);
-      if constexpr (W == 4) m |= _mm512_cmplt_epi64_mask(acc_odd[j], thr);
+      if constexpr (kPairs) m |= _mm512_cmplt_epi64_mask(acc_odd[j], thr);
       if (m == 0) continue;
       alignas(64) int64_t d[8];
-      if constexpr (W == 4) {
+      if constexpr (kPairs) {
         alignas(64) int64_t e[8];
         _mm512_store_si512(d, acc[j]);
         _mm512_store_si512(e, acc_odd[j]);
@@ -188,8 +206,8 @@ inline __m256i popcount_bytes(__m256i v) {
 // W = 4, 8 or 16 words: 4 rows per step (row pieces of 32 bytes transposed 4x4 in registers).
 // Byte counts of up to 16 words stay below 256. Returns the first row not scanned.
 template <int W, int NQ>
-int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, int64_t r0, int64_t r1,
-                  NearHeap* heaps, int32_t* worst) {
+int64_t scan_avx2(const uint8_t* corpus, int64_t row_stride, const int64_t* woff, const uint64_t* qwords, int64_t r0,
+                  int64_t r1, NearSet* heaps, int32_t* worst) {
   constexpr int nq = NQ;
   static_assert(W % 4 == 0 && W <= 16, "byte counts must not overflow");
   int64_t r = r0;
@@ -199,7 +217,7 @@ int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwor
     for (int piece = 0; piece < W / 4; ++piece) {
       __m256i v[4];
       for (int i = 0; i < 4; ++i)
-        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corpus + (r + i) * row_bytes + 32 * piece));
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corpus + (r + i) * row_stride + woff[4 * piece]));
       const __m256i t0 = _mm256_unpacklo_epi64(v[0], v[1]), t1 = _mm256_unpackhi_epi64(v[0], v[1]);
       const __m256i t2 = _mm256_unpacklo_epi64(v[2], v[3]), t3 = _mm256_unpackhi_epi64(v[2], v[3]);
       __m256i T[4];  // T[w]: word 4 * piece + w of the 4 rows
@@ -224,8 +242,7 @@ int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwor
       for (int i = 0; i < 4; ++i) {
         const int32_t di = static_cast<int32_t>(dd[i]);
         if (di < worst[j]) {
-          heaps[j].push(di, r + i);
-          worst[j] = heaps[j].d[0];
+          worst[j] = heaps[j].push(di, r + i);
         }
       }
     }
@@ -235,28 +252,38 @@ int64_t scan_avx2(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwor
 #endif  // CPU_CAPABILITY_AVX2
 
 // Rows [r0, r1) against NQ queries (1 or kQB): W > 0 words known at compile time
-// (whole words, no mask), W == 0 the general prefix.
+// (whole words, no mask), W == 0 the general prefix. woff: the byte offsets of the prefix's words
+// in a row (HammingShape::byte_offset).
 template <int W, int NQ>
-void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, const HammingWords& pre, int64_t r0,
-          int64_t r1, NearHeap* heaps) {
+void scan(const uint8_t* corpus, const HammingShape& s, const int64_t* woff, const uint64_t* qwords,
+          const HammingWords& pre, int64_t r0, int64_t r1, NearSet* heaps) {
   constexpr int nq = NQ;
   const int64_t nw = W > 0 ? W : pre.nw;
+  const int64_t rs = s.row_stride;
   int32_t worst[NQ];
-  for (int j = 0; j < nq; ++j) worst[j] = heaps[j].d[0];
+  for (int j = 0; j < nq; ++j) worst[j] = heaps[j].thr;
+  // a vector piece (32 or 64 bytes) must lie inside one piece of the layout
+  [[maybe_unused]] const bool rows = s.piece_stride == 0 || s.piece_bytes == s.nbytes;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (W > 0) {
-    if (has_vpopcntdq() && (W != 4 || row_bytes == 32))
-      r0 = scan_vpopcnt<W, NQ>(corpus, row_bytes, qwords, r0, r1, heaps, worst);
+    if (has_vpopcntdq()) {
+      if (rs == 32 && (rows || s.piece_bytes % 32 == 0))
+        r0 = scan_vpopcnt<W, NQ, true>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
+      else if (W % 8 == 0 && (rows || s.piece_bytes % 64 == 0))
+        r0 = scan_vpopcnt<W, NQ, false>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
+    }
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (W > 0) r0 = scan_avx2<W, NQ>(corpus, row_bytes, qwords, r0, r1, heaps, worst);
+  if constexpr (W > 0) {
+    if (rows || s.piece_bytes % 32 == 0) r0 = scan_avx2<W, NQ>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
+  }
 #endif
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* x = corpus + r * row_bytes;
+    const uint8_t* x = corpus + r * rs;
     int32_t dist[NQ] = {};
     if constexpr (W > 0) {
       uint64_t xw[W];
-      for (int w = 0; w < W; ++w) xw[w] = load_word(x + 8 * w);
+      for (int w = 0; w < W; ++w) xw[w] = load_word(x + woff[w]);
       for (int j = 0; j < nq; ++j) {
         const uint64_t* q = qwords + j * W;
         int32_t acc = 0;
@@ -265,17 +292,16 @@ void scan(const uint8_t* corpus, int64_t row_bytes, const uint64_t* qwords, cons
       }
     } else {
       for (int64_t w = 0; w + 1 < nw; ++w) {
-        const uint64_t xv = load_word(x + 8 * w);
+        const uint64_t xv = load_word(x + woff[w]);
         for (int j = 0; j < nq; ++j) dist[j] += popcount64(qwords[j * nw + w] ^ xv);
       }
       uint64_t xl = 0;
-      std::memcpy(&xl, x + 8 * (nw - 1), static_cast<size_t>(pre.last_bytes));
+      std::memcpy(&xl, x + woff[nw - 1], static_cast<size_t>(pre.last_bytes));
       for (int j = 0; j < nq; ++j) dist[j] += popcount64((qwords[j * nw + nw - 1] ^ xl) & pre.last_mask);
     }
     for (int j = 0; j < nq; ++j) {
       if (dist[j] < worst[j]) {
-        heaps[j].push(dist[j], r);
-        worst[j] = heaps[j].d[0];
+        worst[j] = heaps[j].push(dist[j], r);
       }
     }
   }
@@ -287,6 +313,8 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
   const int64_t nw = pre.nw;
   const int W = (pre.last_mask == ~uint64_t(0) && 8 * nw <= s.nbytes && (nw == 4 || nw == 8 || nw == 16))
                     ? static_cast<int>(nw) : 0;
+  std::vector<int64_t> woff(static_cast<size_t>(nw));
+  for (int64_t w = 0; w < nw; ++w) woff[w] = s.byte_offset(8 * w);
   // the queries' prefix words (the last one masked)
   std::vector<uint64_t> qwords(static_cast<size_t>(s.B * nw));
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(queries.const_data_ptr());
@@ -298,7 +326,7 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
   }
   const int64_t nqb = (s.B + kQB - 1) / kQB;
   const int64_t threads = at::get_num_threads();
-  // corpus chunks: enough tasks for every core (B = 1 too), >= 4096 rows each, partial heaps
+  // corpus chunks: enough tasks for every core (B = 1 too), >= 4096 rows each, partial sets
   // bounded to ~256 MB
   int64_t chunks = std::max<int64_t>(1, (4 * threads + nqb - 1) / nqb);
   chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, s.N / 4096));
@@ -314,19 +342,16 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
       const int nq = static_cast<int>(std::min<int64_t>(kQB, s.B - q0));
       const int64_t r0 = c * chunk_rows, r1 = std::min(s.N, r0 + chunk_rows);
       if (r0 >= r1) continue;
-      NearHeap heaps[kQB];
-      for (int j = 0; j < nq; ++j) {
-        const int64_t off = (c * s.B + q0 + j) * k;
-        heaps[j] = NearHeap{pd.data() + off, pi.data() + off, k};
-      }
+      NearSet sets[kQB];
+      for (int j = 0; j < nq; ++j) sets[j].init(k);
       const uint64_t* qw = qwords.data() + q0 * nw;
       // a full block of queries shares each row's loads; the last, partial block goes query by query
       auto run = [&](auto w_tag) {
         constexpr int kW = decltype(w_tag)::value;
         if (nq == kQB) {
-          scan<kW, kQB>(xp, s.nbytes, qw, pre, r0, r1, heaps);
+          scan<kW, kQB>(xp, s, woff.data(), qw, pre, r0, r1, sets);
         } else {
-          for (int j = 0; j < nq; ++j) scan<kW, 1>(xp, s.nbytes, qw + j * nw, pre, r0, r1, heaps + j);
+          for (int j = 0; j < nq; ++j) scan<kW, 1>(xp, s, woff.data(), qw + j * nw, pre, r0, r1, sets + j);
         }
       };
       switch (W) {
@@ -335,9 +360,13 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
         case 16: run(std::integral_constant<int, 16>{}); break;
         default: run(std::integral_constant<int, 0>{}); break;
       }
+      for (int j = 0; j < nq; ++j) {
+        const int64_t off = (c * s.B + q0 + j) * k;
+        sets[j].write(pd.data() + off, pi.data() + off);
+      }
     }
   });
-  // merge the chunks' heaps per query, nearest first, ties to the lower index
+  // merge the chunks' sets per query, nearest first, ties to the lower index
   int32_t* od = distances.data_ptr<int32_t>();
   int64_t* oi = indices.data_ptr<int64_t>();
   at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {

@@ -53,27 +53,77 @@ inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
   sq += s;
 }
 
+// Vector accumulators of NB query dot products and one squared norm, kept across the pieces of
+// a prefix (the horizontal sums once per prefix, not once per piece: a prefix over many narrow
+// segment blocks would otherwise spend more on reductions than on products). Two independent
+// chains per sum for NB <= 2 (the FMA latency, not the loads, bounds one chain); one for more
+// rows (the accumulators must stay in the 16 ymm registers of the avx2 level).
+template <typename T, int NB>
+struct SegAcc {
+  static constexpr int U = NB <= 2 ? 2 : 1;
+  simd_t<T> q[NB][U];
+  simd_t<T> n[U];
+  SegAcc() { zero(); }
+  void zero() {
+    for (int u = 0; u < U; ++u) {
+      n[u] = simd_t<T>{};
+      for (int b = 0; b < NB; ++b) q[b][u] = simd_t<T>{};
+    }
+  }
+  // dots[b] += the accumulated dot products, sq += the norm; then zero
+  void flush(T* dots, T& sq) {
+    simd_t<T> nn = n[0];
+    for (int u = 1; u < U; ++u) nn += n[u];
+    sq += hsum(nn);
+    for (int b = 0; b < NB; ++b) {
+      simd_t<T> d = q[b][0];
+      for (int u = 1; u < U; ++u) d += q[b][u];
+      dots[b] += hsum(d);
+    }
+    zero();
+  }
+  // column value(j) (a vector of kLanes<T> columns from j) against the queries
+  template <typename F>
+  void run(const T* const* qr, int64_t a, int64_t e, F&& value) {
+    constexpr int L = kLanes<T>;
+    int64_t j = a;
+    if constexpr (U == 2) {
+      for (; j + 2 * L <= e; j += 2 * L) {
+        const simd_t<T> v0 = value(j), v1 = value(j + L);
+        n[0] += v0 * v0;
+        n[1] += v1 * v1;
+        for (int b = 0; b < NB; ++b) {
+          q[b][0] += loadu(qr[b] + j) * v0;
+          q[b][1] += loadu(qr[b] + j + L) * v1;
+        }
+      }
+    }
+    for (; j + L <= e; j += L) {
+      const simd_t<T> v = value(j);
+      n[0] += v * v;
+      for (int b = 0; b < NB; ++b) q[b][0] += loadu(qr[b] + j) * v;
+    }
+  }
+};
+
+// acc += the columns [a, e) of x against q[b] (vector part); the scalar tail straight into dots / sq.
+template <typename T, int NB>
+inline void seg_dot_sq_into(const T* __restrict__ x, const T* const* q, int64_t a, int64_t e, SegAcc<T, NB>& acc,
+                            T* dots, T& sq) {
+  constexpr int L = kLanes<T>;
+  acc.run(q, a, e, [&](int64_t j) { return loadu(x + j); });
+  for (int64_t j = a + (e - a) / L * L; j < e; ++j) {
+    sq += x[j] * x[j];
+    for (int b = 0; b < NB; ++b) dots[b] += q[b][j] * x[j];
+  }
+}
+
 // dots[b] += sum(q[b][a:e] * x[a:e]) for NB query rows, and sq += sum(x[a:e]^2).
 template <typename T, int NB>
 inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, int64_t e, T* dots, T& sq) {
-  constexpr int L = kLanes<T>;
-  simd_t<T> accq[NB] = {};
-  simd_t<T> accn = {};
-  int64_t j = a;
-  for (; j + L <= e; j += L) {
-    const simd_t<T> v = loadu(x + j);
-    accn += v * v;
-    for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
-  }
-  T s = hsum(accn);
-  T d[NB];
-  for (int b = 0; b < NB; ++b) d[b] = hsum(accq[b]);
-  for (; j < e; ++j) {
-    s += x[j] * x[j];
-    for (int b = 0; b < NB; ++b) d[b] += q[b][j] * x[j];
-  }
-  sq += s;
-  for (int b = 0; b < NB; ++b) dots[b] += d[b];
+  SegAcc<T, NB> acc;
+  seg_dot_sq_into<T, NB>(x, q, a, e, acc, dots, sq);
+  acc.flush(dots, sq);
 }
 
 // int8 / uint8 codes as float lanes: kLanes<float> codes of x converted (vpmovsxbd / vpmovzxbd + vcvtdq2ps)
@@ -95,30 +145,28 @@ inline simd_t<float> load_codes(const C* x) {
 #endif
 }
 
-// seg_dot_sq over int8 / uint8 codes dequantised in registers: the value of column j is
+// seg_dot_sq_into over int8 / uint8 codes dequantised in registers: the value of column j is
 // base[j] + step[j] * x[j] (x, base, step and q[b] indexed by the same column j).
+template <typename C, int NB>
+inline void code_seg_dot_sq_into(const C* __restrict__ x, const float* const* q, const float* __restrict__ base,
+                                 const float* __restrict__ step, int64_t a, int64_t e, SegAcc<float, NB>& acc,
+                                 float* dots, float& sq) {
+  constexpr int L = kLanes<float>;
+  acc.run(q, a, e, [&](int64_t j) { return loadu(base + j) + loadu(step + j) * load_codes(x + j); });
+  for (int64_t j = a + (e - a) / L * L; j < e; ++j) {
+    const float v = base[j] + step[j] * static_cast<float>(x[j]);
+    sq += v * v;
+    for (int b = 0; b < NB; ++b) dots[b] += q[b][j] * v;
+  }
+}
+
+// the same, summed: dots[b] += q[b] . values, sq += |values|^2
 template <typename C, int NB>
 inline void code_seg_dot_sq(const C* __restrict__ x, const float* const* q, const float* __restrict__ base,
                             const float* __restrict__ step, int64_t a, int64_t e, float* dots, float& sq) {
-  constexpr int L = kLanes<float>;
-  simd_t<float> accq[NB] = {};
-  simd_t<float> accn = {};
-  int64_t j = a;
-  for (; j + L <= e; j += L) {
-    const simd_t<float> v = loadu(base + j) + loadu(step + j) * load_codes(x + j);
-    accn += v * v;
-    for (int b = 0; b < NB; ++b) accq[b] += loadu(q[b] + j) * v;
-  }
-  float s = hsum(accn);
-  float d[NB];
-  for (int b = 0; b < NB; ++b) d[b] = hsum(accq[b]);
-  for (; j < e; ++j) {
-    const float v = base[j] + step[j] * static_cast<float>(x[j]);
-    s += v * v;
-    for (int b = 0; b < NB; ++b) d[b] += q[b][j] * v;
-  }
-  sq += s;
-  for (int b = 0; b < NB; ++b) dots[b] += d[b];
+  SegAcc<float, NB> acc;
+  code_seg_dot_sq_into<C, NB>(x, q, base, step, a, e, acc, dots, sq);
+  acc.flush(dots, sq);
 }
 
 // out[r] (+)= <q[0:len], x[r][0:len]>, four rows at a time (GEMV over contiguous-ish rows).

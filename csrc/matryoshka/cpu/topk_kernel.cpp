@@ -133,7 +133,7 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
                  const std::vector<int64_t>& row_bytes, const acc_t* qinv, const acc_t* given_inv, const acc_t* dq,
                  acc_t* hs, int64_t* hi, int64_t k) {
   const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
-  constexpr int64_t kAhead = 8;
+  constexpr int64_t kAhead = 24;
   for (int64_t r = 0; r < nt; ++r) {
     if (r + kAhead < nt) {
       for (size_t i = 0; i < rows.size(); ++i) {
@@ -142,17 +142,19 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
     }
     acc_t dots[NB] = {};
     acc_t sq = 0;
+    mat::SegAcc<acc_t, NB> acc;  // summed up once per prefix
     for (int64_t p = 0; p < P; ++p) {
       for (const Piece& pc : pieces[p]) {
         const acc_t* qr[NB];
         for (int b = 0; b < NB; ++b) qr[b] = q + b * D + pc.qoff;
         if constexpr (std::is_same_v<x_t, acc_t>) {
-          mat::seg_dot_sq<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, dots, sq);
+          mat::seg_dot_sq_into<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, acc, dots, sq);
         } else {
-          mat::code_seg_dot_sq<x_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, dq + pc.qoff, dq + D + pc.qoff, pc.lo,
-                                        pc.hi, dots, sq);
+          mat::code_seg_dot_sq_into<x_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, dq + pc.qoff, dq + D + pc.qoff,
+                                             pc.lo, pc.hi, acc, dots, sq);
         }
       }
+      acc.flush(dots, sq);
       const acc_t ix = !s.cosine ? acc_t(1) : given_inv ? given_inv[p * N + n0 + r] : mat::inv_norm_from_sq(sq);
       for (int b = 0; b < NB; ++b) {
         const int64_t pb = p * B + b;
@@ -254,7 +256,7 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   std::vector<int64_t> code_row_bytes(bl.ptr.size());  // the same for raw code rows
   for (size_t i = 0; i < bl.ptr.size(); ++i) {
     const int64_t bytes = std::max<int64_t>(0, std::min(dmax, bl.c1[i]) - bl.c0[i]);
-    code_row_bytes[i] = bl.ld[i] >= 2 * bytes + 256 ? bytes : 0;
+    code_row_bytes[i] = bytes;
   }
   // GEMV-shaped calls that must compute the corpus norms anyway fuse everything into one pass per
   // row; otherwise (dot metric, or norms given) BLAS streams the tile (faster than our loops).
@@ -508,38 +510,83 @@ void funnel_rerank(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Ma
 }
 
 // The best k of each query's candidates at prefix s.dims[0] (any order in; best first out, the
-// order of topk.h). Parallel over queries.
+// order of topk.h). The scores: tasks over (query, run of candidates), so that B = 1 still uses
+// every core, the rows of the candidates kAhead places ahead prefetched (the candidates are random
+// rows: the loads are DRAM latency, not bandwidth); float32 codes are dequantised in registers.
+// Then each query's best k, parallel over queries.
 template <typename scalar_t, typename acc_t>
 void rescore_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const MatryoshkaShape& s, const acc_t* dq,
                     const at::Tensor& candidates, int64_t k, at::Tensor& values, at::Tensor& indices) {
-  const int64_t D = q_acc.size(1), d = s.dims[0], C = candidates.size(1);
+  const int64_t D = q_acc.size(1), d = s.dims[0], C = candidates.size(1), B = s.B;
   const acc_t* q = q_acc.const_data_ptr<acc_t>();
   const int64_t* cand = candidates.const_data_ptr<int64_t>();
   acc_t* vo = values.data_ptr<acc_t>();
   int64_t* io = indices.data_ptr<int64_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * d));
-  at::parallel_for(0, s.B, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> seg(d), score(C);
-    std::vector<int64_t> order(C);
-    for (int64_t b = b0; b < b1; ++b) {
+  const std::vector<Piece> pieces = make_pieces(bl, {d})[0];
+  std::vector<int64_t> row_bytes(bl.ptr.size(), 0);
+  for (const Piece& pc : pieces) row_bytes[pc.blk] = (pc.hi - pc.lo) * static_cast<int64_t>(sizeof(scalar_t));
+  // runs of >= 32 candidates, >= 4 tasks per thread where the candidates allow
+  const int64_t threads = at::get_num_threads();
+  const int64_t runs = std::clamp<int64_t>((4 * threads + B - 1) / std::max<int64_t>(B, 1), 1,
+                                           std::max<int64_t>(1, C / 32));
+  const int64_t run = (C + runs - 1) / runs;
+  std::vector<acc_t> score(static_cast<size_t>(B * C));
+  std::vector<acc_t> qinv(static_cast<size_t>(B), acc_t(1));
+  if (s.cosine) {
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t qsq = 0;
+      mat::seg_sq(q + b * D, 0, d, qsq);
+      qinv[b] = mat::inv_norm_from_sq(qsq);
+    }
+  }
+  constexpr int64_t kAhead = 6;
+  at::parallel_for(0, B * runs, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> seg(static_cast<size_t>(d));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / runs, c0 = (t % runs) * run, c1 = std::min(C, c0 + run);
       const acc_t* qb = q + b * D;
       const int64_t* cb = cand + b * C;
-      acc_t qsq = 0;
-      mat::seg_sq(qb, 0, d, qsq);
-      const acc_t iq = mat::inv_norm_from_sq(qsq);
       const acc_t* qrow[1] = {qb};
-      for (int64_t c = 0; c < C; ++c) {
-        gather_row<scalar_t, acc_t>(bl, cb[c], 0, d, seg.data(), dq, D);
+      for (int64_t c = c0; c < c1; ++c) {
+        if (c + kAhead < c1) {
+          for (const Piece& pc : pieces)
+            mat::prefetch_row(bl.ptr[pc.blk] + cb[c + kAhead] * bl.ld[pc.blk] + pc.lo, row_bytes[pc.blk]);
+        }
         acc_t dot = 0, sq = 0;
-        mat::seg_dot_sq<acc_t, 1>(seg.data(), qrow, 0, d, &dot, sq);
-        score[c] = s.cosine ? mat::cosine_from_dot(dot, iq, mat::inv_norm_from_sq(sq)) : dot;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float32 / float64 rows: in place
+          mat::SegAcc<acc_t, 1> acc;
+          for (const Piece& pc : pieces) {
+            const acc_t* qr[1] = {qb + pc.qoff};
+            mat::seg_dot_sq_into<acc_t, 1>(bl.ptr[pc.blk] + cb[c] * bl.ld[pc.blk], qr, pc.lo, pc.hi, acc, &dot, sq);
+          }
+          acc.flush(&dot, sq);
+        } else if constexpr (std::is_integral_v<scalar_t> && std::is_same_v<acc_t, float>) {  // codes
+          mat::SegAcc<float, 1> acc;
+          for (const Piece& pc : pieces) {
+            const acc_t* qr[1] = {qb + pc.qoff};
+            mat::code_seg_dot_sq_into<scalar_t, 1>(bl.ptr[pc.blk] + cb[c] * bl.ld[pc.blk], qr, dq + pc.qoff,
+                                                   dq + D + pc.qoff, pc.lo, pc.hi, acc, &dot, sq);
+          }
+          acc.flush(&dot, sq);
+        } else {  // half / bfloat16 rows, or codes with float64 queries: converted first
+          gather_row<scalar_t, acc_t>(bl, cb[c], 0, d, seg.data(), dq, D);
+          mat::seg_dot_sq<acc_t, 1>(seg.data(), qrow, 0, d, &dot, sq);
+        }
+        score[b * C + c] = s.cosine ? mat::cosine_from_dot(dot, qinv[b], mat::inv_norm_from_sq(sq)) : dot;
       }
+    }
+  });
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)), [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> order(static_cast<size_t>(C));
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t* sb = score.data() + b * C;
+      const int64_t* cb = cand + b * C;
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t u, int64_t v) {
-        return mat::ranks_before(score[u], cb[u], score[v], cb[v]);
+        return mat::ranks_before(sb[u], cb[u], sb[v], cb[v]);
       });
       for (int64_t j = 0; j < k; ++j) {
-        vo[b * k + j] = score[order[j]];
+        vo[b * k + j] = sb[order[j]];
         io[b * k + j] = cb[order[j]];
       }
     }

@@ -230,17 +230,27 @@ __device__ __forceinline__ uint64_t code_word(const uint8_t* p, bool aligned) {
 }
 
 struct HammingPrefix {
-  int64_t nbytes, nw, last_bytes;  // row length; prefix words; bytes of the last word inside a row
+  int64_t nbytes, nw, last_bytes;  // code length; prefix words; bytes of the last word inside a code
   uint64_t last_mask;              // the last word's prefix bits (hamming_words, matryoshka.h)
+  int64_t row_stride, piece_bytes, piece_stride;  // the corpus layout (HammingShape, matryoshka.h)
   bool aligned;
 };
 
+// q: a query's code (contiguous); x: the start of a corpus row (its first piece)
 __device__ __forceinline__ int hamming_distance(const uint8_t* q, const uint8_t* x, const HammingPrefix& h) {
   int d = 0;
-  for (int64_t w = 0; w + 1 < h.nw; ++w) d += __popcll(code_word(q + 8 * w, h.aligned) ^ code_word(x + 8 * w, h.aligned));
+  int64_t in_piece = 0;  // byte offset inside the current piece of the row (a word never straddles two)
+  for (int64_t w = 0; w + 1 < h.nw; ++w) {
+    d += __popcll(code_word(q + 8 * w, h.aligned) ^ code_word(x + in_piece, h.aligned));
+    in_piece += 8;
+    if (in_piece == h.piece_bytes) {  // blocked corpus: the next piece (rows: never before the last word)
+      in_piece = 0;
+      x += h.piece_stride;
+    }
+  }
   uint64_t ql = 0, xl = 0;
   const uint8_t* qe = q + 8 * (h.nw - 1);
-  const uint8_t* xe = x + 8 * (h.nw - 1);
+  const uint8_t* xe = x + in_piece;
   for (int64_t j = 0; j < h.last_bytes; ++j) {
     ql |= static_cast<uint64_t>(qe[j]) << (8 * j);
     xl |= static_cast<uint64_t>(xe[j]) << (8 * j);
@@ -265,7 +275,7 @@ __global__ void __launch_bounds__(mat::kThreads) hamming_slice_kernel(
   mat::block_topk_load(t, ss, si, k);
   const uint8_t* qb = q + b * h.nbytes;
   mat::block_topk_offer(t, k, begin, end, [&](int64_t n, float& sc, int64_t& ix) {
-    sc = -static_cast<float>(hamming_distance(qb, x + n * h.nbytes, h));
+    sc = -static_cast<float>(hamming_distance(qb, x + n * h.row_stride, h));
     ix = n;
   });
   mat::block_topk_finish(t);
@@ -287,9 +297,13 @@ void hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& corpus, cons
   h.nw = words.nw;
   h.last_bytes = words.last_bytes;
   h.last_mask = words.last_mask;
+  h.row_stride = s.row_stride;
+  h.piece_bytes = s.piece_bytes;
+  h.piece_stride = s.piece_stride;
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(queries.const_data_ptr());
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(corpus.const_data_ptr());
-  h.aligned = s.nbytes % 8 == 0 && reinterpret_cast<uintptr_t>(qp) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 8 == 0;
+  h.aligned = s.nbytes % 8 == 0 && s.row_stride % 8 == 0 && s.piece_stride % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(qp) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 8 == 0;
   const int64_t B = s.B, N = s.N;
   const int sms = sm_count(queries.get_device());
   int64_t S = std::max<int64_t>(1, (2 * sms + B - 1) / B);

@@ -55,15 +55,19 @@ def _hamming_case(device: str, n: int, b: int, nbits: int, k: int = 10) -> Case:
 # ---- int8 scans and binary -> int8 funnels (issue #14) -------------------------------------------------
 #
 # Synthetic Matryoshka-like corpus of bench/matryoshka.py (D = 768, variance decaying along the
-# dimensions, unit norm; the last corpus is shared with that family's cache). The embedops side uses
-#   embedops.int8_topk(queries, codes, k, ranges=, dim=)           float queries . int8 codes
-#   embedops.MatryoshkaIndex(D, codes=("binary", "int8"), keep_float=False, calibration_embeddings=)
-#       .funnel_search(q, k, stages=[("binary", bits, shortlist), ("int8", D, k)])
+# dimensions, unit norm; the last corpus is shared with that family's cache). The embedops side is
+# one index holding only codes, shared by the cases (what a user builds once and searches at any
+# prefix; faiss needs an index per prefix):
+#   index = embedops.MatryoshkaIndex(D, dims=_CODE_DIMS, metric="dot", codes=("binary", "int8"),
+#                                    keep_float=False, calibration_embeddings=corpus)
+#   index.search(q, k, dim=d', precision="int8")                    float queries . int8 codes
+#   index.funnel_search(q, k, stages=[("binary", bits, shortlist), ("int8", D, k)])
 # and the builders are left out (with a message on stderr) while the build lacks them.
 
 _RECALL_QUERIES = 256  # recall@10 is measured on this many queries (not the timed batch)
 _FUNNEL_STAGES = ((256, 200), (128, 400))  # (bit prefix, shortlist) of the binary stage
 _K_FACTORS = (2, 4, 5, 8, 10, 16, 20, 32, 40, 64, 100)
+_CODE_DIMS = (64, 128, 256, 384, 512, 768)
 _SHARED: dict = {}
 
 
@@ -79,6 +83,22 @@ def _has_code_index() -> bool:
     except (AttributeError, TypeError, ValueError):
         return False
     return "codes" in params and "keep_float" in params
+
+
+def _code_index(x: torch.Tensor, device: str):
+    """The shared codes-only index of the corpus x (binary + int8, ranges = the corpus min / max); cached."""
+    from .matryoshka import D
+
+    key = ("ix", x.data_ptr(), x.shape[0], device)
+    if _SHARED.get("ixkey") != key:
+        _SHARED.pop("ix", None)
+        kw = {} if device == "cpu" else {"device": device}
+        index = embedops.MatryoshkaIndex(D, dims=_CODE_DIMS, metric="dot", codes=("binary", "int8"),
+                                         keep_float=False, calibration_embeddings=x, **kw)
+        for s in range(0, x.shape[0], 131072):
+            index.add(x[s:s + 131072].to(device))
+        _SHARED["ix"], _SHARED["ixkey"] = index, key
+    return _SHARED["ix"]
 
 
 def _int8_codes(x: torch.Tensor):
@@ -133,7 +153,8 @@ def _int8_scan_case(device: str, n: int, b: int, dprime: int, k: int = 10) -> Ca
 
     q, x = data(n, b)
     codes, ranges = _int8_codes(x)
-    qt, ct, rt = q.to(device), codes.to(device), ranges.to(device)
+    index = _code_index(x, device)
+    qt = q.to(device)
     steps = (ranges[1] - ranges[0]) / 255
     steps = torch.where(steps == 0, torch.ones_like(steps), steps)
     baselines = {}
@@ -159,9 +180,9 @@ def _int8_scan_case(device: str, n: int, b: int, dprime: int, k: int = 10) -> Ca
             raise CheckFailed(f"int8_topk top-{k} shares only {overlap:.0%} with faiss SQ8's")
 
     return Case(
-        name=f"int8_topk d'={dprime}",
+        name=f"int8 search d'={dprime}",
         shapes=f"B={b} N={n:,} k={k}",
-        fn=lambda: embedops.int8_topk(qt, ct, k, ranges=rt, dim=dprime),
+        fn=lambda: index.search(qt, k, dim=dprime, precision="int8"),
         baselines=baselines,
         check=check,
         bytes=n * dprime,
@@ -174,10 +195,7 @@ def _funnel_case(device: str, n: int, b: int, bits: int, shortlist: int, k: int 
 
     q, x = data(n, b)
     qr, truth = _exact_truth(x, k)
-    kw = {} if device == "cpu" else {"device": device}
-    index = embedops.MatryoshkaIndex(D, codes=("binary", "int8"), keep_float=False, calibration_embeddings=x, **kw)
-    for s in range(0, n, 131072):
-        index.add(x[s:s + 131072].to(device))
+    index = _code_index(x, device)
     stages = [("binary", bits, shortlist), ("int8", D, k)]
     qt = q.to(device)
     ours_recall = _recall(index.funnel_search(qr.to(device), k, stages=stages)[1].cpu().numpy(), truth, k)
