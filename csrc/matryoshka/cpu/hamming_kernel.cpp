@@ -66,7 +66,7 @@ struct NearSet {
     k = k_;
     n = 0;
     thr = kNoDist;
-    buf.resize(static_cast<size_t>(2 * k + 128));
+    buf.resize(static_cast<size_t>(4 * k + 256));  // a compaction per >= 3k + 256 admitted rows
   }
   // caller checked dist < thr; returns the (maybe tightened) threshold
   int32_t push(int32_t dist, int64_t index) {
@@ -94,7 +94,8 @@ struct NearSet {
 #define EMBEDOPS_VPOPCNT __attribute__((target("avx512vpopcntdq")))
 
 // v[0..7]: 8 rows of 8 words; afterwards v[w] holds word w of the 8 rows (lane i = row i).
-EMBEDOPS_VPOPCNT inline void transpose8x8(__m512i* v) {
+// always inlined: out of line, v[] would go through the stack (and GCC 12 warns falsely inside the intrinsics)
+__attribute__((always_inline)) EMBEDOPS_VPOPCNT inline void transpose8x8(__m512i* v) {
   __m512i t[8], u[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm512_unpacklo_epi64(v[2 * i], v[2 * i + 1]);      // words 0 2 4 6 of rows 2i, 2i+1
@@ -378,7 +379,9 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
         for (int64_t j = 0; j < k; ++j)
           if (pi[off + j] != kNoIndex) cand.emplace_back(pd[off + j], pi[off + j]);
       }
-      std::partial_sort(cand.begin(), cand.begin() + k, cand.end());
+      // the k nearest, sorted (nth_element + sort: a heap-based partial_sort is 2-3x slower at k ~ size)
+      if (static_cast<int64_t>(cand.size()) > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end());
+      std::sort(cand.begin(), cand.begin() + k);
       for (int64_t j = 0; j < k; ++j) {
         od[b * k + j] = cand[j].first;
         oi[b * k + j] = cand[j].second;
