@@ -76,6 +76,17 @@ class _Comm:
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
         self.bytes_sent = 0
+        self._ws: dict[str, torch.Tensor] = {}
+
+    def buf(self, name: str, shape, dtype) -> torch.Tensor:
+        """A reusable scratch tensor (uninitialised) for a temporary that dies within one call: fresh
+        large allocations cost page faults on every step, a kept buffer does not."""
+        n = int(np.prod(shape)) if len(shape) else 1
+        b = self._ws.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            self._ws[name] = b
+        return b[:n].view(tuple(shape))
 
     def _wait(self, work, what: str):
         try:
@@ -110,10 +121,14 @@ class _Comm:
         return t
 
     def all_to_all(self, inp: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
-                   what: str) -> torch.Tensor:
-        """all_to_all_single along dim 0: chunk r of ``inp`` (``in_splits[r]`` rows) goes to rank r."""
+                   what: str, scratch: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """all_to_all_single along dim 0: chunk r of ``inp`` (``in_splits[r]`` rows) goes to rank r.
+        ``scratch``: receive into the named reusable buffer (the result must not outlive the call);
+        ``out``: receive into this contiguous tensor."""
         inp = inp.contiguous()
-        out = inp.new_empty((int(sum(out_splits)),) + tuple(inp.shape[1:]))
+        shape = (int(sum(out_splits)),) + tuple(inp.shape[1:])
+        if out is None:
+            out = self.buf(scratch, shape, inp.dtype) if scratch else inp.new_empty(shape)
         if self.world == 1:
             out.copy_(inp)
             return out
@@ -124,9 +139,21 @@ class _Comm:
         self.bytes_sent += (int(sum(in_splits)) - int(in_splits[self.rank])) * row
         return out
 
-    def status(self, what: str, err: BaseException | None, ints: Sequence[int]) -> torch.Tensor:
+    def status(self, what: str, err: BaseException | None, ints: Sequence[int], extra: torch.Tensor | None = None,
+               extra_len: int = 0):
         """The status exchange: every rank contributes an error code and ``len(ints)`` int64s; raises on
-        every rank if any rank failed (the failing rank re-raises its own error). Returns (W, len(ints))."""
+        every rank if any rank failed (the failing rank re-raises its own error). Returns (W, len(ints)).
+        With ``extra_len`` > 0 every rank also contributes ``extra`` (``extra_len`` int64s, a payload
+        that travels in the same collective) and it returns (ints table, (W, extra_len) payloads)."""
+        if extra_len:
+            if err is not None or extra is None:
+                extra = torch.zeros(extra_len, dtype=torch.int64, device=self.device)
+            table = self._status(what, err, ints, extra)
+            n = 1 + len(ints) + _MSG_BYTES // 8
+            return table[:, 1: 1 + len(ints)], table[:, n:]
+        return self._status(what, err, ints, None)[:, 1: 1 + len(ints)]
+
+    def _status(self, what, err, ints, extra):
         code = 0 if err is None else _ERR_CODES.get(type(err), 4)
         msg = np.zeros(_MSG_BYTES, dtype=np.uint8)
         if err is not None:  # the first bytes of the message travel with the status word
@@ -134,16 +161,21 @@ class _Comm:
             msg[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         row = torch.tensor([code] + ([0] * len(ints) if err is not None else [int(i) for i in ints])
                            + msg.view(np.int64).tolist(), dtype=torch.int64, device=self.device)
-        table = torch.stack(self.all_gather(row, f"{what} status")).cpu()
+        if extra is not None:
+            row = torch.cat([row, extra.to(self.device)])
+        table = torch.stack(self.all_gather(row, f"{what} status"))
+        table = table if extra is not None else table.cpu()
         if err is not None:
             raise err
-        bad = [r for r in range(self.world) if int(table[r, 0]) != 0]
+        codes = table[:, 0].tolist()
+        bad = [r for r in range(self.world) if int(codes[r]) != 0]
         if bad:
-            cls = _ERR_OF_CODE[int(table[bad[0], 0])]
-            first = table[bad[0], 1 + len(ints):].numpy().view(np.uint8).tobytes().rstrip(b"\0")
+            cls = _ERR_OF_CODE[int(codes[bad[0]])]
+            first = table[bad[0], 1 + len(ints): 1 + len(ints) + _MSG_BYTES // 8].cpu().numpy().view(np.uint8) \
+                .tobytes().rstrip(b"\0")
             raise cls(f"{self.op}: rank(s) {bad} of {self.world} raised an error in {what}, so every rank raises "
                       f"(no data was exchanged); rank {bad[0]}: {first.decode(errors='replace')}")
-        return table[:, 1: 1 + len(ints)]
+        return table
 
     def run(self, what: str, fn, ints_of=None, n_ints: int = 0):
         """Runs the local ``fn()`` (validation / preparation), then the status exchange; returns
@@ -185,11 +217,27 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
 
         sharding: ``"row"``: rank r owns the contiguous row block ``[bounds[r], bounds[r+1])`` of
             near-equal blocks; every (id, probe) is hashed once on its rank (the same hash as
-            UnifiedEmbedding, over all R rows), routed to the owner of its row, pooled there per
-            (bag, probe) and the partial pools come back (fewer bytes than rows for bags of more than
-            ~W ids; see the README's "Scaling out"). ``"column"``: rank r owns the columns
-            ``[cb[r], cb[r+1])`` of every row (needs dim >= W); the ids are all-gathered, every rank
-            pools its columns for the global batch and sends each rank its rows' column slices.
+            UnifiedEmbedding, over all R rows) and then exchanged one of two ways (``row_exchange``).
+            ``"column"``: rank r owns the columns ``[cb[r], cb[r+1])`` of every row (needs dim >= W);
+            the ids are all-gathered, every rank pools its columns for the global batch and sends each
+            rank its rows' column slices.
+        row_exchange: ``"auto"`` (default), ``"partials"`` or ``"rows"`` (row sharding only):
+            ``"partials"``: the local row ids go to their owners, the owner pools each (bag, probe)
+            segment over its rows and sends the partial pools back; backward returns one gradient
+            row per partial. ``"rows"``: each rank fetches the distinct rows its batch touches from
+            their owners (once per row per step), pools its bags itself, and backward sends one
+            gradient row per fetched row. ``"auto"`` picks, at every step, the one that moves fewer
+            bytes in total, counted exactly from every rank's counts (exchanged with the status words,
+            before any data): for requester s and owner o != s, with n_seg(s, o) the (bag, probe)
+            segments of s's batch that have a row on o, n_look(s, o) the (id, probe) lookups on o,
+            u(s, o) the distinct rows of o that s's batch touches, e the table's element size and 4
+            bytes per row id, partials move ``sum 2*n_seg*D*e + 4*(n_seg + n_look)`` (plus
+            ``2*n_look*e`` with per-sample weights) and rows move ``sum 2*u*D*e + 4*u``; rows are
+            chosen when strictly fewer. So partials win for long bags of rarely repeated ids
+            (n_seg << u), rows win when hot ids repeat across the batch's bags (u < n_seg: short bags,
+            Zipf heads, few distinct ids). At the README's config (F=26, P=2, L~5, Zipf 1.15, D=64,
+            2048 per rank) they are within a few percent (partials 45.7 MB per rank and step).
+            ``last_exchange`` says which one the last forward used.
         process_group: the group (default: the default group).
         timeout: seconds any collective of this module may wait (default 300).
 
@@ -212,6 +260,10 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
     the local shard for any torch optimizer. Row-wise Adagrad's ``momentum`` is split like the rows
     (row sharding) or replicated (column sharding, kept identical on every rank).
 
+    Speed: each step's large temporaries (the exchanged rows / partial pools and their gradients) go
+    into scratch buffers the module keeps between steps (fresh large allocations cost page faults
+    every step); ``bytes_sent`` counts what this rank hands to collectives for other ranks.
+
     Checkpoints: ``state_dict()`` holds the local shard, its momentum and its placement (extra
     state); it loads back only into the same placement. :func:`full_state_dict` gathers an
     unsharded state dict that :class:`~embedops.nn.UnifiedEmbedding` loads;
@@ -221,7 +273,8 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
     def __init__(self, num_rows: int, dim: int, features: Mapping[str, int], *, combine: str = "concat",
                  mode: str = "sum", optimizer: str | None = None, lr: float = 0.01, eps: float = 1e-8,
                  seed: int = 0, sharding: str = "row", process_group=None, validate: bool = True,
-                 dtype: torch.dtype | None = None, device=None, timeout: float = _DEFAULT_TIMEOUT):
+                 dtype: torch.dtype | None = None, device=None, timeout: float = _DEFAULT_TIMEOUT,
+                 row_exchange: str = "auto"):
         super().__init__()
         op = "ShardedUnifiedEmbedding"
         self._comm = _Comm(op, process_group, timeout)
@@ -236,6 +289,8 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
                 raise _rename(op, e) from None
             if sharding not in ("row", "column"):
                 raise ValueError(f"{op}: sharding must be 'row' or 'column', got {sharding!r}")
+            if row_exchange not in ("auto", "partials", "rows"):
+                raise ValueError(f"{op}: row_exchange must be 'auto', 'partials' or 'rows', got {row_exchange!r}")
             if dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"{op}: dtype must be float32 or float64, got {dtype}")
             if sharding == "row" and num_rows < W:
@@ -244,11 +299,11 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
                 raise ValueError(f"{op}: column sharding needs dim >= world size ({W}), got {dim}")
             return ref
 
-        fields = ("num_rows", "dim", "seed", "features", "combine/mode/optimizer/lr/eps/sharding/dtype")
+        fields = ("num_rows", "dim", "seed", "features", "combine/mode/optimizer/lr/eps/sharding/dtype/row_exchange")
         ref, table = self._comm.run(
             "construction", check,
             lambda r: [r.num_rows, r.dim, r.seed, _crc(r.features),
-                       _crc(r.combine, r.mode, r.optimizer, r.lr, r.eps, sharding, str(dtype))], 5)
+                       _crc(r.combine, r.mode, r.optimizer, r.lr, r.eps, sharding, str(dtype), row_exchange)], 5)
         diff = [f"{name} ({[int(v) for v in table[:, i]] if i < 3 else 'differs'})"
                 for i, name in enumerate(fields) if bool((table[:, i] != table[0, i]).any())]
         if diff:
@@ -258,11 +313,15 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
         self.combine, self.mode, self.optimizer = ref.combine, ref.mode, ref.optimizer
         self.lr, self.eps, self.seed, self.validate = ref.lr, ref.eps, ref.seed, ref.validate
         self.sharding = sharding
+        self.row_exchange = row_exchange
+        self.last_exchange = None  # the row exchange the last forward used ("partials" | "rows")
         self.row_bounds = _split(num_rows, W) if sharding == "row" else [0, num_rows]
         self.col_bounds = _split(dim, W) if sharding == "column" else [0, dim]
         r0, r1 = (self.row_bounds[rank], self.row_bounds[rank + 1]) if sharding == "row" else (0, num_rows)
         c0, c1 = (self.col_bounds[rank], self.col_bounds[rank + 1]) if sharding == "column" else (0, dim)
         self._rows, self._cols = (r0, r1), (c0, c1)
+        self._idt = torch.int32 if max(b - a for a, b in zip(self.row_bounds, self.row_bounds[1:])) < 2 ** 31 \
+            else torch.int64  # local row ids on the wire
         self.weight = nn.Parameter(self._init_table(r0, r1, c0, c1, dtype).to(device))
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         m_rows = (r1 - r0) if optimizer == "rowwise_adagrad" else 0
@@ -398,35 +457,61 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
     # row sharding ---------------------------------------------------------------------------------
 
     def _route(self, values, offsets, psw, B):
-        """Hash every (id, probe) once, find its owner, sort by (owner, segment); segment = b*Q + block."""
+        """Hash every (id, probe) once, in (block, bag) order (block = (feature, probe)), find its
+        owner, and count what each exchange would move: the non-empty (segment, owner) pairs
+        (partial sums) and the distinct rows per owner (rows). Segment = (bag, block)."""
         plan = _Plan()
         self._layout(plan, B)
         W, R, Q = self._comm.world, self.num_rows, plan.Q
         S = B * Q
+        dev = values.device
         lengths = offsets.diff()
-        rows_l, seg_l, pos_l = [], [], []
+        rows_l, len_l = [], []
         for f, P in enumerate(self.num_probes):
             a, e = int(offsets[f * B]), int(offsets[(f + 1) * B])
             v = values[a:e]
-            bag = torch.repeat_interleave(torch.arange(B, device=values.device), lengths[f * B:(f + 1) * B])
-            pos = torch.arange(a, e, device=values.device)
             for p in range(P):
                 rows_l.append(torch.ops.embedops.hash_ids(v, f, p, R, self.seed))
-                seg_l.append(bag * Q + plan.pbase[f] + p)
-                pos_l.append(pos)
-        cat = (lambda xs: torch.cat(xs)) if rows_l else (lambda xs: values.new_empty(0))
-        rows, seg, pos = cat(rows_l), cat(seg_l), cat(pos_l)
-        bounds = torch.tensor(self.row_bounds, dtype=torch.int64, device=values.device)
-        owner = torch.bucketize(rows, bounds[1:-1], right=True)
-        key, order = torch.sort(owner * max(S, 1) + seg, stable=True)
-        plan.local_rows = rows[order] - bounds[owner[order]]
-        plan.lookup_pos = pos[order]
-        ukey, plan.seg_lens = torch.unique_consecutive(key, return_counts=True)
-        plan.seg_id = ukey % max(S, 1)
-        seg_owner = ukey // max(S, 1)
-        plan.n_lookups = torch.bincount(owner, minlength=W).tolist()
-        plan.n_segs = torch.bincount(seg_owner, minlength=W).tolist()
-        # pooling scale per segment (mean: 1 / bag length)
+                len_l.append(lengths[f * B:(f + 1) * B])
+        rows = torch.cat(rows_l) if rows_l else values.new_empty(0)
+        plan.sp_lens = torch.cat(len_l) if len_l else lengths.new_empty(0)  # (Q*B,) lengths, (block, bag) order
+        plan.rows = rows
+        bounds = torch.tensor(self.row_bounds, dtype=torch.int64, device=dev)
+        plan.bounds = bounds
+        bl = self.row_bounds
+        # partial sums: one per non-empty (owner, segment); a stable partition of the lookups by owner
+        # keeps each part in segment order
+        sp_of = torch.repeat_interleave(torch.arange(S, device=dev), plan.sp_lens)
+        plan.sp_of = sp_of
+        if W > 1:
+            idx, loc, sps = [], [], []
+            for o in range(W):
+                m = rows >= bl[o] if o == W - 1 else (rows < bl[o + 1] if o == 0 else
+                                                      (rows >= bl[o]) & (rows < bl[o + 1]))
+                i = torch.nonzero(m).view(-1)
+                idx.append(i)
+                loc.append(rows[i] - bl[o])
+                sps.append(sp_of[i])
+            plan.p_order = torch.cat(idx)
+            plan.p_local = torch.cat(loc)
+            plan.n_lookups = [int(i.numel()) for i in idx]
+            segs = [torch.unique_consecutive(x, return_counts=True) for x in sps]
+            plan.p_sp = torch.cat([u for u, _ in segs])
+            plan.seg_lens = torch.cat([c for _, c in segs])
+            plan.n_segs = [int(u.numel()) for u, _ in segs]
+        else:
+            plan.p_order, plan.p_local, plan.n_lookups = None, rows, [rows.numel()]
+            plan.p_sp, plan.seg_lens = torch.unique_consecutive(sp_of, return_counts=True)
+            plan.n_segs = [plan.p_sp.numel()]
+        # rows: the distinct rows of each owner
+        if R <= 8 * rows.numel() + (1 << 22):  # a bitmap over the rows (O(R) bits), else a sort (O(M log M))
+            mark = self._comm.buf("route mark", (R,), torch.bool).zero_()
+            mark[rows] = True
+            plan.n_uniq = [int(torch.count_nonzero(mark[bl[o]:bl[o + 1]])) for o in range(W)]
+        else:
+            ub = torch.searchsorted(torch.unique(rows), bounds).tolist()
+            plan.n_uniq = [ub[o + 1] - ub[o] for o in range(W)]
+        # pooling scale per segment, (bag, block) order (mean: 1 / bag length)
         if self.mode == "mean":
             bag_len = lengths.view(plan.F, B).t()[:, plan.feat_of_block].reshape(-1).to(self.weight.dtype)
             plan.seg_scale = torch.where(bag_len > 0, 1.0 / bag_len.clamp(min=1), torch.zeros_like(bag_len))
@@ -434,22 +519,53 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
             plan.seg_scale = None
         return plan
 
+    def _exchange_bytes(self, table, W):
+        """Bytes all ranks would send in one step (forward + backward) with partial sums and with rows,
+        from every rank's counts (table columns: B, psw, n_lookups[W], n_segs[W], n_uniq[W])."""
+        es = self.weight.element_size()
+        idb = 4 if self._idt == torch.int32 else 8
+        D = self.dim
+        part = rows = 0
+        for s in range(W):
+            for o in range(W):
+                if o == s:
+                    continue
+                nl, ns, nu = int(table[s, 2 + o]), int(table[s, 2 + W + o]), int(table[s, 2 + 2 * W + o])
+                part += 2 * ns * D * es + (ns + nl) * idb + (2 * nl * es if bool(table[s, 1]) else 0)
+                rows += 2 * nu * D * es + nu * idb
+        return part, rows
+
     def _forward_row(self, x, per_sample_weights):
         W = self._comm.world
 
         def prep():
             values, offsets, psw, B = self._prepare(x, per_sample_weights)
-            return psw, self._route(values, offsets, psw, B)
+            return values, offsets, psw, self._route(values, offsets, psw, B)
 
         res, table = self._comm.run(
-            "forward", prep, lambda r: [r[1].B, int(r[0] is not None)] + r[1].n_lookups + r[1].n_segs, 2 + 2 * W)
-        psw, plan = res
+            "forward", prep, lambda r: [r[3].B, int(r[2] is not None)] + r[3].n_lookups + r[3].n_segs
+            + r[3].n_uniq, 2 + 3 * W)
+        values, offsets, psw, plan = res
         me = self._comm.rank
+        part, rows = self._exchange_bytes(table, W)
+        plan.exchange = self.row_exchange if self.row_exchange != "auto" else ("rows" if rows < part else "partials")
         plan.has_psw = [bool(table[s, 1]) for s in range(W)]
         plan.recv_lookups = [int(table[s, 2 + me]) for s in range(W)]
         plan.recv_segs = [int(table[s, 2 + W + me]) for s in range(W)]
+        plan.recv_uniq = [int(table[s, 2 + 2 * W + me]) for s in range(W)]
         plan.needs_backward = self._needs_backward(psw)
-        psw_sorted = psw[plan.lookup_pos] if psw is not None else None  # autograd gathers the grads back
+        self.last_exchange = plan.exchange
+        psw_l = None
+        if psw is not None:  # per lookup, (block, bag) order; autograd gathers the grads back
+            B = plan.B
+            parts = []
+            for f, P in enumerate(self.num_probes):
+                a, e = int(offsets[f * B]), int(offsets[(f + 1) * B])
+                parts += [psw[a:e]] * P
+            psw_l = torch.cat(parts)
+        if plan.exchange == "rows":
+            return _RowFetch.apply(self.weight, psw_l, self, plan)
+        psw_sorted = psw_l if (psw_l is None or plan.p_order is None) else psw_l[plan.p_order]
         return _RowSharded.apply(self.weight, psw_sorted, self, plan)
 
     # column sharding ------------------------------------------------------------------------------
@@ -495,22 +611,173 @@ class ShardedUnifiedEmbedding(_FeatureLayout, nn.Module):
         return _ColumnSharded.apply(self.weight, None, self, plan)
 
 
+def _bag_of(o2b, lengths):
+    """The bag of every index: embedding_bag's offset2bag when it made one (it skips it on its fast
+    sum path), else from the bag lengths."""
+    n = int(lengths.sum()) if lengths.numel() else 0
+    if o2b.numel() == n:
+        return o2b
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
+def _group_sum(g, seg_of, rows, psw=None):
+    """Per distinct row: the sum over lookups i of ``g[seg_of[i]] * psw[i]`` -> (uniq rows, (U, D)).
+    One sort of the rows, then an embedding_bag over ``g`` (no (M, D) temporary); deterministic."""
+    if rows.numel() == 0:
+        return rows.new_empty(0), g.new_zeros((0, g.shape[1]))
+    S = g.shape[0]
+    top = int(rows.max())
+    if psw is None and (top + 1) * max(S, 1) < 2 ** 62:
+        # one sort of (row, segment) keys: no random gather of the segments afterwards
+        key = torch.sort(rows * S + seg_of)[0]
+        sr = torch.div(key, S, rounding_mode="floor")
+        seg = key - sr * S
+        uniq, counts = torch.unique_consecutive(sr, return_counts=True)
+        w = None
+    else:
+        sr, order = torch.sort(rows.to(torch.int32) if top < 2 ** 31 else rows, stable=True)
+        uniq, counts = torch.unique_consecutive(sr.to(torch.int64), return_counts=True)
+        seg, w = seg_of[order], (None if psw is None else psw[order])
+    offs = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    out = torch.embedding_bag(g, seg, offs, False, 0, False, w, True, None)[0]
+    return uniq, out
+
+
+def _max_grad(g, max_idx, bag_size, n_rows):
+    """Max pooling's gradient: column d of bag j goes to row max_idx[j, d] (non-empty bags only)."""
+    D = g.shape[1]
+    out = g.new_zeros(n_rows * D)
+    keep = (bag_size > 0)[:, None].expand(-1, D)
+    idx = max_idx * D + torch.arange(D, device=g.device)[None, :]
+    out.index_add_(0, idx[keep], g[keep])
+    return out.view(n_rows, D)
+
+
+class _RowFetch(torch.autograd.Function):
+    """Row sharding, "rows" exchange: each rank fetches the distinct rows of its batch from their
+    owners (once per row), pools its own bags, and sends back one gradient row per fetched row."""
+
+    @staticmethod
+    def forward(ctx, weight, psw_l, mod, plan):
+        comm, W, me = mod._comm, mod._comm.world, mod._comm.rank
+        B, Q, D = plan.B, plan.Q, mod.dim
+        S = B * Q
+        idt = mod._idt
+        dev = weight.device
+        sr, order = torch.sort(plan.rows.to(torch.int32) if mod.num_rows < 2 ** 31 else plan.rows, stable=True)
+        uniq, inv_s, counts = torch.unique_consecutive(sr.to(torch.int64), return_inverse=True, return_counts=True)
+        U = uniq.numel()
+        ub = torch.searchsorted(uniq, plan.bounds).tolist()
+        nu = [ub[o + 1] - ub[o] for o in range(W)]
+        bl = plan.bounds.tolist()
+        req = torch.cat([(uniq[ub[o]:ub[o + 1]] - bl[o]).to(idt) for o in range(W) if o != me]) \
+            if W > 1 else uniq.new_empty(0, dtype=idt)
+        send_sp = [0 if o == me else nu[o] for o in range(W)]
+        recv_sp = [0 if s == me else plan.recv_uniq[s] for s in range(W)]
+        got = comm.all_to_all(req, send_sp, recv_sp, "forward row ids").to(torch.int64)
+        wd = weight.detach()
+        # the batch's rows: this rank's own first, then the fetched ones in owner order
+        n_me = nu[me]
+        saved = plan.needs_backward and psw_l is not None and ctx.needs_input_grad[1]
+        buf = torch.empty((U, D), dtype=wd.dtype, device=dev) if saved else comm.buf("fetched", (U, D), wd.dtype)
+        torch.index_select(wd, 0, uniq[ub[me]:ub[me + 1]] - bl[me], out=buf[:n_me])
+        comm.all_to_all(torch.index_select(wd, 0, got, out=comm.buf("rows", (got.numel(), D), wd.dtype)),
+                        recv_sp, send_sp, "forward rows", out=buf[n_me:])
+        pos = torch.arange(U, device=dev)  # uniq index -> row of buf
+        pos[:ub[me]] += n_me
+        pos[ub[me]:ub[me + 1]] -= ub[me]
+        inv = torch.empty_like(inv_s)
+        inv[order] = pos[inv_s]
+        # the lookups in (bag, block) order, so that the pooled rows come out as the output's layout
+        lens_bq = plan.sp_lens.view(Q, B).t().reshape(-1)
+        starts = torch.nn.functional.pad(torch.cumsum(plan.sp_lens, 0), (1, 0))[:-1].view(Q, B).t().reshape(-1)
+        offs = torch.nn.functional.pad(torch.cumsum(lens_bq, 0), (1, 0))
+        M = plan.rows.numel()
+        perm = torch.repeat_interleave(starts - offs[:-1], lens_bq, output_size=M) + torch.arange(M, device=dev)
+        idx = inv[perm]
+        psw_bq = None if psw_l is None else psw_l.detach()[perm]
+        mode_code = 2 if mod.mode == "max" else 0
+        pooled, o2b, bag_size, max_idx = torch.embedding_bag(buf, idx, offs, False, mode_code, False, psw_bq, True,
+                                                            None) if U else \
+            (wd.new_zeros((S, D)), None, torch.zeros(S, dtype=torch.int64, device=dev), None)
+        out = _assemble(mod, plan, pooled)
+        if plan.needs_backward:
+            plan.f_uniq, plan.f_ub, plan.f_got, plan.f_counts, plan.f_order = uniq, ub, got, counts, order
+            plan.f_send_sp, plan.f_recv_sp = send_sp, recv_sp
+            plan.f_bag_size, plan.f_max_idx = bag_size, max_idx
+            plan.f_psw = None if psw_l is None else psw_l.detach()
+            if saved:
+                plan.f_buf, plan.f_idx, plan.f_offs, plan.f_o2b, plan.f_perm, plan.f_lens = \
+                    buf, idx, offs, o2b, perm, lens_bq
+        ctx.mod, ctx.plan = mod, plan
+        ctx.weight = wd
+        ctx.psw_grad = saved
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mod, plan, weight = ctx.mod, ctx.plan, ctx.weight
+        comm, me = mod._comm, mod._comm.rank
+        B, Q, D = plan.B, plan.Q, mod.dim
+        g_seg = _assemble_backward(mod, plan, grad_out.contiguous())  # (B*Q, D), (bag, block) order
+        gpsw = None
+        if ctx.psw_grad and plan.f_o2b is None:  # no lookups
+            gpsw = plan.f_psw.new_zeros(0)
+        elif ctx.psw_grad:
+            g_bq = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g_seg, plan.f_buf, plan.f_idx, plan.f_offs, _bag_of(plan.f_o2b, plan.f_lens), 0, -1)
+            gpsw = torch.empty_like(g_bq)
+            gpsw[plan.f_perm] = g_bq
+        ub, U = plan.f_ub, plan.f_uniq.numel()
+        n_me = ub[me + 1] - ub[me]
+        if mod.mode == "max":  # (rows of buf: own first, then the fetched ones)
+            g_buf = _max_grad(g_seg, plan.f_max_idx, plan.f_bag_size, U) if U else g_seg.new_zeros((0, D))
+            g_own, send = g_buf[:n_me], g_buf[n_me:]
+        else:  # lookups grouped by their row (the sort of the forward), summed per row (uniq order)
+            o = plan.f_order
+            sp = plan.sp_of[o]
+            seg = (sp % max(B, 1)) * Q + sp // max(B, 1)
+            offs = torch.nn.functional.pad(torch.cumsum(plan.f_counts, 0), (1, 0))
+            g_u = torch.embedding_bag(g_seg, seg, offs, False, 0, False,
+                                      None if plan.f_psw is None else plan.f_psw[o], True, None)[0] if U else \
+                g_seg.new_zeros((0, D))
+            g_own = g_u[ub[me]:ub[me + 1]]
+            send = torch.cat([g_u[:ub[me]], g_u[ub[me + 1]:]], out=comm.buf("grads", (U - n_me, D), g_u.dtype))
+        # the owner: its own rows' gradients and the received ones in one buffer, summed per row
+        n_got = plan.f_got.numel()
+        g_all = comm.buf("grads all", (n_me + n_got, D), g_seg.dtype)
+        g_all[:n_me].copy_(g_own)
+        comm.all_to_all(send, plan.f_send_sp, plan.f_recv_sp, "backward grads", out=g_all[n_me:])
+        rows = torch.cat([plan.f_uniq[ub[me]:ub[me + 1]] - mod._rows[0], plan.f_got])
+        if mod.optimizer is None:
+            return torch.zeros_like(weight).index_add_(0, rows, g_all), gpsw, None, None
+        uniq, g = _group_sum(g_all, torch.arange(rows.numel(), device=rows.device), rows)
+        _optimizer_step(mod, weight, mod.momentum, uniq, g)
+        return None, gpsw, None, None
+
+
 class _RowSharded(torch.autograd.Function):
-    """Row sharding, forward and backward, both roles (requester of its lookups, owner of its rows)."""
+    """Row sharding, "partials" exchange: every (id, probe) goes to the owner of its row, the owner
+    pools each (bag, probe) segment over its rows, the requester combines the owners' partial pools."""
 
     @staticmethod
     def forward(ctx, weight, psw_sorted, mod, plan):
         comm, W, me = mod._comm, mod._comm.world, mod._comm.rank
         D, dtype = mod.dim, weight.dtype
-        idt = torch.int32 if max(b - a for a, b in zip(mod.row_bounds, mod.row_bounds[1:])) < 2 ** 31 \
-            else torch.int64
-        # requests: for each owner its segment lengths, then its local rows
+        B, Q = plan.B, plan.Q
+        S = B * Q
+        idt = mod._idt
+        # the segments in (bag, block) numbering, and the requests: per owner its segment lengths,
+        # then its local rows
+        sp = plan.p_sp
+        plan.seg_id = (sp % max(B, 1)) * Q + sp // max(B, 1)
+        local_rows = plan.p_local
         lb = np.cumsum([0] + plan.n_lookups)
         sb = np.cumsum([0] + plan.n_segs)
         parts = []
         for o in range(W):
             parts.append(plan.seg_lens[sb[o]:sb[o + 1]].to(idt))
-            parts.append(plan.local_rows[lb[o]:lb[o + 1]].to(idt))
+            parts.append(local_rows[lb[o]:lb[o + 1]].to(idt))
         req = torch.cat(parts)
         recv = comm.all_to_all(req, [plan.n_segs[o] + plan.n_lookups[o] for o in range(W)],
                                [plan.recv_segs[s] + plan.recv_lookups[s] for s in range(W)], "forward ids")
@@ -543,14 +810,23 @@ class _RowSharded(torch.autograd.Function):
             psw_recv = None
         offs = torch.nn.functional.pad(torch.cumsum(seg_lens, 0), (1, 0))
         mode_code = 2 if mod.mode == "max" else 0
-        with torch.no_grad():
-            partial, _, _, max_idx = torch.embedding_bag(weight.detach(), rows, offs, False, mode_code, False,
-                                                         psw_recv, True, None)
-        back = comm.all_to_all(partial, plan.recv_segs, plan.n_segs, "forward pooled")
+        wd = weight.detach()
+        partial, o2b, _, max_idx = torch.embedding_bag(wd, rows, offs, False, mode_code, False, psw_recv, True, None)
+        back = comm.all_to_all(partial, plan.recv_segs, plan.n_segs, "forward pooled", scratch="pooled")
+        del partial
         # requester: combine the owners' partial pools of each segment
-        S = plan.B * plan.Q
-        seg_raw = weight.new_zeros((S, D))
-        if mod.mode == "max":
+        if mod.mode != "max":
+            # one embedding_bag over the partials, grouped by segment (empty segments give 0), the
+            # pooling scale applied as its weights
+            seg_id = plan.seg_id
+            order = torch.sort(seg_id.to(torch.int32) if S < 2 ** 31 else seg_id, stable=True)[1]
+            offs_s = torch.nn.functional.pad(torch.cumsum(torch.bincount(seg_id, minlength=S), 0), (1, 0))
+            scale = None if plan.seg_scale is None else plan.seg_scale[seg_id[order]]
+            seg = torch.embedding_bag(back, order, offs_s, False, 0, False, scale, True, None)[0] \
+                if back.shape[0] else weight.new_zeros((S, D))
+            out = _assemble(mod, plan, seg, scaled=True)
+        else:
+            seg_raw = weight.new_empty((S, D)).zero_()
             idx = plan.seg_id[:, None].expand(-1, D)
             if back.shape[0]:
                 seg_raw.scatter_reduce_(0, idx, back, "amax", include_self=False)
@@ -559,14 +835,12 @@ class _RowSharded(torch.autograd.Function):
             cand = torch.where(back == seg_raw[plan.seg_id], owner_of, torch.full_like(owner_of, W))
             win_owner = torch.full((S, D), W, dtype=torch.int64).scatter_reduce_(0, idx, cand, "amin")
             plan.win = (owner_of == win_owner[plan.seg_id]).to(dtype)
-        else:
-            seg_raw.index_add_(0, plan.seg_id, back)
-        out = _assemble(mod, plan, seg_raw)
+            out = _assemble(mod, plan, seg_raw)
         if plan.needs_backward:
-            plan.rows, plan.seg_lens_recv, plan.psw_recv, plan.max_idx = rows, seg_lens, psw_recv, max_idx
-            plan.idt = idt
+            plan.o_rows, plan.o_seg_lens, plan.o_psw, plan.o_max_idx = rows, seg_lens, psw_recv, max_idx
+            plan.o_offs, plan.o_o2b = offs, o2b
         ctx.mod, ctx.plan = mod, plan
-        ctx.weight = weight.detach()
+        ctx.weight = wd
         ctx.psw_grad = psw_sorted is not None and ctx.needs_input_grad[1]
         return out
 
@@ -576,16 +850,15 @@ class _RowSharded(torch.autograd.Function):
         comm, W = mod._comm, mod._comm.world
         D = mod.dim
         g_seg = _assemble_backward(mod, plan, grad_out.contiguous())
-        g_part = g_seg[plan.seg_id]
+        g_part = torch.index_select(g_seg, 0, plan.seg_id, out=comm.buf("grads", (plan.seg_id.numel(), D), g_seg.dtype))
         if mod.mode == "max":
-            g_part = g_part * plan.win
-        g_recv = comm.all_to_all(g_part, plan.n_segs, plan.recv_segs, "backward grads")
-        seg_of = torch.repeat_interleave(torch.arange(g_recv.shape[0]), plan.seg_lens_recv)
+            g_part.mul_(plan.win)
+        g_recv = comm.all_to_all(g_part, plan.n_segs, plan.recv_segs, "backward grads", scratch="grads recv")
         # per-sample-weight grads (before the table is updated): <g, row> per lookup, back to their rank
         lb = np.cumsum([0] + plan.recv_lookups)
-        any_psw = any(plan.has_psw)
-        if any_psw:
-            gw_lookup = (g_recv[seg_of] * weight[plan.rows]).sum(1)
+        if any(plan.has_psw):
+            gw_lookup = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g_recv, weight, plan.o_rows, plan.o_offs, _bag_of(plan.o_o2b, plan.o_seg_lens), 0, -1)
             send = torch.cat([gw_lookup[lb[s]:lb[s + 1]] if plan.has_psw[s] else gw_lookup.new_empty(0)
                               for s in range(W)])
             gpsw = comm.all_to_all(send, [plan.recv_lookups[s] if plan.has_psw[s] else 0 for s in range(W)],
@@ -594,57 +867,48 @@ class _RowSharded(torch.autograd.Function):
             gpsw = None
         # the row gradients of this shard
         if mod.mode == "max":
-            rows = plan.max_idx.reshape(-1)
-            vals = g_recv.reshape(-1)
-            cols = torch.arange(D).repeat(g_recv.shape[0])
+            if mod.optimizer is None:
+                grad_w = _max_grad(g_recv, plan.o_max_idx, plan.o_seg_lens, weight.shape[0])
+            else:
+                uniq, inv = torch.unique(plan.o_max_idx.reshape(-1), return_inverse=True)
+                gu = g_recv.new_zeros(uniq.numel() * D)
+                gu.index_add_(0, inv * D + torch.arange(D).repeat(g_recv.shape[0]), g_recv.reshape(-1))
+                _optimizer_step(mod, weight, mod.momentum, uniq, gu.view(-1, D))
+                grad_w = None
         else:
-            rows = plan.rows
-            vals = g_recv[seg_of]
-            if plan.psw_recv is not None:
-                vals = vals * plan.psw_recv[:, None]
-        grad_w = _apply_rows(mod, weight, mod.momentum, rows, vals, cols if mod.mode == "max" else None)
+            uniq, gu = _group_sum(g_recv, _bag_of(plan.o_o2b, plan.o_seg_lens), plan.o_rows, plan.o_psw)
+            if mod.optimizer is None:
+                grad_w = torch.zeros_like(weight).index_copy_(0, uniq, gu)
+            else:
+                _optimizer_step(mod, weight, mod.momentum, uniq, gu)
+                grad_w = None
         return grad_w, (gpsw if ctx.psw_grad else None), None, None
 
 
-def _apply_rows(mod, weight, momentum, rows, vals, cols, sumsq_reduce=None):
-    """Row gradients (rows (M,), vals (M, D) or, with cols, (M,) elements) -> the fused update in
-    place (returns None) or the dense gradient of the shard (optimizer None)."""
-    Dl = weight.shape[1]
-    if mod.optimizer is None:
-        g = torch.zeros_like(weight)
-        if cols is None:
-            g.index_add_(0, rows, vals)
-        else:
-            g.view(-1).index_add_(0, rows * Dl + cols, vals)
-        return g
-    uniq, inv = torch.unique(rows, return_inverse=True)
-    g = weight.new_zeros((uniq.numel(), Dl))
-    if cols is None:
-        g.index_add_(0, inv, vals)
-    else:
-        g.view(-1).index_add_(0, inv * Dl + cols, vals)
-    _optimizer_step(mod, weight, momentum, uniq, g, sumsq_reduce)
-    return None
-
-
 def _optimizer_step(mod, weight, momentum, uniq, g, sumsq_reduce=None):
-    """weight[uniq] -= mult * g with SGD's or row-wise Adagrad's multiplier (the kernels' formula)."""
+    """weight[uniq] -= mult * g with SGD's or row-wise Adagrad's multiplier (the kernels' formula);
+    uniq distinct. The row updates run in chunks whose temporaries stay small (large fresh
+    allocations cost page faults on every step)."""
+    ch = max(1024, (1 << 19) // max(1, g.shape[1]))
     if mod.optimizer == "sgd":
-        weight[uniq] = weight[uniq] - mod.lr * g
+        for a in range(0, uniq.numel(), ch):
+            weight.index_add_(0, uniq[a:a + ch], g[a:a + ch], alpha=-mod.lr)
         return
-    sq = (g * g).sum(1).to(momentum.dtype)
+    sq = torch.bmm(g.unsqueeze(1), g.unsqueeze(2)).view(-1).to(momentum.dtype)  # row sums of g^2
     if sumsq_reduce is not None:
         sq = sumsq_reduce(sq)
-    m = momentum[uniq] + sq / mod.dim
-    momentum[uniq] = m
-    mult = mod.lr / (torch.sqrt(m) + mod.eps)
-    weight[uniq] = weight[uniq] - mult[:, None].to(weight.dtype) * g
+    m = momentum.index_select(0, uniq) + sq / mod.dim
+    momentum.index_copy_(0, uniq, m)
+    mult = (mod.lr / (torch.sqrt(m) + mod.eps)).neg_().to(weight.dtype)
+    for a in range(0, uniq.numel(), ch):  # g is this step's own buffer: scaled in place
+        weight.index_add_(0, uniq[a:a + ch], g[a:a + ch].mul_(mult[a:a + ch, None]))
 
 
-def _assemble(mod, plan, seg_raw):
-    """(B*Q, D) pooled segments -> the (B, out_dim) output (pooling scale, then the combine)."""
+def _assemble(mod, plan, seg_raw, scaled=False):
+    """(B*Q, D) pooled segments -> the (B, out_dim) output (pooling scale unless ``scaled``, then the
+    combine)."""
     B, Q, D, F = plan.B, plan.Q, mod.dim, plan.F
-    seg = seg_raw if plan.seg_scale is None else seg_raw * plan.seg_scale[:, None]
+    seg = seg_raw if (plan.seg_scale is None or scaled) else seg_raw * plan.seg_scale[:, None]
     if mod.combine == "concat":
         return seg.view(B, Q * D)
     out = seg.new_zeros((B, F, D)).index_add_(1, plan.feat_of_block, seg.view(B, Q, D))
@@ -685,7 +949,9 @@ class _ColumnSharded(torch.autograd.Function):
                 False)
         Dl = cb[me + 1] - cb[me]
         recv = comm.all_to_all(out_g.reshape(-1), [b * blocks * Dl for b in plan.Bs],
-                               [plan.B * blocks * (cb[s + 1] - cb[s]) for s in range(W)], "forward pooled")
+                               [plan.B * blocks * (cb[s + 1] - cb[s]) for s in range(W)], "forward pooled",
+                               scratch="pooled")
+        del out_g
         pieces, k = [], 0
         for s in range(W):
             n = plan.B * blocks * (cb[s + 1] - cb[s])
@@ -704,10 +970,15 @@ class _ColumnSharded(torch.autograd.Function):
         comm, W, me = mod._comm, mod._comm.world, mod._comm.rank
         cb, blocks = mod.col_bounds, plan.blocks
         g3 = grad_out.contiguous().view(plan.B, blocks, mod.dim)
-        send = torch.cat([g3[:, :, cb[s]:cb[s + 1]].reshape(-1) for s in range(W)])
+        send = comm.buf("grads", (plan.B, blocks * mod.dim), grad_out.dtype)
+        k = 0
+        for s in range(W):  # rank s's columns of every row, one contiguous block per rank
+            w = cb[s + 1] - cb[s]
+            send.view(-1)[k:k + plan.B * blocks * w].view(plan.B, blocks, w).copy_(g3[:, :, cb[s]:cb[s + 1]])
+            k += plan.B * blocks * w
         Dl = cb[me + 1] - cb[me]
-        recv = comm.all_to_all(send, [plan.B * blocks * (cb[s + 1] - cb[s]) for s in range(W)],
-                               [b * blocks * Dl for b in plan.Bs], "backward grads")
+        recv = comm.all_to_all(send.view(-1), [plan.B * blocks * (cb[s + 1] - cb[s]) for s in range(W)],
+                               [b * blocks * Dl for b in plan.Bs], "backward grads", scratch="grads recv")
         grad_g = recv.view(plan.Bg, blocks * Dl)
         cfg = (mod.num_probes, mod.combine, mod.mode, mod.seed)
         args = (plan.values, plan.offsets, plan.argmax, mod.num_probes, mod.combine, mod.mode, plan.psw_g, mod.seed)
@@ -731,39 +1002,43 @@ class _ColumnSharded(torch.autograd.Function):
 
 
 def _column_adagrad(mod, plan, weight, grad_g, cfg):
-    """Row-wise Adagrad on a column shard: the row gradients of the local columns, their squared sums
-    all-reduced over the columns' owners (every rank sees the same rows), then the update."""
+    """Row-wise Adagrad on a column shard: the row gradients of the local columns (one sort of the
+    global batch's rows, then an embedding_bag over the pooled gradients: no (M, D) temporary), their
+    squared sums all-reduced over the columns' owners (every rank sees the same rows), then the update."""
     comm = mod._comm
     Dl = weight.shape[1]
-    B, Q, F = plan.Bg, plan.Q, plan.F
+    B, Q = plan.Bg, plan.Q
     G = grad_g.view(B, plan.blocks, Dl)
     lengths = plan.offsets.diff()
-    rows_l, vals_l = [], []
-    all_rows = []
+    rows_l, seg_l, w_l = [], [], []
     cs = [1.0 / p if mod.combine == "mean" else 1.0 for p in mod.num_probes]
+    weighted = mod.combine == "mean" or mod.mode == "mean" or plan.psw_g is not None
     for f, P in enumerate(mod.num_probes):
         a, e = int(plan.offsets[f * B]), int(plan.offsets[(f + 1) * B])
         v = plan.values[a:e]
         lens_f = lengths[f * B:(f + 1) * B]
         bag = torch.repeat_interleave(torch.arange(B), lens_f)
-        scale = torch.full((e - a,), cs[f], dtype=weight.dtype)
-        if mod.mode == "mean":
-            scale = scale / lens_f[bag].to(weight.dtype)
-        if plan.psw_g is not None:
-            scale = scale * plan.psw_g[a:e]
+        if weighted and mod.mode != "max":
+            scale = torch.full((e - a,), cs[f], dtype=weight.dtype)
+            if mod.mode == "mean":
+                scale = scale / lens_f[bag].to(weight.dtype)
+            if plan.psw_g is not None:
+                scale = scale * plan.psw_g[a:e]
         for p in range(P):
-            r = torch.ops.embedops.hash_ids(v, f, p, mod.num_rows, mod.seed)
-            all_rows.append(r)
+            rows_l.append(torch.ops.embedops.hash_ids(v, f, p, mod.num_rows, mod.seed))
             if mod.mode != "max":
                 blk = plan.pbase[f] + p if mod.combine == "concat" else f
-                rows_l.append(r)
-                vals_l.append(G[bag, blk] * scale[:, None])
-    uniq = torch.unique(torch.cat(all_rows)) if all_rows else torch.zeros(0, dtype=torch.int64)
-    g = weight.new_zeros((uniq.numel(), Dl))
+                seg_l.append(bag * plan.blocks + blk)
+                if weighted:
+                    w_l.append(scale)
+    if not rows_l:
+        return
+    rows = torch.cat(rows_l)
     if mod.mode != "max":
-        if rows_l:
-            g.index_add_(0, torch.searchsorted(uniq, torch.cat(rows_l)), torch.cat(vals_l))
+        uniq, g = _group_sum(G.view(-1, Dl), torch.cat(seg_l), rows, torch.cat(w_l) if weighted else None)
     else:
+        uniq = torch.unique(rows)
+        g = weight.new_zeros((uniq.numel(), Dl))
         am = plan.argmax.view(B, Q, Dl)
         blk = torch.arange(Q) if mod.combine == "concat" else plan.feat_of_block
         bscale = torch.tensor([cs[int(f)] for f in plan.feat_of_block], dtype=weight.dtype)
@@ -873,6 +1148,8 @@ class ShardedMatryoshkaIndex:
         self._local = local
         self._ids = torch.zeros(0, dtype=torch.int64)
         self._n = 0
+        self._counts = [0] * self._comm.world  # rows held by each rank (known to every rank)
+        self._qcap = 16  # query rows per rank that travel with the status words of a search
         self._id_mode = None  # "auto" | "user"
         self.dim, self.dims, self.metric, self.dtype = local.dim, local.dims, local.metric, local.dtype
 
@@ -951,53 +1228,89 @@ class ShardedMatryoshkaIndex:
         self._local.add(v, show_progress_bar=False)
         self._ids = torch.cat([self._ids, new_ids])
         self._n += sum(ns)
+        self._counts = [c + n for c, n in zip(self._counts, ns)]
         self._id_mode = mode
 
     def _gather_queries(self, op, queries, params):
-        """Validates this rank's queries and ``params()`` (-> (plan, ints that must agree)), exchanges
-        the status, all-gathers the queries; returns (plan, all queries, batch sizes, was_numpy)."""
-        comm = self._comm
+        """Validates this rank's queries and ``params()`` (-> (plan, ints that must agree)), then ONE
+        all_gather carries the status words and the queries (up to ``_qcap`` rows per rank, the largest
+        batch of the previous call; a second all_gather only for rows past it); returns (plan, all
+        queries, batch sizes, was_numpy)."""
+        comm, D = self._comm, self.dim
+        cap = self._qcap
+        esz = torch.empty(0, dtype=self.dtype).element_size()
+        per = (cap * D * esz + 7) // 8  # int64 words of the payload
 
         def check():
             q, was_np = self._local._queries(op, queries)
             plan, ints = params()
             return q, was_np, plan, ints
 
-        (q, was_np, plan, _), table = comm.run(op.split(".")[-1], check, lambda r: [r[0].shape[0]] + r[3], 3)
+        res, err = None, None
+        try:
+            res = check()
+        except Exception as e:  # noqa: BLE001  (relayed to the other ranks, then re-raised)
+            err = e
+        extra = None
+        if err is None:
+            q = res[0]
+            head = q[:cap].reshape(-1)
+            pay = torch.zeros(per * 8 // esz, dtype=q.dtype, device=comm.device)
+            pay[: head.numel()] = head
+            extra = pay.view(torch.int64)
+        ints = ([res[0].shape[0]] + res[3]) if err is None else [0] * 3
+        table, pays = comm.status(op.split(".")[-1], err, ints, extra, per)
+        q, was_np, plan, _ = res
+        table = table.cpu()
         if bool((table[:, 1:] != table[0, 1:]).any()):
             raise ValueError(f"{op}: every rank must pass the same k / dim / stages (they differ between ranks)")
         Bs = [int(x) for x in table[:, 0]]
-        flat = comm.all_gather_v(q.reshape(-1), [b * self.dim for b in Bs], f"{op} queries")
-        q_all = torch.cat(flat).view(sum(Bs), self.dim)
+        vals = pays.contiguous().view(self.dtype)
+        parts = [vals[s, : min(b, cap) * D].view(min(b, cap), D) for s, b in enumerate(Bs)]
+        if max(Bs) > cap:  # the rows past the cap
+            more = comm.all_gather_v(q[cap:].reshape(-1), [max(0, b - cap) * D for b in Bs], f"{op} queries")
+            parts = [torch.cat([p, m.view(-1, D)]) for p, m in zip(parts, more)]
+        self._qcap = max(Bs)
+        q_all = torch.cat(parts) if parts else q[:0]
         return plan, q_all, Bs, was_np
 
-    def _exchange_topk(self, vals, rows, Bs, what):
-        """Sends each rank the (nd, B_r, k_local) block of its queries; returns the merged candidates
-        (nd, B_me, sum k_s) scores, global ids, owner ranks, owners' local rows."""
+    def _exchange_topk(self, vals, rows, Bs, k_req, what, with_rows=False):
+        """Sends each rank the (nd, B_r, k_local) block of its queries in ONE all_to_all (scores as bits,
+        global ids and, for the funnel, the owners' local rows, packed as int64; every rank knows every
+        rank's k_local = min(k, its row count), so no sizes are exchanged); returns the merged candidates
+        (nd, B_me, sum k_s): scores, global ids, owner ranks, owners' local rows (None without rows)."""
         comm, W, me = self._comm, self._comm.world, self._comm.rank
         nd, _, kl = vals.shape
-        kls = [int(x) for x in torch.stack(comm.all_gather(torch.tensor([kl], device=comm.device),
-                                                           f"{what} sizes")).view(-1)]
+        kls = [min(k_req, c) for c in self._counts]
         gid = self._ids[rows.cpu()].to(rows.device) if rows.numel() else rows
+        if vals.dtype not in (torch.float32, torch.float64):
+            vals = vals.float()
+        sdt = vals.dtype
+        bits = vals.view(torch.int64) if sdt == torch.float64 else vals.view(torch.int32).to(torch.int64)
+        fields = [bits, gid] + ([rows] if with_rows else [])
+        nf = len(fields)
+        packed = torch.stack(fields)  # (nf, nd, B_all, kl)
         boff = np.cumsum([0] + Bs)
-        vs = torch.cat([vals[:, boff[s]:boff[s + 1]].reshape(-1) for s in range(W)])
-        gs = torch.cat([torch.stack([gid, rows])[:, :, boff[s]:boff[s + 1]].reshape(-1) for s in range(W)])
-        in_sp = [nd * Bs[s] * kl for s in range(W)]
-        out_sp = [nd * Bs[me] * kls[s] for s in range(W)]
-        rv = comm.all_to_all(vs, in_sp, out_sp, f"{what} results")
-        rg = comm.all_to_all(gs, [2 * x for x in in_sp], [2 * x for x in out_sp], f"{what} results")
+        send = torch.cat([packed[:, :, boff[s]:boff[s + 1]].reshape(-1) for s in range(W)])
+        in_sp = [nf * nd * Bs[s] * kl for s in range(W)]
+        out_sp = [nf * nd * Bs[me] * kls[s] for s in range(W)]
+        got = comm.all_to_all(send, in_sp, out_sp, f"{what} results")
         sc, ids, own, loc = [], [], [], []
-        kv = kg = 0
+        k = 0
         for s in range(W):
             n = out_sp[s]
-            sc.append(rv[kv:kv + n].view(nd, Bs[me], kls[s]))
-            pair = rg[kg:kg + 2 * n].view(2, nd, Bs[me], kls[s])
-            ids.append(pair[0])
-            loc.append(pair[1])
-            own.append(torch.full_like(pair[0], s))
-            kv += n
-            kg += 2 * n
-        return torch.cat(sc, -1), torch.cat(ids, -1), torch.cat(own, -1), torch.cat(loc, -1)
+            blk = got[k:k + n].view(nf, nd, Bs[me], kls[s])
+            k += n
+            sc.append(blk[0] if sdt == torch.float64 else blk[0].to(torch.int32))
+            ids.append(blk[1])
+            if with_rows:
+                loc.append(blk[2])
+                own.append(torch.full_like(blk[1], s))
+        sc = torch.cat(sc, -1)
+        sc = sc.view(torch.float64) if sdt == torch.float64 else sc.view(torch.float32)
+        if not with_rows:
+            return sc, torch.cat(ids, -1), None, None
+        return sc, torch.cat(ids, -1), torch.cat(own, -1), torch.cat(loc, -1)
 
     def search(self, queries, k: int, dim: int | Sequence[int] | None = None):
         """Exact top-k over the whole distributed corpus for this rank's ``(B_r, D)`` queries.
@@ -1024,7 +1337,7 @@ class ShardedMatryoshkaIndex:
             v = torch.empty((len(dims), q_all.shape[0], kl), dtype=acc, device=q_all.device)
             i = torch.empty((len(dims), q_all.shape[0], kl), dtype=torch.int64, device=q_all.device)
         v, i = v.view(len(dims), q_all.shape[0], kl), i.view(len(dims), q_all.shape[0], kl)
-        sc, ids, _, _ = self._exchange_topk(v, i, Bs, "search")
+        sc, ids, _, _ = self._exchange_topk(v, i, Bs, k, "search")
         sc, ids, _ = _topk_merge(sc, ids, [], k)
         if single:
             sc, ids = sc[0], ids[0]
@@ -1072,7 +1385,7 @@ class ShardedMatryoshkaIndex:
             acc = torch.float64 if self.dtype == torch.float64 else torch.float32
             v = torch.empty((q_all.shape[0], kl), dtype=acc, device=q_all.device)
             i = torch.empty((q_all.shape[0], kl), dtype=torch.int64, device=q_all.device)
-        sc, ids, own, loc = self._exchange_topk(v[None], i[None], Bs, "funnel_search")
+        sc, ids, own, loc = self._exchange_topk(v[None], i[None], Bs, ks[0], "funnel_search", with_rows=True)
         sc, ids, (own, loc) = _topk_merge(sc[0], ids[0], [own[0], loc[0]], ks[0])
         Bm = Bs[me]
         for d, kk in zip(dims[1:], ks[1:]):
@@ -1189,6 +1502,8 @@ class ShardedMatryoshkaIndex:
             index._local.add(torch.cat(vecs), show_progress_bar=False)
             index._ids = torch.cat(ids)
         index._n = int(man["n"])
+        b = _split(index._n, W)
+        index._counts = [b[s + 1] - b[s] for s in range(W)]
         index._id_mode = man["id_mode"]
         return index
 

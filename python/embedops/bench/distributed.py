@@ -1,19 +1,26 @@
-"""Distributed family: ShardedUnifiedEmbedding (row / column) vs TorchRec's row-wise sharded
-EmbeddingBagCollection, and ShardedMatryoshkaIndex vs one process, on 2 gloo ranks this family
-spawns itself (torch.multiprocessing). The ranks stay up for the whole family and run one step per
-command from this process, so core.run times a step as the driver sees both ranks finish it (a
-queue round trip, ~0.1 ms, is included for ours and the baseline alike).
+"""Distributed family: ShardedUnifiedEmbedding (row / column) vs TorchRec's sharded
+EmbeddingBagCollection (row-wise and column-wise), and ShardedMatryoshkaIndex vs one process, on 2
+gloo ranks this family spawns itself (torch.multiprocessing). The ranks stay up for the whole family
+and run one step per command from this process, so core.run times a step as the driver sees both
+ranks finish it (a queue round trip, ~0.1 ms, is included for ours and the baseline alike).
 
 Embedding config (the README's embedding benchmark): F=26 features, P=2 probes (concat), Zipf(1.15)
 raw ids, bag lengths uniform in [0, 10] (L~5), D=64, R=2^20 rows, float32, row-wise Adagrad; a
 global batch of 4096 (2048 per rank). TorchRec gets the same table (one shared table of R rows,
-26*2 = 52 features over it, ids hashed beforehand by embedops.hash_ids, not timed), sharded
-ROW_WISE with the FUSED compute kernel (EXACT_ROWWISE_ADAGRAD). A step = forward + backward with
-the fused update. Bytes per rank = payload handed to collectives for the other rank, counted on
-every call (ours: the module's counter; TorchRec: torch.distributed's collectives wrapped).
+26*2 = 52 features over it, ids hashed beforehand by embedops.hash_ids, not timed), sharded with the
+FUSED compute kernel (EXACT_ROWWISE_ADAGRAD) by an explicit plan that puts one shard on each rank:
+ROW_WISE (two row blocks) and COLUMN_WISE (two 32-column shards). TorchRec's planner cannot be used
+for this: its sharder offers ROW_WISE only for CUDA (on CPU the planner refuses it), and the
+column-wise plan it makes here puts both column shards on rank 0 (the other rank holds nothing).
+A step = forward + backward with the fused update. Bytes per rank = payload handed to collectives for
+the other rank, counted on every call (ours: the module's counter; TorchRec: torch.distributed's
+collectives wrapped), the larger of the two ranks. Ours runs row sharding with the automatic
+exchange (partial sums or rows, whichever moves fewer bytes; both are also reported).
 
 Search config: N rows in all (1M, --quick 100k), D=768, prefix 64, k=10, B=64 queries per call
-(32 per rank) against one MatryoshkaIndex holding the union with 2 threads (the ranks: 1 each).
+(32 per rank) against one MatryoshkaIndex holding the union with 2 threads (the ranks: 1 each). On a
+machine with 2 cores this measures the overhead of sharding (collectives, merging), not scaling:
+both sides use the same 2 cores.
 """
 
 from __future__ import annotations
@@ -89,18 +96,18 @@ class _Setups:
         self.obj = {}
         self.tr_bytes = [0]
 
-    def embedding(self, sharding, batch):
+    def embedding(self, sharding, batch, exchange="auto"):
         import embedops  # noqa: F401
         from embedops.distributed import ShardedUnifiedEmbedding, full_state_dict
         from embedops.nn import UnifiedEmbedding
 
         feats = {f"f{i}": P_ for i in range(F_)}
         m = ShardedUnifiedEmbedding(R_, D_, feats, optimizer="rowwise_adagrad", sharding=sharding, seed=3,
-                                    timeout=600)
+                                    timeout=600, row_exchange=exchange)
         values, offsets = _bags(self.rank, batch)
         # correctness first: one step equals one UnifiedEmbedding on the concatenated batch (a small table)
         small = ShardedUnifiedEmbedding(4096, D_, feats, optimizer="rowwise_adagrad", sharding=sharding, seed=3,
-                                        timeout=600)
+                                        timeout=600, row_exchange=exchange)
         ref = UnifiedEmbedding(4096, D_, feats, optimizer="rowwise_adagrad", seed=3)
         ref.load_state_dict(full_state_dict(small))
         parts = [_bags(r, 64, seed=1) for r in range(W)]
@@ -119,39 +126,36 @@ class _Setups:
         def step():
             m((values, offsets)).sum().backward()
 
-        self.obj[f"emb-{sharding}"] = (step, lambda: m.bytes_sent)
+        self.obj[f"emb-{sharding}" + ("" if exchange == "auto" else f"-{exchange}")] = (step, lambda: m.bytes_sent)
 
     def torchrec(self, batch, sharding_type="row_wise"):
         import torch.distributed as dist
         import torchrec
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-        from torchrec.distributed.planner.types import ParameterConstraints
-        from torchrec.distributed.types import ShardingEnv, ShardingType
-        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-        from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: F401
-        from torchrec.distributed.fbgemm_qcomm_codec import get_qcomm_codecs_registry  # noqa: F401
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, row_wise
+        from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
         import embedops
 
         names = [f"f{f}p{p}" for f in range(F_) for p in range(P_)]
         cfg = torchrec.EmbeddingBagConfig(name="shared", embedding_dim=D_, num_embeddings=R_, feature_names=names)
         ebc = torchrec.EmbeddingBagCollection(tables=[cfg], device=torch.device("meta"))
-        from torchrec.distributed.embedding_types import EmbeddingTableConfig  # noqa: F401
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-        apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(), {"lr": 0.01})
         sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
                                                               "learning_rate": 0.01})
-        planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=W, compute_device="cpu"),
-            constraints={"shared": ParameterConstraints(sharding_types=[ShardingType(sharding_type).value],
-                                                        compute_kernels=[EmbeddingComputeKernel.FUSED.value])})
+        # An explicit plan, one shard per rank: TorchRec's planner offers no row_wise on CPU (its sharder
+        # lists ROW_WISE for cuda only) and its column_wise plan here puts both column shards on rank 0;
+        # the sharded module itself runs both on CPU.
+        fused = EmbeddingComputeKernel.FUSED.value
+        gen = row_wise(compute_kernel=fused) if sharding_type == "row_wise" else \
+            column_wise(ranks=list(range(W)), compute_kernel=fused)
+        mplan = construct_module_sharding_plan(ebc, {"shared": gen}, sharder=sharder, local_size=W, world_size=W,
+                                               device_type="cpu")
         env = ShardingEnv.from_process_group(dist.group.WORLD)
-        plan = planner.collective_plan(ebc, [sharder], dist.group.WORLD)
-        model = DistributedModelParallel(ebc, env=env, plan=plan, sharders=[sharder], device=torch.device("cpu"))
+        model = DistributedModelParallel(ebc, env=env, plan=ShardingPlan({"": mplan}), sharders=[sharder],
+                                         device=torch.device("cpu"))
         values, offsets = _bags(self.rank, batch)
         lengths = offsets.diff().view(F_, batch)
         vals, lens = [], []
@@ -289,13 +293,16 @@ def _world() -> _World:
 def _embedding_case(batch: int) -> Case:
     w = _world()
     metrics = {}
-    for sharding in ("row", "column"):
-        w.call("setup", "embedding", sharding, batch // W)
-        sent = w.call("step", f"emb-{sharding}")
-        metrics[f"{sharding} KB sent/rank/step"] = max(sent) / 1e3
-    baselines = {}
+    for sharding, exchange in (("row", "auto"), ("row", "partials"), ("row", "rows"), ("column", "auto")):
+        key = f"emb-{sharding}" + ("" if exchange == "auto" else f"-{exchange}")
+        w.call("setup", "embedding", sharding, batch // W, exchange)
+        sent = w.call("step", key)
+        label = sharding if exchange == "auto" else f"row ({exchange} exchange)"
+        metrics[f"{label} KB sent/rank/step"] = max(sent) / 1e3
+    w.call("drop", "emb-row-partials")
+    baselines = {"row sharding, rows exchange (ours)": lambda: w.call("step", "emb-row-rows")}
     # TorchRec in worlds of its own: a rank failing inside TorchRec leaves its peer in a collective
-    for st in ("row_wise", "column_wise", "table_wise"):
+    for st in ("row_wise", "column_wise"):
         tw = _World(timeout=120)
         try:
             tw.call("setup", "torchrec", batch // W, st)
@@ -309,6 +316,7 @@ def _embedding_case(batch: int) -> Case:
             metrics[f"torchrec {st} failed"] = 1.0
             tw.close()
     baselines["column sharding (ours)"] = lambda: w.call("step", "emb-column")
+    baselines[f"one UnifiedEmbedding, {W} threads, global batch (not sharded)"] = _single_step(batch)
     return Case(
         name="ShardedUnifiedEmbedding row step",
         shapes=f"W={W} F={F_} P={P_} B={batch} (global) L~{L_} D={D_} R=2^20 adagrad",
@@ -317,6 +325,25 @@ def _embedding_case(batch: int) -> Case:
         unchecked=tuple(baselines),  # checked in the ranks against UnifiedEmbedding before timing
         metrics=metrics,
     )
+
+
+def _single_step(batch: int):
+    """One process, the whole table and the global batch (both ranks' bags), W threads: the step
+    sharding is compared with when the table fits one machine."""
+    from embedops.nn import UnifiedEmbedding
+
+    m = UnifiedEmbedding(R_, D_, {f"f{i}": P_ for i in range(F_)}, optimizer="rowwise_adagrad", seed=3)
+    parts = [_bags(r, batch // W) for r in range(W)]
+    b = batch // W
+    vals = torch.cat([p[0][p[1][f * b]:p[1][(f + 1) * b]] for f in range(F_) for p in parts])
+    lens = torch.cat([p[1].diff()[f * b:(f + 1) * b] for f in range(F_) for p in parts])
+    x = (vals, torch.nn.functional.pad(lens.cumsum(0), (1, 0)))
+
+    def step():
+        torch.set_num_threads(W)
+        m(x).sum().backward()
+
+    return step
 
 
 def _search_case(n_total: int) -> Case:
@@ -334,9 +361,13 @@ def _search_case(n_total: int) -> Case:
         torch.set_num_threads(W)
         return single.search(q, SEARCH_K, SEARCH_PREFIX)
 
+    print(f"bench distributed: sharded search on {W} ranks vs one process with {W} threads"
+          + (f" on a {os.cpu_count()}-core machine: this measures the overhead of sharding, not scaling"
+             if (os.cpu_count() or 0) <= W else ""))
     return Case(
         name="ShardedMatryoshkaIndex.search",
-        shapes=f"W={W} N={n_total:,} (total) B=64 (32/rank) D={SEARCH_D} prefix={SEARCH_PREFIX} k={SEARCH_K}",
+        shapes=f"W={W} N={n_total:,} (total) B=64 (32/rank) D={SEARCH_D} prefix={SEARCH_PREFIX} k={SEARCH_K}"
+               + (" (2 cores: overhead, not scaling)" if (os.cpu_count() or 0) <= W else ""),
         fn=lambda: w.call("step", "search"),
         baselines={f"one process, union, {W} threads": one},
         unchecked=(f"one process, union, {W} threads",),
