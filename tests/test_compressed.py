@@ -26,6 +26,8 @@ def codes(rng, n, nbytes, distinct=256):
 
 @pytest.mark.parametrize("nbytes,nbits,N,B,k", [
     (64, None, 3000, 7, 10),    # 512 bits: the whole-word fast path, several query blocks
+    (16, None, 3000, 9, 10),    # 128-bit rows: two whole words
+    (32, 128, 2000, 8, 30),     # a 128-bit prefix of 32-byte rows (the 16-rows-per-step path, 2 words)
     (32, 256, 5000, 1, 5),      # B = 1: the corpus split over the threads
     (128, 1024, 700, 5, 20),
     (48, 384, 1000, 4, 7),      # 6 words: the general path
@@ -94,6 +96,7 @@ def blocked(x: np.ndarray, piece: int, spare_rows: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("nbytes,piece,nbits,N,B,k", [
     (96, 32, 256, 3000, 1, 10),    # a 256-bit prefix of 768-bit codes: one piece (the funnel's first stage)
+    (96, 32, 128, 2500, 9, 10),    # 128 bits: two words of a 32-byte piece (16 rows per step)
     (96, 32, 512, 2500, 9, 7),     # two pieces, a full query block + one
     (128, 32, 1024, 1500, 8, 5),   # four pieces
     (96, 32, None, 1000, 3, 12),   # 12 words over three pieces: the general path

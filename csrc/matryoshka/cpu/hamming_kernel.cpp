@@ -66,7 +66,10 @@ struct NearSet {
     k = k_;
     n = 0;
     thr = kNoDist;
-    buf.resize(static_cast<size_t>(4 * k + 256));  // a compaction per >= 3k + 256 admitted rows
+    // a compaction (O(2k)) per k + 8 admitted rows: O(1) per row, and the threshold is never looser
+    // than the 2k-th nearest so far (a much larger buffer admits many more rows at small k: the
+    // threshold stays loose for longer, and every admitted row leaves the vector path)
+    buf.resize(static_cast<size_t>(2 * k + 8));
   }
   // caller checked dist < thr; returns the (maybe tightened) threshold
   int32_t push(int32_t dist, int64_t index) {
@@ -127,7 +130,7 @@ inline void offer(NearSet& h, int32_t& worst, const int64_t* d, int n, int64_t r
 }
 
 // kPairs = false: W = 8 or 16 words (512 / 1024 bits) in 64-byte pieces (rows, or blocked pieces of
-// a multiple of 64 bytes), 8 rows per step. kPairs = true: 32-byte rows (row_stride 32; W = 4, 8, 16
+// a multiple of 64 bytes), 8 rows per step. kPairs = true: 32-byte rows (row_stride 32; W = 2, 4, 8, 16
 // in pieces of 32 bytes), 16 rows per step, two rows per 64-byte load (lanes: even rows in words
 // 0-3, odd rows in words 4-7 of the transposed block). Returns the first row not scanned.
 template <int W, int NQ, bool kPairs>
@@ -135,7 +138,8 @@ EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_stride,
                                       const uint64_t* qwords, int64_t r0, int64_t r1, NearSet* heaps, int32_t* worst) {
   constexpr int nq = NQ;
   constexpr int kRowsPerStep = kPairs ? 16 : 8;
-  constexpr int kPieces = kPairs ? W / 4 : W / 8;
+  constexpr int kPieces = kPairs ? (W + 3) / 4 : W / 8;
+  constexpr int kPieceWords = W < 4 ? W : 4;  // words used of a 32-byte piece (pairs)
   int64_t r = r0;
   for (; r + kRowsPerStep <= r1; r += kRowsPerStep) {
     __m512i acc[NQ], acc_odd[NQ];
@@ -151,7 +155,7 @@ EMBEDOPS_VPOPCNT int64_t scan_vpopcnt(const uint8_t* corpus, int64_t row_stride,
       for (int j = 0; j < nq; ++j) {
         const uint64_t* q = qwords + j * W;
         if constexpr (kPairs) {
-          for (int w = 0; w < 4; ++w) {
+          for (int w = 0; w < kPieceWords; ++w) {
             const __m512i qb = _mm512_set1_epi64(static_cast<long long>(q[4 * piece + w]));
             acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(v[w], qb)));
             acc_odd[j] = _mm512_add_epi64(acc_odd[j], _mm512_popcnt_epi64(_mm512_xor_si512(v[w + 4], qb)));
@@ -268,14 +272,15 @@ void scan(const uint8_t* corpus, const HammingShape& s, const int64_t* woff, con
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (W > 0) {
     if (has_vpopcntdq()) {
-      if (rs == 32 && (rows || s.piece_bytes % 32 == 0))
+      if (rs == 32 && (rows || s.piece_bytes % 32 == 0)) {
         r0 = scan_vpopcnt<W, NQ, true>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
-      else if (W % 8 == 0 && (rows || s.piece_bytes % 64 == 0))
-        r0 = scan_vpopcnt<W, NQ, false>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
+      } else if constexpr (W % 8 == 0) {
+        if (rows || s.piece_bytes % 64 == 0) r0 = scan_vpopcnt<W, NQ, false>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
+      }
     }
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (W > 0) {
+  if constexpr (W % 4 == 0 && W > 0) {
     if (rows || s.piece_bytes % 32 == 0) r0 = scan_avx2<W, NQ>(corpus, rs, woff, qwords, r0, r1, heaps, worst);
   }
 #endif
@@ -312,7 +317,7 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
                          at::Tensor& distances, at::Tensor& indices) {
   const HammingWords pre = hamming_words(s);
   const int64_t nw = pre.nw;
-  const int W = (pre.last_mask == ~uint64_t(0) && 8 * nw <= s.nbytes && (nw == 4 || nw == 8 || nw == 16))
+  const int W = (pre.last_mask == ~uint64_t(0) && 8 * nw <= s.nbytes && (nw == 2 || nw == 4 || nw == 8 || nw == 16))
                     ? static_cast<int>(nw) : 0;
   std::vector<int64_t> woff(static_cast<size_t>(nw));
   for (int64_t w = 0; w < nw; ++w) woff[w] = s.byte_offset(8 * w);
@@ -356,6 +361,7 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
         }
       };
       switch (W) {
+        case 2: run(std::integral_constant<int, 2>{}); break;
         case 4: run(std::integral_constant<int, 4>{}); break;
         case 8: run(std::integral_constant<int, 8>{}); break;
         case 16: run(std::integral_constant<int, 16>{}); break;
