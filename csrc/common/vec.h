@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #if defined(__SSE2__)
@@ -74,6 +75,42 @@ inline vec_t<T> loadu(const T* p) {
 template <typename T>
 inline void storeu(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// kFloats int8 / uint8 codes at p as float lanes: vpmovsxbd / vpmovzxbd + vcvtdq2ps on AVX2 /
+// AVX-512, SSE2 unpacks (sign-extended by arithmetic shifts) on the default level. Intrinsics:
+// GCC lowers __builtin_convertvector of a byte vector to byte-by-byte extracts (seen in objdump).
+template <typename C>
+inline vfloat load_codes(const C* p) {
+  static_assert(std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>, "int8 or uint8 codes");
+  [[maybe_unused]] constexpr bool kSigned = std::is_same_v<C, int8_t>;
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m512 x = _mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m256 x = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#elif defined(__SSE2__)
+  int32_t four;
+  std::memcpy(&four, p, sizeof(four));
+  const __m128i b = _mm_cvtsi32_si128(four);
+  __m128i w;
+  if constexpr (kSigned) {
+    const __m128i h = _mm_srai_epi16(_mm_unpacklo_epi8(b, b), 8);  // bytes -> int16
+    w = _mm_srai_epi32(_mm_unpacklo_epi16(h, h), 16);               // int16 -> int32
+  } else {
+    const __m128i zero = _mm_setzero_si128();
+    w = _mm_unpacklo_epi16(_mm_unpacklo_epi8(b, zero), zero);
+  }
+  const __m128 x = _mm_cvtepi32_ps(w);
+#else
+  vfloat x;
+  for (int i = 0; i < kFloats; ++i) x[i] = static_cast<float>(p[i]);
+#endif
+  vfloat f;
+  static_assert(sizeof(x) == sizeof(f), "one register of codes");
+  std::memcpy(&f, &x, sizeof(f));
+  return f;
 }
 // A brace list of N copies: GCC emits one broadcast (a lane-by-lane loop can become N inserts;
 // and not vfloat{} + x: adding +0.0 is not an identity for -0.0, so that costs an add per splat).

@@ -8,6 +8,7 @@
 #error "embedding/cpu/embedding_bag_cpu.h is for the kernel files compiled once per CPU level"
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -40,6 +41,20 @@ inline std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
     for (int64_t p = 0; p < L.probes[f]; ++p)
       salts[L.pbase[f] + p] = hash_salt(seed, static_cast<uint32_t>(f), static_cast<uint32_t>(p));
   return salts;
+}
+
+// The next block of bags of one feature, from bag j (bags before fend): [j, end) whose ids fit in
+// cap_ids together, or the single bag j when it alone is longer (long_bag: reduced in chunks of
+// cap_ids). offs: the bag offsets.
+struct BagBlock {
+  int64_t end;
+  bool long_bag;
+};
+template <typename index_t>
+inline BagBlock next_bag_block(const index_t* offs, int64_t j, int64_t fend, int64_t cap_ids) {
+  const int64_t start = offs[j];
+  if (offs[j + 1] - start > cap_ids) return {j + 1, true};
+  return {std::upper_bound(offs + j + 1, offs + fend + 1, start + cap_ids) - offs - 1, false};
 }
 
 constexpr int64_t kHashBlockRows = 2048;

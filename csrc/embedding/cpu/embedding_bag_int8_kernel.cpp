@@ -42,30 +42,6 @@ namespace {
 
 constexpr const char* kOp = "multiplexed_embedding_bag";
 
-// kFloats codes at p, zero-extended to int32 and converted to float32 lane by lane: vpmovzxbd
-// (from memory) + vcvtdq2ps on AVX2 / AVX-512, SSE2 unpacks below. (GCC's __builtin_convertvector
-// of a uint8 vector extracts the bytes one by one here: measured in objdump, hence the intrinsics.)
-inline vec::vfloat load_codes(const uint8_t* p) {
-  vec::vfloat f;
-#if defined(__AVX512F__)
-  const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__SSE2__)
-  int32_t four;
-  std::memcpy(&four, p, sizeof(four));
-  const __m128i zero = _mm_setzero_si128();
-  const __m128i b = _mm_cvtsi32_si128(four);
-  const __m128 x = _mm_cvtepi32_ps(_mm_unpacklo_epi16(_mm_unpacklo_epi8(b, zero), zero));
-#else
-  vec::vfloat x;
-  for (int i = 0; i < vec::kFloats; ++i) x[i] = static_cast<float>(p[i]);
-#endif
-  static_assert(sizeof(x) == sizeof(f), "one register of codes");
-  std::memcpy(&f, &x, sizeof(f));
-  return f;
-}
-
 // every cache line of the first `bytes` of a row and the line of its last byte (scale, bias)
 inline void prefetch_fused_row(const uint8_t* p, int64_t bytes, int64_t stride) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
@@ -95,7 +71,7 @@ inline void gather(float* __restrict__ acc, const uint8_t* __restrict__ w, int64
       const uint8_t* __restrict__ row = w + r[t * P] * kStride;
       const Int8RowTerms tm = int8_row_terms(row, kD, kPsw ? sw[t] : 1.0f);
 #pragma GCC unroll 16
-      for (int v = 0; v < kV; ++v) c[v] = int8_accumulate(c[v], tm, load_codes(row + v * vec::kFloats));
+      for (int v = 0; v < kV; ++v) c[v] = int8_accumulate(c[v], tm, vec::load_codes(row + v * vec::kFloats));
     }
 #pragma GCC unroll 16
     for (int v = 0; v < kV; ++v) vec::storeu(acc + v * vec::kFloats, c[v]);
@@ -195,9 +171,7 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
       const int64_t cap_ids = cap / P;
       // a block: bags [j, je) of feature f whose ids fit in cap_ids, or one longer bag, reduced
       // in chunks of cap_ids
-      const bool long_bag = offs[j + 1] - start > cap_ids;
-      const int64_t je =
-          long_bag ? j + 1 : std::upper_bound(offs + j + 1, offs + fend + 1, start + cap_ids) - offs - 1;
+      const auto [je, long_bag] = next_bag_block(offs, j, fend, cap_ids);
       if (long_bag) {
         const int64_t len = offs[j + 1] - start;
         for (int64_t p = 0; p < P; ++p) init_acc<kMode>(accs.data() + p * acc_len, D);

@@ -253,9 +253,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
       const int64_t cap_ids = cap / P;
       // a block: bags [j, je) of feature f whose ids fit in cap_ids, or one longer bag, reduced
       // in chunks of cap_ids into `partial` first
-      const bool long_bag = offs[j + 1] - start > cap_ids;
-      const int64_t je =
-          long_bag ? j + 1 : std::upper_bound(offs + j + 1, offs + fend + 1, start + cap_ids) - offs - 1;
+      const auto [je, long_bag] = next_bag_block(offs, j, fend, cap_ids);
       if (long_bag) {
         const int64_t len = offs[j + 1] - start;
         partial.assign(P * kD, acc_t(0));

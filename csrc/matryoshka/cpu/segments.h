@@ -126,24 +126,7 @@ inline void seg_dot_sq(const T* __restrict__ x, const T* const* q, int64_t a, in
   acc.flush(dots, sq);
 }
 
-// int8 / uint8 codes as float lanes: kLanes<float> codes of x converted (vpmovsxbd / vpmovzxbd + vcvtdq2ps)
-// (intrinsics: GCC lowers __builtin_convertvector of a byte vector to byte-by-byte extracts)
-template <typename C>
-inline simd_t<float> load_codes(const C* x) {
-  static_assert(std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>);
-  [[maybe_unused]] constexpr bool kSigned = std::is_same_v<C, int8_t>;
-#if defined(__AVX512F__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return (simd_t<float>)_mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
-  return (simd_t<float>)_mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-#else
-  simd_t<float> v;
-  for (int i = 0; i < kLanes<float>; ++i) v[i] = static_cast<float>(x[i]);
-  return v;
-#endif
-}
+using vec::load_codes;
 
 // seg_dot_sq_into over int8 / uint8 codes dequantised in registers: the value of column j is
 // base[j] + step[j] * x[j] (x, base, step and q[b] indexed by the same column j).

@@ -103,6 +103,21 @@ class _Bags:
         return out.view(self.batch, -1)
 
 
+def _prehashed(d: _Bags):
+    """The bags as FBGEMM TBE input over one shared table: every (feature, probe) a virtual feature
+    f * P + p (our output's column order), its ids hashed with hash_ids; (indices, offsets) int64."""
+    nf, batch, probes = d.nf, d.batch, d.probes[0]
+    bounds = d.offsets[:: batch].tolist()
+    lengths = d.offsets.diff().view(nf, batch)
+    idx, lens = [], []
+    for f in range(nf):
+        for p in range(probes):  # virtual feature f * P + p: our columns (f * P + p) * D
+            idx.append(embedops.hash_ids(d.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
+                                         num_rows=d.num_rows, seed=d.seed))
+            lens.append(lengths[f])
+    return torch.cat(idx), torch.nn.functional.pad(torch.cat(lens).cumsum(0), (1, 0))
+
+
 def _fbgemm_tbe(d: _Bags, optimizer: str | None):
     """FBGEMM's CPU TBE over ONE shared (R, D) table (feature_table_map: every (feature, probe) a
     virtual feature of table 0, in our output's column order), fed ids pre-hashed with hash_ids
@@ -116,21 +131,11 @@ def _fbgemm_tbe(d: _Bags, optimizer: str | None):
         return None, f"fbgemm_gpu not importable ({type(e).__name__}: {str(e)[:80]})"
     if d.device != "cpu":
         return None, "the FBGEMM baseline here is its CPU TBE"
-    nf, batch, probes = d.nf, d.batch, d.probes[0]
-    bounds = d.offsets[:: batch].tolist()
-    lengths = d.offsets.diff().view(nf, batch)
-    idx, lens = [], []
-    for f in range(nf):
-        for p in range(probes):  # virtual feature f * P + p: our columns (f * P + p) * D
-            idx.append(embedops.hash_ids(d.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
-                                         num_rows=d.num_rows, seed=d.seed))
-            lens.append(lengths[f])
-    indices = torch.cat(idx)
-    offsets = torch.nn.functional.pad(torch.cat(lens).cumsum(0), (1, 0))
+    indices, offsets = _prehashed(d)
     opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD if optimizer == "rowwise_adagrad" else EmbOptimType.EXACT_SGD
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         embedding_specs=[(d.num_rows, d.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        feature_table_map=[0] * (nf * probes), optimizer=opt, learning_rate=0.01, eps=1e-8,
+        feature_table_map=[0] * (d.nf * d.probes[0]), optimizer=opt, learning_rate=0.01, eps=1e-8,
         pooling_mode=PoolingMode.SUM)
     with torch.no_grad():
         tbe.split_embedding_weights()[0].copy_(d.weight)
@@ -268,20 +273,10 @@ def _fbgemm_int8_tbe(d: _Bags, table: torch.Tensor):
         return None, f"fbgemm_gpu not importable ({type(e).__name__}: {str(e)[:80]})"
     if d.device != "cpu":
         return None, "the FBGEMM baseline here is its CPU TBE"
-    nf, batch, probes = d.nf, d.batch, d.probes[0]
-    bounds = d.offsets[:: batch].tolist()
-    lengths = d.offsets.diff().view(nf, batch)
-    idx, lens = [], []
-    for f in range(nf):
-        for p in range(probes):  # virtual feature f * P + p: our columns (f * P + p) * D
-            idx.append(embedops.hash_ids(d.values[bounds[f]:bounds[f + 1]], feature=f, probe=p,
-                                         num_rows=d.num_rows, seed=d.seed))
-            lens.append(lengths[f])
-    indices = torch.cat(idx).int()
-    offsets = torch.nn.functional.pad(torch.cat(lens).cumsum(0), (1, 0)).int()
+    indices, offsets = (t.int() for t in _prehashed(d))
     tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
         embedding_specs=[("table", d.num_rows, d.dim, SparseType.INT8, EmbeddingLocation.HOST)],
-        feature_table_map=[0] * (nf * probes), pooling_mode=PoolingMode.SUM, device="cpu",
+        feature_table_map=[0] * (d.nf * d.probes[0]), pooling_mode=PoolingMode.SUM, device="cpu",
         output_dtype=SparseType.FP32)
     tbe.initialize_weights()
     codes, qparams = tbe.split_embedding_weights()[0]  # views of its (R, 4 + D) rows: fp16 scale, bias, codes
