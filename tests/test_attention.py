@@ -583,6 +583,24 @@ def test_mixture_attention_matches_reference(device, dtype, case, per_head):
     _check_close(out, ref, _mix_lowp(q, k, v, seg, w, dtype), dtype, "out")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixture_attention_strided_keys(device, dtype):
+    """k/v views with padded token and head strides (read in place by the CPU short-query pass for
+    float inputs), segments crossing its 64-key chunks, heads in groups with a tail."""
+    g = torch.Generator().manual_seed(3)
+    B, Lq, Lk, Hq, Hkv, D, Dv = 2, 77, 260, 6, 3, 24, 20
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype).to(device)
+    kb = torch.randn(B, Lk + 5, 2 * Hkv + 1, D + 3, generator=g).to(dtype).to(device)
+    vb = torch.randn(B, Lk + 5, 2 * Hkv + 1, Dv + 3, generator=g).to(dtype).to(device)
+    k, v = kb[:, 2:Lk + 2, 1::2, 1:D + 1], vb[:, 2:Lk + 2, 1::2, 2:Dv + 2]
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    seg = torch.tensor([[130, 0, 127], [65, 64, 1]], device=device)
+    w = torch.softmax(torch.randn(B, Lq, 3, generator=g), -1).to(dtype).to(device)
+    out = embedops.mixture_attention(q, k, v, seg, w)
+    ref, _ = reference.mixture_attention(q, k, v, seg, w)
+    _check_close(out, ref, _mix_lowp(q, k, v, seg, w, dtype), dtype, "out")
+
+
 def test_mixture_attention_lse_and_single_modality_equals_cross_attention(device):
     q, k, v, seg, w = _mix_inputs(MIX_CASES[0], torch.float64, device)
     _, lse, seg_out = torch.ops.embedops.mixture_attention(q, k, v, seg, w, None)

@@ -423,10 +423,11 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
     G = std::min(G, Hq);
     const int64_t ng = (Hq + G - 1) / G;
     const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
+    constexpr bool kFloatIn = std::is_same_v<in_t, float>;
     auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
     auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
     at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
+      std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(kFloatIn ? 0 : G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
           out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
@@ -434,28 +435,56 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
         const int64_t h0 = hg * G, gn = std::min(G, Hq - h0);
         short_query_dispatch(qn, [&](auto nqv) {
           constexpr int NQV = decltype(nqv)::value;
-          constexpr int NB = short_query_nb<NQV>();
           constexpr int64_t qp = NQV * kVec;
           for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, i0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
           std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
           ShortQState<NQV> state[8];
+          const int64_t kend = md.start[b * M + M - 1] + md.len[b * M + M - 1];
           for (int64_t m = 0; m < M; ++m) {
             const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
             for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
             for (int64_t j0 = 0; j0 < klen; j0 += C) {
               const int64_t kn = std::min(C, klen - j0);
-              for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads (adjacent in memory)
-                for (int64_t g = 0; g < gn; ++g) {
-                  const int64_t hk = (h0 + g) / group;
-                  float* kc = kv.data() + g * C * (D + Dv);
-                  copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
-                  copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
+              if constexpr (!kFloatIn) {
+                for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads, as float
+                  for (int64_t g = 0; g < gn; ++g) {
+                    const int64_t hk = (h0 + g) / group;
+                    float* kc = kv.data() + g * C * (D + Dv);
+                    copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
+                    copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
+                  }
                 }
               }
+              // The next chunk's rows (this segment's or the next one's: segments are packed) are
+              // prefetched while this one computes, spread over its register-block steps. Float
+              // inputs are then read in place (a copy of the chunk, as for fp16/bf16, was measured
+              // slower: it waited on memory for ~1/5 of the pass, the K/V stream read in bursts
+              // between long computations); the prefetches, issued all at once, stalled on the miss
+              // buffers.
+              const int64_t nx0 = ks + j0 + kn, nx1 = std::min(nx0 + C, kend);
+              const int64_t steps = short_query_steps<NQV>(kn, Dv);
+              const int64_t per = (nx1 - nx0 + steps - 1) / std::max<int64_t>(steps, 1);
               for (int64_t g = 0; g < gn; ++g) {
+                const int64_t hk = (h0 + g) / group;
+                int64_t pj = nx0;
+                auto pf = [&] {
+                  for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
+                    vec::prefetch(K.at(b, pj, hk), D * static_cast<int64_t>(sizeof(in_t)));
+                    vec::prefetch(V.at(b, pj, hk), Dv * static_cast<int64_t>(sizeof(in_t)));
+                  }
+                };
                 const float* kc = kv.data() + g * C * (D + Dv);
-                short_query_chunk<NQV, NB>(state[g], D, Dv, qt.data() + g * D * qp, kc, kc + C * D, kn, st.data(),
-                                           ot.data() + g * Dv * qp);
+                const float* kp = kc;
+                const float* vp = kc + C * D;
+                int64_t ldk = D, ldv = Dv;
+                if constexpr (kFloatIn) {
+                  kp = K.at(b, ks + j0, hk);
+                  vp = V.at(b, ks + j0, hk);
+                  ldk = K.sl;
+                  ldv = V.sl;
+                }
+                short_query_chunk<NQV>(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(),
+                                       ot.data() + g * Dv * qp, pf);
               }
             }
             for (int64_t g = 0; g < gn; ++g) {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/vec.h"
 #include "embedding/embedding.h"
 #include "embedding/hashing.h"
 
@@ -30,10 +31,7 @@ namespace embedops {
 namespace CPU_CAPABILITY {
 namespace {
 
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
+using vec::prefetch;
 
 inline std::vector<uint64_t> block_salts(const BagLayout& L, int64_t seed) {
   std::vector<uint64_t> salts(L.num_blocks);

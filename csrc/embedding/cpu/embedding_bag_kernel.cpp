@@ -85,7 +85,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
       const int64_t v = static_cast<int64_t>(vals[pf_i]);
       for (int64_t p = 0; p < pf_np; ++p) {
         slot[p] = hash_row(v, pf_salt[p], R);
-        prefetch_row(w + slot[p] * D, row_bytes);
+        prefetch(w + slot[p] * D, row_bytes);
       }
       ++pf_i;
     };
@@ -194,13 +194,13 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
     int64_t pf = 0, n_rows = 0;
     auto start_block = [&](int64_t n) {
       n_rows = n;
-      for (pf = 0; pf < std::min(n, kGatherAhead); ++pf) prefetch_row(w + rows[pf] * kD, kPrefetchBytes);
+      for (pf = 0; pf < std::min(n, kGatherAhead); ++pf) prefetch(w + rows[pf] * kD, kPrefetchBytes);
     };
     // x += sum_t s_t * weight[r[t * P]] for t < n (s_t = psw[t] or 1)
     auto gather = [&](acc_t* __restrict__ x, const int64_t* __restrict__ r, int64_t n, int64_t P,
                       const scalar_t* __restrict__ sw) {
       for (int64_t t = 0; t < n; ++t) {
-        if (pf < n_rows) prefetch_row(w + rows[pf++] * kD, kPrefetchBytes);
+        if (pf < n_rows) prefetch(w + rows[pf++] * kD, kPrefetchBytes);
         const scalar_t* __restrict__ wr = w + r[t * P] * kD;
         if constexpr (kPsw) {
           const acc_t s = static_cast<acc_t>(sw[t]);
@@ -498,8 +498,8 @@ void reduce_rows(const Contributions<at::opmath_type<scalar_t>>& c, const BagLay
     constexpr int64_t kAhead = 8;
     std::vector<acc_t> acc(D);
     for (int64_t i = 0; i < std::min(n, kAhead); ++i) {
-      prefetch_row(g + e[i].src, elementwise ? 1 : row_bytes);
-      prefetch_row(dst + e[i].row * D, row_bytes);
+      prefetch(g + e[i].src, elementwise ? 1 : row_bytes);
+      prefetch(dst + e[i].row * D, row_bytes);
     }
     int64_t i = 0;
     while (i < n) {
@@ -507,8 +507,8 @@ void reduce_rows(const Contributions<at::opmath_type<scalar_t>>& c, const BagLay
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (; i < n && e[i].row == r; ++i) {
         if (i + kAhead < n) {
-          prefetch_row(g + e[i + kAhead].src, elementwise ? 1 : row_bytes);
-          if (e[i + kAhead].row != e[i + kAhead - 1].row) prefetch_row(dst + e[i + kAhead].row * D, row_bytes);
+          prefetch(g + e[i + kAhead].src, elementwise ? 1 : row_bytes);
+          if (e[i + kAhead].row != e[i + kAhead - 1].row) prefetch(dst + e[i + kAhead].row * D, row_bytes);
         }
         const acc_t s = e[i].scale;
         const scalar_t* __restrict__ gs = g + e[i].src;

@@ -19,12 +19,9 @@ namespace CPU_CAPABILITY {
 namespace mat {
 using namespace ::embedops::mat;  // the shared math (topk.h)
 
-// Prefetches the first `bytes` bytes of a row (rows are read a prefix at a time with a large
-// stride, which the hardware prefetchers follow poorly).
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
+// rows are read a prefix at a time with a large stride, which the hardware prefetchers follow
+// poorly: vec::prefetch of the prefix
+using vec::prefetch;
 
 template <typename T>
 using simd_t = vec::vec_t<T>;
@@ -209,7 +206,7 @@ struct TileRows {
       constexpr int64_t kAhead = 8;
       for (int64_t r = 0; r < nt; ++r) {
         const scalar_t* src = x + (n0 + r) * ldx;
-        if (r + kAhead < nt) prefetch_row(src + kAhead * ldx, width * static_cast<int64_t>(sizeof(scalar_t)));
+        if (r + kAhead < nt) prefetch(src + kAhead * ldx, width * static_cast<int64_t>(sizeof(scalar_t)));
         acc_t* dst = buf.data() + r * width;
         if (base != nullptr) {
           for (int64_t c = 0; c < width; ++c) dst[c] = base[c] + step[c] * static_cast<acc_t>(src[c]);

@@ -137,7 +137,7 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
   for (int64_t r = 0; r < nt; ++r) {
     if (r + kAhead < nt) {
       for (size_t i = 0; i < rows.size(); ++i) {
-        if (row_bytes[i] > 0) mat::prefetch_row(rows[i] + (r + kAhead) * ld[i], row_bytes[i]);
+        if (row_bytes[i] > 0) mat::prefetch(rows[i] + (r + kAhead) * ld[i], row_bytes[i]);
       }
     }
     acc_t dots[NB] = {};
@@ -552,7 +552,7 @@ void rescore_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const M
       for (int64_t c = c0; c < c1; ++c) {
         if (c + kAhead < c1) {
           for (const Piece& pc : pieces)
-            mat::prefetch_row(bl.ptr[pc.blk] + cb[c + kAhead] * bl.ld[pc.blk] + pc.lo, row_bytes[pc.blk]);
+            mat::prefetch(bl.ptr[pc.blk] + cb[c + kAhead] * bl.ld[pc.blk] + pc.lo, row_bytes[pc.blk]);
         }
         acc_t dot = 0, sq = 0;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float32 / float64 rows: in place
