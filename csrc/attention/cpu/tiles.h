@@ -100,7 +100,6 @@ template <int R, int C, typename A, typename Bv>
 inline void broadcast_fma(int64_t n, vf (&acc)[R][C], const A& a, const Bv& b) {
   if constexpr (R * C + C + 1 <= vec::kRegisters) {
     // the C b vectors of step j in registers, reused by the R rows
-#pragma GCC unroll 4
     for (int64_t j = 0; j < n; ++j) {
       vf bv[C];
 #pragma GCC unroll 16

@@ -33,7 +33,9 @@
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
-#pragma GCC optimize("no-loop-unroll-and-jam")
+// and no memset idiom: the per-bag zeroing of a 64-float accumulator became a `rep stos` of 256
+// bytes (~8 % of the avx2 forward in a profile) instead of a few vector stores
+#pragma GCC optimize("no-loop-unroll-and-jam", "no-tree-loop-distribute-patterns")
 #endif
 
 namespace embedops {
