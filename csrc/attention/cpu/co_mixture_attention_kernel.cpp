@@ -473,15 +473,18 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
                     vec::prefetch(V.at(b, pj, hk), Dv * static_cast<int64_t>(sizeof(in_t)));
                   }
                 };
-                const float* kc = kv.data() + g * C * (D + Dv);
-                const float* kp = kc;
-                const float* vp = kc + C * D;
-                int64_t ldk = D, ldv = Dv;
-                if constexpr (kFloatIn) {
+                const float *kp, *vp;
+                int64_t ldk, ldv;
+                if constexpr (kFloatIn) {  // in place (kv is empty: no offset from its null data())
                   kp = K.at(b, ks + j0, hk);
                   vp = V.at(b, ks + j0, hk);
                   ldk = K.sl;
                   ldv = V.sl;
+                } else {
+                  kp = kv.data() + g * C * (D + Dv);
+                  vp = kp + C * D;
+                  ldk = D;
+                  ldv = Dv;
                 }
                 short_query_chunk<NQV>(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(),
                                        ot.data() + g * Dv * qp, pf);
