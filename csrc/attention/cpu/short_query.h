@@ -58,7 +58,7 @@ constexpr int short_query_rows(int qw) {
 }
 
 // the width of the next query group at vector q0 of NQV: groups of at most kShortQGroup, as even as
-// possible (10 on avx2: 3 3 2 2)
+// possible (a 77-token side: 5 groups of 2 on avx2, one of 5 on avx512)
 constexpr int short_query_width(int nqv, int q0) {
   const int groups_left = (nqv - q0 + kShortQGroup - 1) / kShortQGroup;
   return (nqv - q0 + groups_left - 1) / groups_left;
