@@ -40,6 +40,33 @@ def test_int8_topk_matches_dequantised_reference(precision, metric, B, dim):
     torch.testing.assert_close(ref.gather(1, i), v.double(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("B", [1, 2, 4, 5])
+def test_int8_topk_dot_over_blocks_and_given_norms(B):
+    # the few-query path reads raw codes against queries scaled by the steps (the dot metric, or
+    # cosine with the corpus norms given); over column blocks, several prefixes, odd widths
+    g = torch.Generator().manual_seed(10 + B)
+    x = torch.randn(2500, 300, generator=g) * torch.linspace(2.0, 0.3, 300)
+    q = torch.randn(B, 300, generator=g)
+    r = torch.stack([x.amin(0), x.amax(0)])
+    c = embedops.quantize_embeddings(x, "int8", ranges=r)
+    blocks = [c[:, :37], c[:, 37:256], c[:, 256:]]
+    dims = [20, 37, 100, 256, 300]
+    deq = _dequant(c, r, "int8")
+    v, i = torch.ops.embedops.int8_topk(q, blocks, r, 7, dims, "dot")
+    for p, d in enumerate(dims):
+        ref = _ref_scores(q[:, :d], deq[:, :d], "dot")
+        torch.testing.assert_close(v[p].double(), ref.topk(7).values, atol=2e-4, rtol=1e-5)
+        torch.testing.assert_close(ref.gather(1, i[p]), v[p].double(), atol=2e-4, rtol=1e-5)
+    inv = torch.stack([1 / deq[:, :d].norm(dim=1) for d in dims]).float()
+    v2, i2 = torch.ops.embedops.int8_topk(q, blocks, r, 7, dims, "cosine", inv)
+    v3, i3 = torch.ops.embedops.int8_topk(q, blocks, r, 7, dims, "cosine")
+    for p, d in enumerate(dims):
+        ref = _ref_scores(q[:, :d], deq[:, :d], "cosine")
+        torch.testing.assert_close(v2[p].double(), ref.topk(7).values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v3[p].double(), ref.topk(7).values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref.gather(1, i2[p]), v2[p].double(), atol=1e-5, rtol=1e-5)
+
+
 def test_int8_topk_numpy_and_errors():
     x = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
     c = embedops.quantize_embeddings(x, "int8")

@@ -54,8 +54,9 @@ inline void seg_sq(const T* __restrict__ x, int64_t a, int64_t e, T& sq) {
 // a prefix (the horizontal sums once per prefix, not once per piece: a prefix over many narrow
 // segment blocks would otherwise spend more on reductions than on products). Two independent
 // chains per sum for NB <= 2 (the FMA latency, not the loads, bounds one chain); one for more
-// rows (the accumulators must stay in the 16 ymm registers of the avx2 level).
-template <typename T, int NB>
+// rows (the accumulators must stay in the 16 ymm registers of the avx2 level). kSq = false: dot
+// products only (no norm: the dot metric, or norms given).
+template <typename T, int NB, bool kSq = true>
 struct SegAcc {
   static constexpr int U = NB <= 2 ? 2 : 1;
   simd_t<T> q[NB][U];
@@ -67,11 +68,13 @@ struct SegAcc {
       for (int b = 0; b < NB; ++b) q[b][u] = simd_t<T>{};
     }
   }
-  // dots[b] += the accumulated dot products, sq += the norm; then zero
+  // dots[b] += the accumulated dot products, sq += the norm (kSq); then zero
   void flush(T* dots, T& sq) {
-    simd_t<T> nn = n[0];
-    for (int u = 1; u < U; ++u) nn += n[u];
-    sq += hsum(nn);
+    if constexpr (kSq) {
+      simd_t<T> nn = n[0];
+      for (int u = 1; u < U; ++u) nn += n[u];
+      sq += hsum(nn);
+    }
     for (int b = 0; b < NB; ++b) {
       simd_t<T> d = q[b][0];
       for (int u = 1; u < U; ++u) d += q[b][u];
@@ -87,8 +90,10 @@ struct SegAcc {
     if constexpr (U == 2) {
       for (; j + 2 * L <= e; j += 2 * L) {
         const simd_t<T> v0 = value(j), v1 = value(j + L);
-        n[0] += v0 * v0;
-        n[1] += v1 * v1;
+        if constexpr (kSq) {
+          n[0] += v0 * v0;
+          n[1] += v1 * v1;
+        }
         for (int b = 0; b < NB; ++b) {
           q[b][0] += loadu(qr[b] + j) * v0;
           q[b][1] += loadu(qr[b] + j + L) * v1;
@@ -97,7 +102,7 @@ struct SegAcc {
     }
     for (; j + L <= e; j += L) {
       const simd_t<T> v = value(j);
-      n[0] += v * v;
+      if constexpr (kSq) n[0] += v * v;
       for (int b = 0; b < NB; ++b) q[b][0] += loadu(qr[b] + j) * v;
     }
   }
@@ -137,6 +142,19 @@ inline void code_seg_dot_sq_into(const C* __restrict__ x, const float* const* q,
     const float v = base[j] + step[j] * static_cast<float>(x[j]);
     sq += v * v;
     for (int b = 0; b < NB; ++b) dots[b] += q[b][j] * v;
+  }
+}
+
+// Raw codes against scaled queries, no norm: dots[b] += sum(qs[b][j] * x[j]) over [a, e), where
+// qs[b][j] = q[b][j] * step[j]. With the constant sum(q[b][j] * base[j]) added once per prefix this
+// is q[b] . (base + step * x) (the dot metric, folded): one convert and one FMA per vector of codes.
+template <typename C, int NB>
+inline void code_seg_dot_into(const C* __restrict__ x, const float* const* qs, int64_t a, int64_t e,
+                              SegAcc<float, NB, false>& acc, float* dots) {
+  constexpr int L = kLanes<float>;
+  acc.run(qs, a, e, [&](int64_t j) { return load_codes(x + j); });
+  for (int64_t j = a + (e - a) / L * L; j < e; ++j) {
+    for (int b = 0; b < NB; ++b) dots[b] += qs[b][j] * static_cast<float>(x[j]);
   }
 }
 

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -124,16 +125,38 @@ inline void admit_row(const acc_t* __restrict__ dots, int64_t nt, int64_t n0, bo
   }
 }
 
+// The codes' dequantisation folded into the queries, for scores that need no corpus norm (the dot
+// metric, or norms given): q . (base + step * c) = q . base + (q * step) . c, so the rows are read
+// as raw codes against qs = q * step (B x D), and qbase[p * B + b] = q[b][:dims[p]] . base[:dims[p]]
+// (summed in double) is added once per prefix.
+struct FoldedQueries {
+  std::vector<float> qs, qbase;
+  FoldedQueries(const float* q, const float* dq, int64_t B, int64_t D, const std::vector<int64_t>& dims)
+      : qs(static_cast<size_t>(B * D)), qbase(dims.size() * static_cast<size_t>(B)) {
+    for (int64_t b = 0; b < B; ++b) {
+      double c = 0;
+      int64_t j = 0;
+      for (size_t p = 0; p < dims.size(); ++p) {
+        for (; j < dims[p]; ++j) c += static_cast<double>(q[b * D + j]) * dq[j];
+        qbase[p * B + b] = static_cast<float>(c);
+      }
+      for (j = 0; j < D; ++j) qs[b * D + j] = q[b * D + j] * dq[D + j];
+    }
+  }
+};
+
 // rows: the tile's rows per block, in the compute type (x_t = acc_t), or the raw int8 / uint8
 // codes (x_t = the code type, acc_t = float) dequantised in registers with dq (base row, then step
-// row, D each, global columns).
-template <typename x_t, typename acc_t, int NB>
+// row, D each, global columns), or, with fold (dot metric or given norms), read raw against the
+// folded queries.
+template <typename x_t, typename acc_t, int NB, bool kFold = false>
 void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>& ld, int64_t nt, int64_t n0,
                  const acc_t* q, int64_t D, const MatryoshkaShape& s, const std::vector<std::vector<Piece>>& pieces,
                  const std::vector<int64_t>& row_bytes, const acc_t* qinv, const acc_t* given_inv, const acc_t* dq,
-                 acc_t* hs, int64_t* hi, int64_t k) {
+                 const FoldedQueries* fold, acc_t* hs, int64_t* hi, int64_t k) {
   const int64_t B = s.B, N = s.N, P = static_cast<int64_t>(s.dims.size());
   constexpr int64_t kAhead = 8;
+  if constexpr (kFold) q = fold->qs.data();
   for (int64_t r = 0; r < nt; ++r) {
     if (r + kAhead < nt) {
       for (size_t i = 0; i < rows.size(); ++i) {
@@ -142,12 +165,14 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
     }
     acc_t dots[NB] = {};
     acc_t sq = 0;
-    mat::SegAcc<acc_t, NB> acc;  // summed up once per prefix
+    mat::SegAcc<acc_t, NB, !kFold> acc;  // summed up once per prefix
     for (int64_t p = 0; p < P; ++p) {
       for (const Piece& pc : pieces[p]) {
         const acc_t* qr[NB];
         for (int b = 0; b < NB; ++b) qr[b] = q + b * D + pc.qoff;
-        if constexpr (std::is_same_v<x_t, acc_t>) {
+        if constexpr (kFold) {
+          mat::code_seg_dot_into<x_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, acc, dots);
+        } else if constexpr (std::is_same_v<x_t, acc_t>) {
           mat::seg_dot_sq_into<acc_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, pc.lo, pc.hi, acc, dots, sq);
         } else {
           mat::code_seg_dot_sq_into<x_t, NB>(rows[pc.blk] + r * ld[pc.blk], qr, dq + pc.qoff, dq + D + pc.qoff,
@@ -158,7 +183,9 @@ void direct_tile(const std::vector<const x_t*>& rows, const std::vector<int64_t>
       const acc_t ix = !s.cosine ? acc_t(1) : given_inv ? given_inv[p * N + n0 + r] : mat::inv_norm_from_sq(sq);
       for (int b = 0; b < NB; ++b) {
         const int64_t pb = p * B + b;
-        const acc_t sc = s.cosine ? mat::cosine_from_dot(dots[b], qinv[pb], ix) : dots[b];
+        acc_t dot = dots[b];
+        if constexpr (kFold) dot += fold->qbase[pb];
+        const acc_t sc = s.cosine ? mat::cosine_from_dot(dot, qinv[pb], ix) : dot;
         acc_t* h = hs + pb * k;
         if (sc < h[0]) continue;
         mat::heap_push(h, hi + pb * k, k, sc, n0 + r);
@@ -268,6 +295,11 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   const bool direct_codes = kCodes && kFloatScores && B <= kDirectMaxB;
   const bool direct = direct_codes || (B <= kDirectMaxB && s.cosine && given_inv == nullptr);
   const bool packed = kFloatScores && B > kDirectMaxB;
+  // the direct code path without corpus norms reads the raw codes against the folded queries
+  std::optional<FoldedQueries> fold;
+  if constexpr (kCodes && kFloatScores) {
+    if (direct_codes && (!s.cosine || given_inv != nullptr)) fold.emplace(q, dq, B, D, s.dims);
+  }
   constexpr int64_t kPanels = 8;
   int64_t T = direct   ? 2048
               : packed ? kPanels * mat::kNR
@@ -317,8 +349,15 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
         if (direct_codes) {
           for (size_t i = 0; i < raw.size(); ++i) raw[i] = bl.ptr[i] + n0 * bl.ld[i];
           dispatch_direct_b(B, [&](auto nb) {
-            direct_tile<scalar_t, acc_t, decltype(nb)::value>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes,
-                                                              qinv.data(), given_inv, dq, h.s.data(), h.id.data(), k);
+            if (fold) {
+              direct_tile<scalar_t, acc_t, decltype(nb)::value, true>(raw, bl.ld, nt, n0, q, D, s, pieces,
+                                                                      code_row_bytes, qinv.data(), given_inv, dq,
+                                                                      &*fold, h.s.data(), h.id.data(), k);
+            } else {
+              direct_tile<scalar_t, acc_t, decltype(nb)::value>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes,
+                                                                qinv.data(), given_inv, dq, nullptr, h.s.data(),
+                                                                h.id.data(), k);
+            }
           });
           continue;
         }
@@ -327,7 +366,8 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
       if (direct) {
         dispatch_direct_b(B, [&](auto nb) {
           direct_tile<acc_t, acc_t, decltype(nb)::value>(tiles.rows, tiles.ld, nt, n0, q, D, s, pieces, row_bytes,
-                                                         qinv.data(), given_inv, nullptr, h.s.data(), h.id.data(), k);
+                                                         qinv.data(), given_inv, nullptr, nullptr, h.s.data(),
+                                                         h.id.data(), k);
         });
         continue;
       }
