@@ -104,6 +104,8 @@ def blocked(x: np.ndarray, piece: int, spare_rows: int = 0) -> torch.Tensor:
     (128, 64, 1024, 1700, 8, 6),   # 64-byte pieces: the 8-rows-per-step path
     (48, 16, 384, 800, 4, 8),      # 16-byte pieces: word by word
     (24, 8, 190, 600, 3, 600),     # 8-byte pieces, k = N
+    (64, 32, 256, 6000, 16, 300),  # a funnel-sized shortlist over two full query blocks: many offers, compactions
+    (64, 32, 128, 5000, 8, 400),   # the same on the 128-bit path
 ])
 def test_hamming_topk_blocked_layout_matches_reference(device, nbytes, piece, nbits, N, B, k):
     rng = np.random.default_rng(nbytes * 31 + piece + N)

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -208,18 +209,35 @@ inline __m256i popcount_bytes(__m256i v) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
-// bytes: the byte counts of rows r .. r + 3, 8 bytes per row (each count < 256); offers the rows
-// strictly nearer than the threshold to h, in increasing index
-inline void offer4(NearSet& h, int32_t& worst, __m256i bytes, int64_t r) {
-  const __m256i d = _mm256_sad_epu8(bytes, _mm256_setzero_si256());  // per-row distances
-  const __m256i lt = _mm256_cmpgt_epi64(_mm256_set1_epi64x(worst), d);
-  if (_mm256_movemask_pd(_mm256_castsi256_pd(lt)) == 0) return;
-  alignas(32) int64_t dd[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(dd), d);
-  for (int i = 0; i < 4; ++i) {
-    const int32_t di = static_cast<int32_t>(dd[i]);
-    if (di < worst) worst = h.push(di, r + i);
+// The rows r .. r + 3 into the sets of NQ queries, from their byte counts acc[j] (8 bytes per row,
+// each < 256). The common case (no row nearer than any query's threshold) is one VPSADBW, one
+// compare and one OR per query and a single branch; the offers themselves are out of line.
+// (the rare case: only the queries with a row below their threshold, only those rows)
+__attribute__((noinline)) void offer4_slow(NearSet* heaps, int32_t* worst, const __m256i* d, int nq, int64_t r) {
+  for (int j = 0; j < nq; ++j) {
+    const __m256i lt = _mm256_cmpgt_epi64(_mm256_set1_epi64x(worst[j]), d[j]);
+    int m = _mm256_movemask_pd(_mm256_castsi256_pd(lt));
+    if (m == 0) continue;
+    alignas(32) int64_t dd[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dd), d[j]);
+    for (; m != 0; m &= m - 1) {
+      const int i = __builtin_ctz(static_cast<unsigned>(m));
+      const int32_t di = static_cast<int32_t>(dd[i]);
+      if (di < worst[j]) worst[j] = heaps[j].push(di, r + i);  // (worst may have tightened)
+    }
   }
+}
+
+template <int NQ>
+__attribute__((always_inline)) inline void offer4(NearSet* heaps, int32_t* worst, const __m256i* acc, int64_t r) {
+  __m256i d[NQ];
+  __m256i any = _mm256_setzero_si256();
+  for (int j = 0; j < NQ; ++j) {
+    d[j] = _mm256_sad_epu8(acc[j], _mm256_setzero_si256());  // per-row distances
+    any = _mm256_or_si256(any, _mm256_cmpgt_epi64(_mm256_set1_epi64x(worst[j]), d[j]));
+  }
+  if (_mm256_testz_si256(any, any)) return;
+  offer4_slow(heaps, worst, d, NQ, r);
 }
 
 // W = 4, 8 or 16 words: 4 rows per step (row pieces of 32 bytes transposed 4x4 in registers).
@@ -252,7 +270,7 @@ int64_t scan_avx2(const uint8_t* corpus, int64_t row_stride, const int64_t* woff
         }
       }
     }
-    for (int j = 0; j < nq; ++j) offer4(heaps[j], worst[j], acc[j], r);
+    offer4<NQ>(heaps, worst, acc, r);
   }
   return r;
 }
@@ -275,12 +293,14 @@ int64_t scan_avx2_w2(const uint8_t* corpus, int64_t row_stride, const int64_t* w
     const __m256i b = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 3 * row_stride),
                                           reinterpret_cast<const __m128i*>(p + row_stride));  // r + 1 | r + 3
     const __m256i t0 = _mm256_unpacklo_epi64(a, b), t1 = _mm256_unpackhi_epi64(a, b);
+    __m256i acc[NQ];
     for (int j = 0; j < nq; ++j) {
       const uint64_t* q = qwords + 2 * j;
       const __m256i c0 = popcount_bytes(_mm256_xor_si256(t0, _mm256_set1_epi64x(static_cast<long long>(q[0]))));
       const __m256i c1 = popcount_bytes(_mm256_xor_si256(t1, _mm256_set1_epi64x(static_cast<long long>(q[1]))));
-      offer4(heaps[j], worst[j], _mm256_add_epi8(c0, c1), r);
+      acc[j] = _mm256_add_epi8(c0, c1);
     }
+    offer4<NQ>(heaps, worst, acc, r);
   }
   return r;
 }
@@ -374,9 +394,12 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
   }
   const int64_t nqb = (s.B + kQB - 1) / kQB;
   const int64_t threads = at::get_num_threads();
-  // corpus chunks: enough tasks for every core (B = 1 too), >= 4096 rows each, partial sets
-  // bounded to ~256 MB
-  int64_t chunks = std::max<int64_t>(1, (4 * threads + nqb - 1) / nqb);
+  // corpus chunks: tasks (query block, chunk) in a multiple of the thread count, so that every core
+  // (B = 1 too) gets the same number of rows (at::parallel_for splits the task range statically);
+  // no more chunks than that: each chunk fills its own sets, and a set costs ~k log(rows / k) offers
+  // (at k = 400, 4 chunks per thread took 1.3x the time of one). >= 4096 rows each, partial sets
+  // bounded to ~256 MB.
+  int64_t chunks = threads / std::gcd(nqb, threads);
   chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, s.N / 4096));
   chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{256} << 20) / (12 * s.B * k)));
   const int64_t chunk_rows = (s.N + chunks - 1) / chunks;
