@@ -166,6 +166,41 @@ def test_index_keep_float_false_memory_and_save_load(corpus, tmp_path):
         assert torch.equal(r1[1], r2[1])
 
 
+@pytest.mark.parametrize("B", [1, 5, 8, 13])
+def test_index_binary_head_short_prefixes(B, tmp_path):
+    # codes of 256 bits and more keep a copy of their first 128 bits, which few queries (B < 8)
+    # scan for a prefix of at most 128 bits; every prefix and query count gives hamming_topk's
+    # result over the plain bit rows, through add() in parts, growth, save / load and the funnel
+    g = torch.Generator().manual_seed(30 + B)
+    x = torch.randn(3000, 300, generator=g) * torch.linspace(2.0, 0.3, 300)
+    q = torch.randn(B, 300, generator=g)
+    index = embedops.MatryoshkaIndex(300, dims=(64, 128, 300), codes=("binary", "int8"), keep_float=False)
+    for s in range(0, 3000, 700):
+        index.add(x[s:s + 700])
+    assert index.memory()["binary_head"] == 3000 * 16 and index.memory()["binary"] == 3000 * 64
+    bits, qbits = (embedops.quantize_embeddings(t, "ubinary") for t in (x, q))
+    back = tmp_path / "ix.emb"
+    index.save(back)
+    loaded = embedops.MatryoshkaIndex.load(back)
+    assert torch.equal(loaded._head[: len(loaded)], index._head[: len(index)])
+    for nbits in (1, 64, 100, 128, 129, 256, 300):
+        rd, ri = embedops.hamming_topk(qbits, bits, 37, nbits=nbits)
+        for ix in (index, loaded):
+            d, i = ix.search(q, 37, dim=nbits, precision="binary")
+            assert torch.equal(d, rd) and torch.equal(i, ri), nbits
+    r = index.ranges
+    deq = _dequant(embedops.quantize_embeddings(x, "int8", ranges=r), r, "int8")
+    v, i = index.funnel_search(q, 5, stages=[("binary", 128, 150), ("int8", 300, 20)])
+    _, short = embedops.hamming_topk(qbits, bits, 150, nbits=128)
+    s8 = _ref_scores(q, deq, "cosine").gather(1, short)
+    top = s8.topk(5)
+    torch.testing.assert_close(v.double(), top.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(i, short.gather(1, top.indices))
+    narrow = embedops.MatryoshkaIndex(128, codes=("binary",))  # 16-byte codes: one piece, no head
+    narrow.add(x[:100, :128])
+    assert "binary_head" not in narrow.memory()
+
+
 def test_index_code_args():
     with pytest.raises(ValueError, match="codes must be any of"):
         embedops.MatryoshkaIndex(16, codes=("pq",))
