@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/vec.h"
@@ -98,15 +99,83 @@ inline int64_t hash_row_narrow(int64_t value, uint64_t salt, uint32_t num_rows) 
   return static_cast<int64_t>((hi + (lo >> 32)) >> 32);
 }
 
+// hash_row_narrow on vectors of 64-bit lanes, written out: GCC's vectorisation of the scalar form
+// multiplied the two 32-bit halves by R as full 64 x 64-bit products (3 PMULUDQ each instead of 1)
+// and stored the rows lane by lane (a runtime stride P) even for P = 1.
+typedef uint64_t vu64 __attribute__((vector_size(vec::kBytes)));
+constexpr int kLanes64 = vec::kBytes / 8;
+
+// the products of the low 32 bits of each lane of a and b, as 64-bit lanes (PMULUDQ)
+inline vu64 mul_lo32(vu64 a, vu64 b) {
+#if defined(__AVX512F__)
+  __m512i x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  const __m512i r = _mm512_mul_epu32(x, y);
+#elif defined(__AVX2__)
+  __m256i x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  const __m256i r = _mm256_mul_epu32(x, y);
+#elif defined(__SSE2__)
+  __m128i x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  const __m128i r = _mm_mul_epu32(x, y);
+#else
+  const vu64 r = (a & 0xffffffffULL) * (b & 0xffffffffULL);
+#endif
+  vu64 out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// kLanes64 ids from p, sign-extended to 64 bits (hashing.h reads an int32 id as its int64 value)
+template <typename index_t>
+inline vu64 load_ids(const index_t* p) {
+  if constexpr (sizeof(index_t) == 8) {
+    vu64 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else {
+    typedef int32_t vhalf __attribute__((vector_size(vec::kBytes / 2)));
+    typedef int64_t vi64 __attribute__((vector_size(vec::kBytes)));
+    vhalf h;
+    std::memcpy(&h, p, sizeof(h));
+    return reinterpret_cast<vu64>(__builtin_convertvector(h, vi64));
+  }
+}
+
+// the rows of kLanes64 ids (hash_row_narrow lane by lane: mix64, then the two 32 x 32-bit products)
+inline vu64 hash_rows_narrow(vu64 v, uint64_t salt, vu64 r32) {
+  vu64 z = v ^ salt;
+  z ^= z >> 30;
+  z *= 0xBF58476D1CE4E5B9ULL;
+  z ^= z >> 27;
+  z *= 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return (mul_lo32(z >> 32, r32) + (mul_lo32(z, r32) >> 32)) >> 32;
+}
+
 template <typename index_t>
 void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t* salts, int64_t P,
                      uint64_t num_rows, int64_t* __restrict__ rows) {
   if (num_rows < (uint64_t(1) << 32)) {
     const uint32_t r32 = static_cast<uint32_t>(num_rows);
+    vu64 rv;
+    for (int i = 0; i < kLanes64; ++i) rv[i] = r32;
     for (int64_t p = 0; p < P; ++p) {
       const uint64_t s = salts[p];
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, r32);
+      int64_t t = 0;
+      for (; t + kLanes64 <= n; t += kLanes64) {
+        const vu64 r = hash_rows_narrow(load_ids(vals + t), s, rv);
+        if (P == 1) {
+          std::memcpy(rows + t, &r, sizeof(r));
+        } else {
+          for (int i = 0; i < kLanes64; ++i) rows[(t + i) * P + p] = static_cast<int64_t>(r[i]);
+        }
+      }
+      for (; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, r32);
     }
   } else {
     for (int64_t t = 0; t < n; ++t)
