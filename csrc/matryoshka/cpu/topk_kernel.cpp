@@ -349,15 +349,12 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
         if (direct_codes) {
           for (size_t i = 0; i < raw.size(); ++i) raw[i] = bl.ptr[i] + n0 * bl.ld[i];
           dispatch_direct_b(B, [&](auto nb) {
-            if (fold) {
-              direct_tile<scalar_t, acc_t, decltype(nb)::value, true>(raw, bl.ld, nt, n0, q, D, s, pieces,
-                                                                      code_row_bytes, qinv.data(), given_inv, dq,
-                                                                      &*fold, h.s.data(), h.id.data(), k);
-            } else {
-              direct_tile<scalar_t, acc_t, decltype(nb)::value>(raw, bl.ld, nt, n0, q, D, s, pieces, code_row_bytes,
-                                                                qinv.data(), given_inv, dq, nullptr, h.s.data(),
-                                                                h.id.data(), k);
-            }
+            EMBEDOPS_BOOL_SWITCH(fold.has_value(), kFold, [&] {
+              direct_tile<scalar_t, acc_t, decltype(nb)::value, kFold>(raw, bl.ld, nt, n0, q, D, s, pieces,
+                                                                       code_row_bytes, qinv.data(), given_inv, dq,
+                                                                       kFold ? &*fold : nullptr, h.s.data(),
+                                                                       h.id.data(), k);
+            });
           });
           continue;
         }
