@@ -22,7 +22,10 @@ namespace embedops {
 
 constexpr uint64_t kHashGolden = 0x9E3779B97F4A7C15ULL;
 
-C10_HOST_DEVICE inline uint64_t mix64(uint64_t z) {
+// The finaliser on any type with unsigned 64-bit arithmetic: a uint64_t, or (the CPU kernels'
+// vectorised hashing) a GCC vector of them, lane by lane.
+template <typename U>
+C10_HOST_DEVICE inline U mix64_lanes(U z) {
   z ^= z >> 30;
   z *= 0xBF58476D1CE4E5B9ULL;
   z ^= z >> 27;
@@ -30,6 +33,8 @@ C10_HOST_DEVICE inline uint64_t mix64(uint64_t z) {
   z ^= z >> 31;
   return z;
 }
+
+C10_HOST_DEVICE inline uint64_t mix64(uint64_t z) { return mix64_lanes(z); }
 
 C10_HOST_DEVICE inline uint64_t hash_salt(int64_t seed, uint32_t feature, uint32_t probe) {
   const uint64_t fp = (static_cast<uint64_t>(feature) << 32) | static_cast<uint64_t>(probe);

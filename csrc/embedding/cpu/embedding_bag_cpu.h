@@ -87,21 +87,12 @@ bool stream_output(const scalar_t* out, int64_t numel, int64_t row_bytes) {
 #endif
 }
 
-// hash_row() for num_rows < 2^32, as 64-bit lane operations the compiler vectorises:
+// hashing.h's hash_row() for num_rows < 2^32 on vectors of 64-bit lanes:
 // floor(h * R / 2^64) = ((h >> 32) * R + ((h mod 2^32) * R >> 32)) >> 32 exactly, and no term
-// overflows (the sum is at most 2^64 - 1). Both products are of two 32-bit values, written as such
-// so that AVX2 (which has no 64 x 64-bit vector multiply) does each in one vpmuludq.
-// Same bits as hashing.h's hash_row.
-inline int64_t hash_row_narrow(int64_t value, uint64_t salt, uint32_t num_rows) {
-  const uint64_t h = mix64(static_cast<uint64_t>(value) ^ salt);
-  const uint64_t hi = static_cast<uint64_t>(static_cast<uint32_t>(h >> 32)) * num_rows;
-  const uint64_t lo = static_cast<uint64_t>(static_cast<uint32_t>(h)) * num_rows;
-  return static_cast<int64_t>((hi + (lo >> 32)) >> 32);
-}
-
-// hash_row_narrow on vectors of 64-bit lanes, written out: GCC's vectorisation of the scalar form
-// multiplied the two 32-bit halves by R as full 64 x 64-bit products (3 PMULUDQ each instead of 1)
-// and stored the rows lane by lane (a runtime stride P) even for P = 1.
+// overflows (the sum is at most 2^64 - 1); both products are of two 32-bit values, one PMULUDQ each
+// (AVX2 has no 64 x 64-bit vector multiply). Written out on vector types: GCC's vectorisation of
+// the scalar form multiplied the two halves as full 64 x 64-bit products (3 PMULUDQ each) and
+// stored the rows lane by lane (a runtime stride P) even for P = 1. Same bits as hash_row().
 typedef uint64_t vu64 __attribute__((vector_size(vec::kBytes)));
 constexpr int kLanes64 = vec::kBytes / 8;
 
@@ -146,14 +137,9 @@ inline vu64 load_ids(const index_t* p) {
   }
 }
 
-// the rows of kLanes64 ids (hash_row_narrow lane by lane: mix64, then the two 32 x 32-bit products)
+// the rows of kLanes64 ids: mix64 (hashing.h), then the two 32 x 32-bit products
 inline vu64 hash_rows_narrow(vu64 v, uint64_t salt, vu64 r32) {
-  vu64 z = v ^ salt;
-  z ^= z >> 30;
-  z *= 0xBF58476D1CE4E5B9ULL;
-  z ^= z >> 27;
-  z *= 0x94D049BB133111EBULL;
-  z ^= z >> 31;
+  const vu64 z = mix64_lanes(v ^ salt);
   return (mul_lo32(z >> 32, r32) + (mul_lo32(z, r32) >> 32)) >> 32;
 }
 
@@ -175,7 +161,7 @@ void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t
           for (int i = 0; i < kLanes64; ++i) rows[(t + i) * P + p] = static_cast<int64_t>(r[i]);
         }
       }
-      for (; t < n; ++t) rows[t * P + p] = hash_row_narrow(static_cast<int64_t>(vals[t]), s, r32);
+      for (; t < n; ++t) rows[t * P + p] = hash_row(static_cast<int64_t>(vals[t]), s, num_rows);
     }
   } else {
     for (int64_t t = 0; t < n; ++t)
