@@ -452,6 +452,29 @@ def test_co_attention_matches_reference(device, dtype, shape):
     _check_close(oy, ry, ly, dtype, "oy")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["key_tile2", "query_row", "query_row_tile1"])
+def test_co_attention_far_apart_scores(device, dtype, case):
+    # One exp pass serves both softmaxes while a tile's row and column maxima lie within a range of
+    # the largest score; one huge key (in the second of three key tiles) or one huge query row puts
+    # most rows and columns far below it, and the kernel must fall back to per-row / per-column
+    # exponents there (float32) without losing the small rows' and columns' softmaxes.
+    shape = (2, 600, 40, 2, 16, 8, 12) if case == "query_row_tile1" else (2, 77, 1100, 2, 16, 8, 12)
+    qx, ky, vx, vy, xl, yl = _co_inputs(shape, dtype, device, seed=3)
+    if case == "key_tile2":
+        ky[:, 700] *= 80
+    else:
+        qx[:, 5] *= 100
+    ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, None)
+    rx, ry, rlx, rly = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    _check_close(ox, rx, None, dtype, "ox")
+    _check_close(oy, ry, None, dtype, "oy")
+    for a, b in ((lse_x, rlx), (lse_y, rly)):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a.double()[fin], b.double()[fin], atol=1e-4, rtol=1e-5)
+
+
 def test_co_attention_lse_and_symmetry(device):
     qx, ky, vx, vy, xl, yl = _co_inputs((2, 33, 70, 2, 8, 5, 6), torch.float64, device)
     ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, 0.7)
