@@ -216,7 +216,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
                     const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,
                     int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
-  const int64_t kBlockQ = block_q_for(max_k, max_q_slot);
+  const int64_t kBlockQ = forward_block_q(max_k, max_q_slot, B * Hq);
   const int64_t kBlockK = block_k_for(kBlockQ);
   const int64_t nqb = (max_q_slot + kBlockQ - 1) / kBlockQ;
   const int64_t group = Hq / Hkv;
@@ -345,8 +345,8 @@ void backward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const
   const int64_t group = Hq / Hkv;
   // query tiles of at most 256 rows: dK / dV are summed per tile (blocked summation), so a long
   // query side against a few keys does not sum thousands of terms in one chain
-  const int64_t kBlockQ = std::min<int64_t>(block_q_for(max_k, max_q), 256);
-  const int64_t kBlockK = block_k_for(kBlockQ);
+  const int64_t kBlockQ = backward_block_q(max_k, max_q);
+  const int64_t kBlockK = backward_block_k(max_k, kBlockQ);
   // the split: up to ~16 tasks in all, chunks of kBackwardKeyChunk keys (short keys: no split)
   // The split's dQ slices, [b][hk][chunk][head in group][query][D], are held to kSplitBytes
   // (fewer chunks for long, many-headed query sides; one chunk is no split).
