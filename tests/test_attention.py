@@ -113,6 +113,46 @@ def test_backward_matches_reference(device, dtype, shape):
             _check_close(a, r, lo, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_short_queries_long_keys(device, dtype):
+    # latent / pooling queries (<= 16 rows against >= 256 keys) with every sequence's keys > 80 (or
+    # none) take the CPU's short-query pass: padded query rows, a sequence without keys, GQA, odd
+    # dims; forward, lse, backward against the reference, and the varlen layout to the bit
+    B, Lq, Lk, Hq, Hkv, D, Dv = 4, 13, 300, 6, 2, 24, 20
+    q, k, v, _, _ = _inputs((B, Lq, Lk, Hq, Hkv, D, Dv), dtype, device, seed=11, lengths=False)
+    ql = torch.tensor([13, 5, 9, 1], device=device)
+    kvl = torch.tensor([300, 81, 0, 150], device=device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = embedops.cross_attention(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    ref_out, ref_lse = reference.cross_attention(q.detach(), k.detach(), v.detach(), kv_lengths=kvl, q_lengths=ql)
+    low_out, _ = reference.cross_attention(q.detach(), k.detach(), v.detach(), kv_lengths=kvl, q_lengths=ql, dtype=dtype)
+    _check_close(out, ref_out, low_out, dtype, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=1e-4, rtol=1e-4)
+
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(dtype).to(device)
+    ours = torch.autograd.grad(out, (q, k, v), go)
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(reference.cross_attention(*xs, kv_lengths=kvl, q_lengths=ql)[0], xs, go.double())
+    xl = [t.detach().requires_grad_() for t in (q, k, v)]
+    low = torch.autograd.grad(reference.cross_attention(*xl, kv_lengths=kvl, q_lengths=ql, dtype=dtype)[0], xl, go)
+    for name, a, r, lo in zip("qkv", ours, ref, low):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4, msg=f"d{name}")
+        else:
+            _check_close(a, r, lo, dtype, f"d{name}")
+
+    qp = torch.cat([q[b, : ql[b]] for b in range(B)]).detach()
+    kp = torch.cat([k[b, : kvl[b]] for b in range(B)]).detach()
+    vp = torch.cat([v[b, : kvl[b]] for b in range(B)]).detach()
+    cq = torch.nn.functional.pad(ql.cumsum(0), (1, 0)).to(torch.int32)
+    ck = torch.nn.functional.pad(kvl.cumsum(0), (1, 0)).to(torch.int32)
+    out_v, lse_v = embedops.cross_attention_varlen(qp, kp, vp, cq, ck, Lq, Lk, return_lse=True)
+    torch.testing.assert_close(out_v, torch.cat([out[b, : ql[b]] for b in range(B)]).detach(), atol=0, rtol=0)
+    torch.testing.assert_close(lse_v, torch.cat([lse[b, :, : ql[b]] for b in range(B)], 1), atol=0, rtol=0)
+
+
 def test_gradcheck_float64(device):
     shape = (2, 5, 7, 2, 1, 6, 4)
     q, k, v, kvl, ql = _inputs(shape, torch.float64, device, seed=3)

@@ -501,11 +501,10 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
   });
 }
 
-// Short query side (float compute, Lq <= 2 kShortQMax, text against image/audio/... keys): one task
-// per (batch, group of G heads, query tile). Per modality the keys are visited in chunks; a chunk's
-// rows of the G heads (adjacent in a (B, L, H, D) tensor: one contiguous read instead of G reads of
-// 256 bytes 2 KiB apart) are copied once, then each head takes its online-softmax step over them
-// with the scores transposed (cpu/tiles.h, short query side). No BLAS calls.
+// Short query side (float compute, Lq <= 2 kShortQMax, text against image/audio/... keys): the
+// short-query pass of short_query.h (per (batch, head group, query tile), transposed scores, no
+// BLAS) over the M segments; each segment's end writes its output and lse and adds its weighted
+// output to the task's rows, stored at the end.
 template <typename in_t, typename T>
 void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                        const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse_t, const MixDesc& md,
@@ -513,99 +512,17 @@ void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, con
   if constexpr (!std::is_same_v<T, float>) {
     TORCH_INTERNAL_ASSERT(false, "mix_forward_short: float compute only");  // (called for float only)
   } else {
-    float* lse = lse_t;
-    const float scale = scale_t;
     const int64_t M = md.M;
-    const int64_t nqb = (Lq + kShortQMax - 1) / kShortQMax;
-    const int64_t kBlockQ = (Lq + nqb - 1) / nqb;
-    const int64_t group = Hq / Hkv;
-    // heads per task: as many as still leave >= 2 tasks per thread, at most 8 (measured: fewer,
-    // more contiguous row reads beat finer load balancing here)
-    int64_t G = 8;
-    while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 2 * at::get_num_threads()) G /= 2;
-    G = std::min(G, Hq);
-    const int64_t ng = (Hq + G - 1) / G;
-    const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
-    constexpr bool kFloatIn = std::is_same_v<in_t, float>;
     auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
-    auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse[((b * Hq + h) * Lq + i) * M + m]; };
-    at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(kFloatIn ? 0 : G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
-          out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
-        const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, Lq - i0);
-        const int64_t h0 = hg * G, gn = std::min(G, Hq - h0);
-        short_query_dispatch(qn, [&](auto nqv) {
-          constexpr int NQV = decltype(nqv)::value;
-          constexpr int64_t qp = NQV * kVec;
-          for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, i0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
-          std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
-          ShortQState<NQV> state[8];
-          const int64_t kend = md.start[b * M + M - 1] + md.len[b * M + M - 1];
-          for (int64_t m = 0; m < M; ++m) {
-            const int64_t ks = md.start[b * M + m], klen = md.len[b * M + m];
-            for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
-            for (int64_t j0 = 0; j0 < klen; j0 += C) {
-              const int64_t kn = std::min(C, klen - j0);
-              if constexpr (!kFloatIn) {
-                for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads, as float
-                  for (int64_t g = 0; g < gn; ++g) {
-                    const int64_t hk = (h0 + g) / group;
-                    float* kc = kv.data() + g * C * (D + Dv);
-                    copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
-                    copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
-                  }
-                }
-              }
-              // The next chunk's rows (this segment's or the next one's: segments are packed) are
-              // prefetched while this one computes, spread over its register-block steps. Float
-              // inputs are then read in place (a copy of the chunk, as for fp16/bf16, was measured
-              // slower: it waited on memory for ~1/5 of the pass, the K/V stream read in bursts
-              // between long computations); the prefetches, issued all at once, stalled on the miss
-              // buffers.
-              const int64_t nx0 = ks + j0 + kn, nx1 = std::min(nx0 + C, kend);
-              const int64_t steps = short_query_steps<NQV>(kn, Dv);
-              const int64_t per = (nx1 - nx0 + steps - 1) / std::max<int64_t>(steps, 1);
-              for (int64_t g = 0; g < gn; ++g) {
-                const int64_t hk = (h0 + g) / group;
-                int64_t pj = nx0;
-                auto pf = [&] {
-                  for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
-                    vec::prefetch(K.at(b, pj, hk), D * static_cast<int64_t>(sizeof(in_t)));
-                    vec::prefetch(V.at(b, pj, hk), Dv * static_cast<int64_t>(sizeof(in_t)));
-                  }
-                };
-                const float *kp, *vp;
-                int64_t ldk, ldv;
-                if constexpr (kFloatIn) {  // in place (kv is empty: no offset from its null data())
-                  kp = K.at(b, ks + j0, hk);
-                  vp = V.at(b, ks + j0, hk);
-                  ldk = K.sl;
-                  ldv = V.sl;
-                } else {
-                  kp = kv.data() + g * C * (D + Dv);
-                  vp = kp + C * D;
-                  ldk = D;
-                  ldv = Dv;
-                }
-                short_query_chunk<NQV>(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(),
-                                       ot.data() + g * Dv * qp, pf);
-              }
-            }
-            for (int64_t g = 0; g < gn; ++g) {
-              const int64_t h = h0 + g;
-              short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
-              finish_modality(b, i0, h, m, qn, Dv, acc.data(), mx.data(), l.data(), W, seg_row, lse_at,
-                              out.data() + g * qn * Dv);
-            }
-          }
-          for (int64_t g = 0; g < gn; ++g)
-            for (int64_t r = 0; r < qn; ++r)
-              store_row(O.at(b, i0 + r, h0 + g), out.data() + (g * qn + r) * Dv, Dv, 1.0f);
+    auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse_t[((b * Hq + h) * Lq + i) * M + m]; };
+    short_query_forward(
+        Q, K, V, B, Lq, Hq, Hkv, D, Dv, scale_t, M, [](int64_t) { return int64_t(0); },
+        [&](int64_t) { return Lq; }, [&](int64_t b, int64_t m) { return std::make_pair(md.start[b * M + m], md.len[b * M + m]); },
+        [&](int64_t b, int64_t i0, int64_t qn, int64_t h, int64_t m, const float* mx, const float* l, const float* acc,
+            float* out) { finish_modality(b, i0, h, m, qn, Dv, acc, mx, l, W, seg_row, lse_at, out); },
+        [&](int64_t b, int64_t i0, int64_t qn, int64_t h, const float* out) {
+          for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out + r * Dv, Dv, 1.0f);
         });
-      }
-    });
   }
 }
 

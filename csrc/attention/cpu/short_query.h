@@ -2,9 +2,13 @@
 // Attention family, CPU (per CPU level): the short-query pass (mixture_attention with a short query
 // side), float32, on the register-wide vectors and broadcast-FMA product of tiles.h.
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "attention/attention.h"
 #include "attention/cpu/tiles.h"
@@ -199,6 +203,113 @@ void short_query_qt(const in_t* q, int64_t ldq, int64_t qn, int64_t D, float sca
   std::fill(qt, qt + D * QP, 0.0f);
   for (int64_t i = 0; i < qn; ++i)
     for (int64_t d = 0; d < D; ++d) qt[d * QP + i] = scale * static_cast<float>(q[i * ldq + d]);
+}
+
+// The short-query forward pass, float compute, for every caller (mixture_attention's short query
+// side, cross_attention's latent / pooling queries): one task per (batch, group of G heads, query
+// tile of <= kShortQMax rows). Per task and segment m of the batch's keys, the keys are visited in
+// chunks of kShortQChunk; a chunk's rows of the G heads (adjacent in a (B, L, H, D) tensor: one
+// contiguous read instead of G reads of 256 bytes 2 KiB apart) are read (float: in place;
+// float16 / bfloat16: converted once), then each head takes its online-softmax step over them.
+//   q_start(b), q_len(b): the batch's first query token (as Q.at takes it) and its query count
+//     (tiles from max_q_rows; rows >= q_len(b) are not computed: the caller owns them);
+//   seg(b, m) -> (first key token, key count) of segment m of batch b (segments in key order);
+//   finish(b, i0, qn, h, m, mx, l, acc, out): the segment's state for head h, rows i0 .. i0 + qn
+//     (max, sum, un-normalised acc (qn x Dv), as forward_tile_update leaves them); out: the head's
+//     (qn x Dv) scratch, zeroed at the task's start;
+//   done(b, i0, qn, h, out): after the last segment, per head.
+template <typename in_t, typename QStart, typename QLen, typename Seg, typename Finish, typename Done>
+void short_query_forward(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V, int64_t B,
+                         int64_t max_q_rows, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, float scale, int64_t M,
+                         const QStart& q_start, const QLen& q_len, const Seg& seg, const Finish& finish,
+                         const Done& done) {
+  const int64_t nqb = std::max<int64_t>(1, (max_q_rows + kShortQMax - 1) / kShortQMax);
+  const int64_t kBlockQ = std::max<int64_t>(1, (max_q_rows + nqb - 1) / nqb);
+  const int64_t group = Hq / Hkv;
+  // heads per task: as many as still leave >= 2 tasks per thread, at most 8 (measured: fewer,
+  // more contiguous row reads beat finer load balancing here)
+  int64_t G = 8;
+  while (G > 1 && B * ((Hq + G - 1) / G) * nqb < 2 * at::get_num_threads()) G /= 2;
+  G = std::min(G, Hq);
+  const int64_t ng = (Hq + G - 1) / G;
+  const int64_t QP = (kBlockQ + kVec - 1) / kVec * kVec, C = kShortQChunk;
+  constexpr bool kFloatIn = std::is_same_v<in_t, float>;
+  at::parallel_for(0, B * ng * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(G * D * QP), ot(G * Dv * QP), kv(kFloatIn ? 0 : G * C * (D + Dv)), st(C * QP), acc(kBlockQ * Dv),
+        out(G * kBlockQ * Dv), mx(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nqb, hg = (t / nqb) % ng, b = t / (nqb * ng);
+      const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, q_len(b) - i0);
+      if (qn <= 0) continue;
+      const int64_t h0 = hg * G, gn = std::min(G, Hq - h0), q0 = q_start(b) + i0;
+      short_query_dispatch(qn, [&](auto nqv) {
+        constexpr int NQV = decltype(nqv)::value;
+        constexpr int64_t qp = NQV * kVec;
+        for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, q0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
+        std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
+        ShortQState<NQV> state[8];
+        const auto last = seg(b, M - 1);
+        const int64_t kend = last.first + last.second;
+        for (int64_t m = 0; m < M; ++m) {
+          const auto sg = seg(b, m);
+          const int64_t ks = sg.first, klen = sg.second;
+          for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
+          for (int64_t j0 = 0; j0 < klen; j0 += C) {
+            const int64_t kn = std::min(C, klen - j0);
+            if constexpr (!kFloatIn) {
+              for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads, as float
+                for (int64_t g = 0; g < gn; ++g) {
+                  const int64_t hk = (h0 + g) / group;
+                  float* kc = kv.data() + g * C * (D + Dv);
+                  copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
+                  copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
+                }
+              }
+            }
+            // The next chunk's rows (this segment's or the next one's: segments are packed) are
+            // prefetched while this one computes, spread over its register-block steps. Float
+            // inputs are then read in place (a copy of the chunk, as for fp16/bf16, was measured
+            // slower: it waited on memory for ~1/5 of the pass, the K/V stream read in bursts
+            // between long computations); the prefetches, issued all at once, stalled on the miss
+            // buffers.
+            const int64_t nx0 = ks + j0 + kn, nx1 = std::min(nx0 + C, kend);
+            const int64_t steps = short_query_steps<NQV>(kn, Dv);
+            const int64_t per = (nx1 - nx0 + steps - 1) / std::max<int64_t>(steps, 1);
+            for (int64_t g = 0; g < gn; ++g) {
+              const int64_t hk = (h0 + g) / group;
+              int64_t pj = nx0;
+              auto pf = [&] {
+                for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
+                  vec::prefetch(K.at(b, pj, hk), D * static_cast<int64_t>(sizeof(in_t)));
+                  vec::prefetch(V.at(b, pj, hk), Dv * static_cast<int64_t>(sizeof(in_t)));
+                }
+              };
+              const float *kp, *vp;
+              int64_t ldk, ldv;
+              if constexpr (kFloatIn) {  // in place (kv is empty: no offset from its null data())
+                kp = K.at(b, ks + j0, hk);
+                vp = V.at(b, ks + j0, hk);
+                ldk = K.sl;
+                ldv = V.sl;
+              } else {
+                kp = kv.data() + g * C * (D + Dv);
+                vp = kp + C * D;
+                ldk = D;
+                ldv = Dv;
+              }
+              short_query_chunk<NQV>(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(),
+                                     ot.data() + g * Dv * qp, pf);
+            }
+          }
+          for (int64_t g = 0; g < gn; ++g) {
+            short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
+            finish(b, i0, qn, h0 + g, m, mx.data(), l.data(), acc.data(), out.data() + g * qn * Dv);
+          }
+        }
+        for (int64_t g = 0; g < gn; ++g) done(b, i0, qn, h0 + g, out.data() + g * qn * Dv);
+      });
+    }
+  });
 }
 
 }  // namespace attn_cpu
