@@ -5,7 +5,8 @@
 // visited in order: S = scale * Q K^T (BLAS gemm on the strided tiles), the online-softmax
 // update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
 // never stored; a query block holds one (BQ x BK) tile of it. Sequences with at most kMaxShortK
-// valid keys (image->text) take a fused short-key pass instead (no BLAS, see below).
+// valid keys (image->text) take a fused short-key pass instead (no BLAS, see below); a few latent
+// queries against long keys take the short-query pass of short_query.h (forward_short_queries).
 // Backward: parallel over (batch, key/value head, key chunk); see backward_kernel. Every gradient
 // is accumulated in a fixed order that depends on the shapes only (deterministic, no atomics).
 // P is recomputed from lse.
@@ -211,14 +212,13 @@ void short_key_dispatch(int64_t nv, int64_t qn, const float* q, int64_t ldq, int
   }
 }
 
-// in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
 // ---- latent / pooling queries (a few query rows against long keys), float32 compute -------------
 // The short-query pass of short_query.h (mixture_attention's): scores transposed, queries in the
 // vector lanes, both products register-blocked broadcast-FMA, no BLAS. With few query rows a GEMM
 // tile leaves MKL's packing of every K and V tile amortised over few rows. Measured at B4 H8 D64
 // (avx2, Zen 3, 2 threads, interleaved A/B, ms, tiles -> this pass): Lq 8: 1.18 -> 0.96 at 1024
 // keys, 8.8 -> 7.1 at 4096; Lq 16: 0.62 -> 0.57 at 256, 10.5 -> 6.9 at 4096; Lq 32: 2.87 -> 2.40 at
-// 1024, 14.1 -> 11.2 at 4096; but Lq 32 at <= 512 keys and Lq 64 at <= 1024 keys were 4-12 %
+// 1024, 14.1 -> 11.2 at 4096; but Lq 32 at <= 512 keys and Lq 64 at <= 1024 keys were 2-12 %
 // slower, so those keep the tiles. Used only when every sequence has more than kMaxShortK keys (or
 // none): a sequence with a few keys keeps the short-key pass, whose scores the backward recomputes
 // to the bit.
@@ -251,6 +251,7 @@ void forward_short_queries(const Rows<const in_t>& Q, const Rows<const in_t>& K,
       [](int64_t, int64_t, int64_t, int64_t, const float*) {});
 }
 
+// in_t: the tensors' dtype; T: the compute type (float, or double for double inputs).
 template <typename in_t, typename T>
 void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
                     const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,

@@ -51,9 +51,10 @@ inline int64_t block_q_for(int64_t max_k, int64_t max_q) {
 // (512-key) K and V tile is packed for the BLAS once per 256 rows instead of per 64, while the
 // (batch, head, query tile) tasks still number >= 4 per core of the machine (else 128, then 64
 // rows: many cores at small B * H). The machine's core count, not the thread setting, so that the
-// tiles, and with them the bits of the result, do not depend on torch.set_num_threads. Measured at Lq = Lk = 1024, D = 64 (avx2, Zen 3, 2 threads, interleaved
-// A/B): 64 -> 256 rows took B1 H8 from 0.86x to 0.93x SDPA's speed; text->image (Lq 77, one
-// 80-row tile instead of 40 + 37) from 1.02x to 1.09x. Shorter key sides: block_q_for.
+// tiles, and with them the bits of the result, do not depend on torch.set_num_threads. Measured
+// at Lq = Lk = 1024, D = 64 (avx2, Zen 3, 2 threads, interleaved A/B): 64 -> 256 rows took the
+// B1 H8 forward from 0.86x to 0.93x SDPA's speed; text->image (Lq 77: one 80-row tile instead of
+// 40 + 37) from 1.02x to 1.09x. Shorter key sides: block_q_for.
 inline int64_t forward_block_q(int64_t max_k, int64_t max_q, int64_t tasks_per_tile_row) {
   if (max_k < kMinBlockK) return block_q_for(max_k, max_q);
   static const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
