@@ -79,31 +79,6 @@ T row_col_max(const T* x, T* colmax, int64_t n) {
   return mx;
 }
 
-// x[j] = exp(x[j] - m) in place (m finite); colsum[j] += x[j]; returns sum_j x[j].
-template <typename T>
-T exp_row_colsum(T* x, T* colsum, int64_t n, T m) {
-  T sum = 0;
-  int64_t j = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    vf acc{};
-    const vf mv = vec::splat(m);
-    for (; j + kVec <= n; j += kVec) {
-      const vf e = vec::exp(vec::loadu(x + j) - mv);
-      vec::storeu(x + j, e);
-      vec::storeu(colsum + j, vec::loadu(colsum + j) + e);
-      acc += e;
-    }
-    sum = vec::hsum(acc);
-  }
-  for (; j < n; ++j) {
-    const T e = exp_any(x[j] - m);
-    x[j] = e;
-    colsum[j] += e;
-    sum += e;
-  }
-  return sum;
-}
-
 // co_attention's shared exponent: a tile whose row and column maxima so far all lie within
 // kShareRange of the task's largest score r takes ONE exp pass, E = exp(S - r), for both softmaxes.
 // Then every score within 47 of its row's (column's) max gives E >= exp(-87), a normal float with
@@ -206,7 +181,7 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
             // sums; every row and column state is moved to the reference r_run (>= all its scores)
             std::fill(tmax.begin(), tmax.begin() + lds, T(0));  // reused as the tile's column sums
             for (int64_t r = 0; r < qn; ++r) {
-              const T sum = exp_row_colsum(S.data() + r * lds, tmax.data(), lds, r_new);
+              const T sum = exp_row<true>(S.data() + r * lds, lds, r_new, tmax.data());
               const T alpha = attn::softmax_rescale(m[r], r_new);
               l[r] = l[r] * alpha + sum;
               m[r] = r_new;

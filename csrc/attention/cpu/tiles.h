@@ -176,8 +176,9 @@ T row_max(const T* x, int64_t n) {
 }
 
 // x[j] = exp(x[j] - m) (the softmax_prob of attention.h, vectorised); returns sum_j x[j].
-template <typename T>
-T exp_row(T* x, int64_t n, T m) {
+// kColSum: also colsum[j] += x[j] (co_attention's shared exponent: row and column sums in one pass).
+template <bool kColSum = false, typename T>
+T exp_row(T* x, int64_t n, T m, T* colsum = nullptr) {
   if (m == attn::neg_inf<T>()) {  // the row has no valid key: P = 0 (attn::softmax_prob)
     std::fill(x, x + n, T(0));
     return T(0);
@@ -190,6 +191,7 @@ T exp_row(T* x, int64_t n, T m) {
     for (; j + kVec <= n; j += kVec) {
       const vf e = vec::exp(vec::loadu(x + j) - mv);
       vec::storeu(x + j, e);
+      if constexpr (kColSum) vec::storeu(colsum + j, vec::loadu(colsum + j) + e);
       acc += e;
     }
     sum = vec::hsum(acc);
@@ -197,6 +199,7 @@ T exp_row(T* x, int64_t n, T m) {
   for (; j < n; ++j) {
     const T e = exp_any(x[j] - m);
     x[j] = e;
+    if constexpr (kColSum) colsum[j] += e;
     sum += e;
   }
   return sum;
