@@ -515,6 +515,27 @@ def test_co_attention_far_apart_scores(device, dtype, case):
         torch.testing.assert_close(a.double()[fin], b.double()[fin], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 96, 300, 2, 16, 17, 9), (2, 128, 257, 1, 8, 8, 8), (3, 9, 260, 2, 8, 33, 5),
+                                   (2, 300, 1, 2, 8, 4, 6)], ids=lambda s: "x".join(map(str, s)))
+def test_co_attention_short_side(device, dtype, shape):
+    # A side of <= 96 (avx2; 128 avx512, 48 default) tokens against >= 256 takes the short-side pass
+    # (x or, swapped, y in the vector lanes): a full last vector, a lane mask (9 rows), a 1-token
+    # side, odd value dims (vector tails), a batch without x rows, outputs and lse.
+    qx, ky, vx, vy, xl, yl = _co_inputs(shape, dtype, device, seed=5)
+    xl[1] = 0
+    ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, None)
+    rx, ry, rlx, rly = reference.co_attention(qx, ky, vx, vy, x_lengths=xl, y_lengths=yl)
+    lx, ly = _co_reference_lowp(qx, ky, vx, vy, xl, yl, dtype)
+    _check_close(ox, rx, lx, dtype, "ox")
+    _check_close(oy, ry, ly, dtype, "oy")
+    assert (ox[1] == 0).all() and (oy[1] == 0).all()
+    for a, b in ((lse_x, rlx), (lse_y, rly)):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a.double()[fin], b.double()[fin], atol=1e-3, rtol=1e-4)
+
+
 def test_co_attention_lse_and_symmetry(device):
     qx, ky, vx, vy, xl, yl = _co_inputs((2, 33, 70, 2, 8, 5, 6), torch.float64, device)
     ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, 0.7)

@@ -104,6 +104,23 @@ int64_t even_block_k(int64_t n, int64_t block_k) {
 
 // ---- co_attention -----------------------------------------------------------------------------
 
+// A co_attention task's rows without a partner (past their length, or all of them when one side is
+// empty): output 0, lse -inf. False when nothing is left to compute.
+template <typename in_t, typename T>
+bool co_clear_invalid(const Rows<in_t>& OX, const Rows<in_t>& OY, T* lx, T* ly, int64_t b, int64_t h, int64_t xl,
+                      int64_t yl, int64_t Lx, int64_t Ly, int64_t Dvx, int64_t Dvy) {
+  const int64_t x_valid = yl == 0 ? 0 : xl, y_valid = xl == 0 ? 0 : yl;
+  for (int64_t i = x_valid; i < Lx; ++i) {
+    std::fill(OX.at(b, i, h), OX.at(b, i, h) + Dvy, in_t(0));
+    lx[i] = attn::neg_inf<T>();
+  }
+  for (int64_t j = y_valid; j < Ly; ++j) {
+    std::fill(OY.at(b, j, h), OY.at(b, j, h) + Dvx, in_t(0));
+    ly[j] = attn::neg_inf<T>();
+  }
+  return x_valid > 0 && y_valid > 0;
+}
+
 template <typename in_t, typename T>
 void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, const Rows<const in_t>& VX,
                        const Rows<const in_t>& VY, const Rows<in_t>& OX, const Rows<in_t>& OY, T* lse_x, T* lse_y,
@@ -124,17 +141,7 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
       const int64_t xl = cd.xlen[b], yl = cd.ylen[b];
       T* lx = lse_x + (b * H + h) * Lx;
       T* ly = lse_y + (b * H + h) * Ly;
-      // invalid rows / columns, and everything when one side is empty: output 0, lse -inf
-      const int64_t x_valid = yl == 0 ? 0 : xl, y_valid = xl == 0 ? 0 : yl;
-      for (int64_t i = x_valid; i < Lx; ++i) {
-        std::fill(OX.at(b, i, h), OX.at(b, i, h) + Dvy, in_t(0));
-        lx[i] = attn::neg_inf<T>();
-      }
-      for (int64_t j = y_valid; j < Ly; ++j) {
-        std::fill(OY.at(b, j, h), OY.at(b, j, h) + Dvx, in_t(0));
-        ly[j] = attn::neg_inf<T>();
-      }
-      if (x_valid == 0 || y_valid == 0) continue;
+      if (!co_clear_invalid(OX, OY, lx, ly, b, h, xl, yl, Lx, Ly, Dvx, Dvy)) continue;
       int64_t ldk, ldvy, ldq, ldvx;
       const T* k_all = tile(KY.at(b, 0, h), KY.sl, yl, D, kall.data(), &ldk);
       const T* vy_all = tile(VY.at(b, 0, h), VY.sl, yl, Dvy, vyall.data(), &ldvy);
@@ -248,6 +255,207 @@ void co_forward_kernel(const Rows<const in_t>& QX, const Rows<const in_t>& KY, c
         store_row(OY.at(b, j, h), accc.data() + j * Dvx, Dvx, attn::softmax_inv_denominator(cl[j]));
         ly[j] = attn::softmax_lse(cm[j], cl[j]);
       }
+    }
+  });
+}
+
+// ---- co_attention with a short side (float compute): the short-query pass's layout -------------
+// The short side (text, <= kShortQMax tokens; x here, the caller swaps the sides when y is the
+// short one) sits in the vector lanes, the other side is visited in chunks of kShortQChunk tokens:
+// S^T (chunk x short-side lanes) by broadcast-FMA in registers, no BLAS (at B4 H8 Lx77 Ly1024 D64,
+// ~1/4 of the tiled kernel's time went to MKL's packing copies). Every x row is in the chunk's
+// lanes, so each y column's softmax is complete within its chunk: its max, sum and output
+// oy_j = sum_i P[j][i] vx_i are computed and stored there; the x rows take the online step of
+// short_query.h. The exponent is shared as in the tiled kernel: while every column's max and every
+// row's running max lie within kShareRange of the running max r, ONE exp pass E = exp(S^T - r)
+// serves both softmaxes (the rows' states referenced to r).
+
+// oy (kn x dvp) = E (kn rows, stride qp) . vx (xl rows, stride dvp), columns [c0, c0 + W kVec)
+template <int W>
+void co_short_column_block(const float* e, int64_t qp, int64_t kn, int64_t xl, const float* vx, int64_t dvp, int64_t c0,
+                           float* oy) {
+  constexpr int R = short_query_rows(W);
+  for (int64_t jb = 0; jb < kn; jb += R) {  // a tail group repeats the last column
+    const float* er[R];
+#pragma GCC unroll 8
+    for (int t = 0; t < R; ++t) er[t] = e + std::min<int64_t>(jb + t, kn - 1) * qp;
+    vf acc[R][W];
+    zero_acc(acc);
+    broadcast_fma(
+        xl, acc, [&](int t, int64_t i) { return er[t][i]; },
+        [&](int64_t i, int w) { return vec::loadu(vx + i * dvp + c0 + w * kVec); });
+    const int64_t nt = std::min<int64_t>(R, kn - jb);
+#pragma GCC unroll 8
+    for (int t = 0; t < R; ++t)
+      if (t < nt)
+#pragma GCC unroll 8
+        for (int w = 0; w < W; ++w) vec::storeu(oy + (jb + t) * dvp + c0 + w * kVec, acc[t][w]);
+  }
+}
+
+// the columns' un-normalised outputs of a chunk: oy (kn x dvp) = E vx, register blocks of W
+// vectors (avx2 2: 6 x 2 accumulators, avx512 4: 6 x 4), a tail of single vectors
+inline void co_short_column_pv(const float* e, int64_t qp, int64_t kn, int64_t xl, const float* vx, int64_t dvp,
+                               float* oy) {
+  constexpr int W = vec::kRegisters >= 32 ? 4 : 2;
+  int64_t c = 0;
+  for (; c + W * kVec <= dvp; c += W * kVec) co_short_column_block<W>(e, qp, kn, xl, vx, dvp, c, oy);
+  for (; c < dvp; c += kVec) co_short_column_block<1>(e, qp, kn, xl, vx, dvp, c, oy);
+}
+
+// The short-side pass takes a side of <= kShortQMax tokens (one register tile: 96 on avx2, 128 on
+// avx512, 48 at the default level) against >= kCoShortMinLong on the other side.
+constexpr int64_t kCoShortMinLong = 256;
+inline bool co_short_side(int64_t l_short, int64_t l_long) {
+  return l_short <= kShortQMax && l_long >= kCoShortMinLong;
+}
+
+template <typename in_t>
+void co_forward_short(const Rows<const in_t>& QX, const Rows<const in_t>& KY, const Rows<const in_t>& VX,
+                      const Rows<const in_t>& VY, const Rows<in_t>& OX, const Rows<in_t>& OY, float* lse_x,
+                      float* lse_y, const std::vector<int64_t>& xlen, const std::vector<int64_t>& ylen, int64_t B,
+                      int64_t H, int64_t Lx, int64_t Ly, int64_t D, int64_t Dvx, int64_t Dvy, float scale) {
+  constexpr bool kFloatIn = std::is_same_v<in_t, float>;
+  constexpr int64_t QM = kShortQMax, C = kShortQChunk;
+  const int64_t dvp = (Dvx + kVec - 1) / kVec * kVec;  // vx rows padded to whole vectors (zeros)
+  const float range = kShareRange<float>;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(D * QM), ot(Dvy * QM), st(C * QM), ec(C * QM), vx(QM * dvp), oy(C * dvp),
+        kv(kFloatIn ? 0 : C * (D + Dvy)), acc(QM * Dvy), mx(QM), l(QM), cs(C), cref(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % H, b = t / H;
+      const int64_t xl = xlen[b], yl = ylen[b];
+      float* lx = lse_x + (b * H + h) * Lx;
+      float* ly = lse_y + (b * H + h) * Ly;
+      if (!co_clear_invalid(OX, OY, lx, ly, b, h, xl, yl, Lx, Ly, Dvx, Dvy)) continue;
+      short_query_dispatch(xl, [&](auto nqv) {
+        constexpr int NQV = decltype(nqv)::value;
+        constexpr int64_t qp = NQV * kVec;
+        short_query_qt(QX.at(b, 0, h), QX.sl, xl, D, scale, qt.data());
+        std::fill(vx.begin(), vx.begin() + xl * dvp, 0.0f);
+        for (int64_t i = 0; i < xl; ++i) copy_row_f32(vx.data() + i * dvp, VX.at(b, i, h), Dvx);
+        ShortQState<NQV> state;
+        short_query_begin(state, ot.data(), Dvy);
+        vf rtrue[NQV];  // the rows' true running maxima
+        for (int q = 0; q < NQV; ++q) rtrue[q] = vec::splat(attn::neg_inf<float>());
+        // the last vector's lanes that hold rows (the others: zero query, score 0, left out)
+        const vec::vint last_valid = vec::lane_index() < static_cast<int32_t>(xl - (NQV - 1) * kVec);
+        const vf ninf = vec::splat(attn::neg_inf<float>());
+        float r_run = attn::neg_inf<float>();
+        for (int64_t j0 = 0; j0 < yl; j0 += C) {
+          const int64_t kn = std::min(C, yl - j0);
+          const float *kp, *vp;
+          int64_t ldk, ldv;
+          if constexpr (kFloatIn) {
+            kp = KY.at(b, j0, h);
+            vp = VY.at(b, j0, h);
+            ldk = KY.sl;
+            ldv = VY.sl;
+          } else {
+            float* kc = kv.data();
+            for (int64_t j = 0; j < kn; ++j) {
+              copy_row_f32(kc + j * D, KY.at(b, j0 + j, h), D);
+              copy_row_f32(kc + C * D + j * Dvy, VY.at(b, j0 + j, h), Dvy);
+            }
+            kp = kc;
+            vp = kc + C * D;
+            ldk = D;
+            ldv = Dvy;
+          }
+          // the next chunk's rows are prefetched, spread over the register-block steps
+          const int64_t nx0 = j0 + kn, nx1 = std::min(nx0 + C, yl);
+          const int64_t per = (nx1 - nx0 + short_query_steps<NQV>(kn, Dvy) - 1) / short_query_steps<NQV>(kn, Dvy);
+          int64_t pj = nx0;
+          auto pf = [&] {
+            for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
+              vec::prefetch(KY.at(b, pj, h), D * static_cast<int64_t>(sizeof(in_t)));
+              vec::prefetch(VY.at(b, pj, h), Dvy * static_cast<int64_t>(sizeof(in_t)));
+            }
+          };
+          short_query_groups<NQV>([&](auto q0, auto qw) {
+            short_query_scores<NQV, decltype(q0)::value, decltype(qw)::value>(D, qt.data(), kp, ldk, kn, st.data(), pf);
+          });
+          // one sweep: each column's max (over the valid lanes), each lane's max over the chunk
+          vf lane_max[NQV];
+          for (int q = 0; q < NQV; ++q) lane_max[q] = ninf;
+          float chunk_max = attn::neg_inf<float>();
+          for (int64_t j = 0; j < kn; ++j) {
+            const float* row = st.data() + j * qp;
+            vf cm = ninf;
+#pragma GCC unroll 12
+            for (int q = 0; q < NQV; ++q) {
+              vf x = vec::loadu(row + q * kVec);
+              lane_max[q] = vec::max(x, lane_max[q]);
+              if (q == NQV - 1) x = last_valid ? x : ninf;
+              cm = vec::max(x, cm);
+            }
+            cref[j] = vec::hmax(cm);
+            chunk_max = std::max(chunk_max, cref[j]);
+          }
+          const float r_new = attn::softmax_new_max(r_run, chunk_max);
+          bool shared = true;
+          const vf lo = vec::splat(r_new - range);
+          for (int q = 0; q < NQV; ++q) {
+            rtrue[q] = vec::max(lane_max[q], rtrue[q]);
+            vec::vint below = rtrue[q] < lo;
+            if (q == NQV - 1) below &= last_valid;
+            shared &= !vec::any(below);
+          }
+          for (int64_t j = 0; j < kn; ++j) shared &= cref[j] >= r_new - range;
+          // the columns' exponent: E = exp(S^T - r) in place (shared), else exp(S^T - column max)
+          // into ec; the column sums over the valid lanes
+          float* e = shared ? st.data() : ec.data();
+          vf row_sum[NQV] = {};
+          for (int64_t j = 0; j < kn; ++j) {
+            const vf ref = vec::splat(shared ? r_new : cref[j]);
+            const float* src = st.data() + j * qp;
+            float* dst = e + j * qp;
+            vf csum{};
+#pragma GCC unroll 12
+            for (int q = 0; q < NQV; ++q) {
+              vf x = vec::exp(vec::loadu(src + q * kVec) - ref);
+              if (q == NQV - 1) x = last_valid ? x : vf{};
+              vec::storeu(dst + q * kVec, x);
+              row_sum[q] += x;
+              csum += x;
+            }
+            cs[j] = vec::hsum(csum);
+            if (shared) cref[j] = r_new;
+          }
+          co_short_column_pv(e, qp, kn, xl, vx.data(), dvp, oy.data());
+          for (int64_t j = 0; j < kn; ++j) {
+            store_row(OY.at(b, j0 + j, h), oy.data() + j * dvp, Dvx, attn::softmax_inv_denominator(cs[j]));
+            ly[j0 + j] = attn::softmax_lse(cref[j], cs[j]);
+          }
+          // the rows: with the shared exponent, E already is P^T under the reference r for every
+          // row; else the online step of short_query.h on S^T
+          vf al_all[NQV];
+          if (shared) {
+            const vf rv = vec::splat(r_new);
+            for (int q = 0; q < NQV; ++q) {
+              al_all[q] = vec::exp(state.m[q] - rv);  // m_old = -inf (first chunk): 0
+              state.l[q] = state.l[q] * al_all[q] + row_sum[q];
+              state.m[q] = rv;
+            }
+          }
+          short_query_groups<NQV>([&](auto q0, auto qw) {
+            constexpr int Q0 = decltype(q0)::value, QW = decltype(qw)::value;
+            vf al[QW];
+            if (shared) {
+              for (int q = 0; q < QW; ++q) al[q] = al_all[Q0 + q];
+            } else {
+              short_query_softmax<NQV, Q0, QW>(state, kn, st.data(), al);
+            }
+            short_query_pv<NQV, Q0, QW>(al, Dvy, vp, ldv, kn, st.data(), ot.data(), pf);
+          });
+          r_run = r_new;
+        }
+        short_query_end(state, xl, Dvy, ot.data(), mx.data(), l.data(), acc.data());
+        for (int64_t i = 0; i < xl; ++i) {
+          store_row(OX.at(b, i, h), acc.data() + i * Dvy, Dvy, attn::softmax_inv_denominator(l[i]));
+          lx[i] = attn::softmax_lse(mx[i], l[i]);
+        }
+      });
     }
   });
 }
@@ -374,6 +582,17 @@ void co_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor& kc,
   const int64_t D = qc.size(3), Dvx = vxc.size(3), Dvy = vyc.size(3);
   EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "co_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<T, float>) {
+      const auto qr = rows_of<const scalar_t>(qc, false), kr = rows_of<const scalar_t>(kc, false);
+      const auto vxr = rows_of<const scalar_t>(vxc, false), vyr = rows_of<const scalar_t>(vyc, false);
+      const auto oxr = rows_of<scalar_t>(ox, false), oyr = rows_of<scalar_t>(oy, false);
+      if (co_short_side(Lx, Ly))
+        return co_forward_short<scalar_t>(qr, kr, vxr, vyr, oxr, oyr, lx.data_ptr<float>(), ly.data_ptr<float>(),
+                                          cd.xlen, cd.ylen, B, H, Lx, Ly, D, Dvx, Dvy, static_cast<float>(sc));
+      if (co_short_side(Ly, Lx))  // y is the short side: the same pass with the sides swapped
+        return co_forward_short<scalar_t>(kr, qr, vyr, vxr, oyr, oxr, ly.data_ptr<float>(), lx.data_ptr<float>(),
+                                          cd.ylen, cd.xlen, B, H, Ly, Lx, D, Dvy, Dvx, static_cast<float>(sc));
+    }
     co_forward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
                                    rows_of<const scalar_t>(vxc, false), rows_of<const scalar_t>(vyc, false),
                                    rows_of<scalar_t>(ox, false), rows_of<scalar_t>(oy, false), lx.data_ptr<T>(),

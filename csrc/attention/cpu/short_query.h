@@ -80,13 +80,14 @@ int64_t short_query_steps(int64_t kn, int64_t Dv) {
   return steps;
 }
 
-// One online-softmax step over kn <= kShortQChunk keys for the query vectors Q0 .. Q0 + QW: the
-// scores S^T (key rows x the group's lanes) into st, the softmax step, then O^T += V^T P^T. A whole
-// group's step runs before the next group's, so its slice of st stays in L1. pf() is called once per
-// register-block step (short_query_steps in all): the caller spreads its prefetches over them.
+// The three parts of one online-softmax step over kn <= kShortQChunk keys for the query vectors
+// Q0 .. Q0 + QW (a register group): short_query_scores, short_query_softmax, short_query_pv. pf() is
+// called once per register-block step (short_query_steps in all): the caller spreads its prefetches
+// over them.
+
+// S^T rows [0, kn) of the group's lanes: st[j][Q0 kVec ..] = K[j] . Q^T (kc: kn rows, stride ldk)
 template <int NQV, int Q0, int QW, typename PF>
-void short_query_group(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, int64_t ldk,
-                       const float* vc, int64_t ldv, int64_t kn, float* st, float* ot, const PF& pf) {
+void short_query_scores(int64_t D, const float* qt, const float* kc, int64_t ldk, int64_t kn, float* st, const PF& pf) {
   constexpr int64_t QP = NQV * kVec;
   constexpr int R = short_query_rows(QW);
   const float* qg = qt + Q0 * kVec;
@@ -107,9 +108,16 @@ void short_query_group(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
 #pragma GCC unroll 8
         for (int q = 0; q < QW; ++q) vec::storeu(st + (jb + t) * QP + (Q0 + q) * kVec, acc[t][q]);
   }
-  vf al[QW];
+}
+
+// The online-softmax step of attention.h on the group's lanes, kVec queries per vector: the new
+// max, the exponent in place (st becomes P^T), the running sum; al[q]: the rescale of the group's
+// running O^T.
+template <int NQV, int Q0, int QW>
+void short_query_softmax(ShortQState<NQV>& s, int64_t kn, float* st, vf (&al)[QW]) {
+  constexpr int64_t QP = NQV * kVec;
 #pragma GCC unroll 8
-  for (int q = 0; q < QW; ++q) {  // the online-softmax step of attention.h, kVec queries per vector
+  for (int q = 0; q < QW; ++q) {
     float* col = st + (Q0 + q) * kVec;
     vf mx = vec::loadu(col);
     for (int64_t j = 1; j < kn; ++j) {
@@ -128,7 +136,15 @@ void short_query_group(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
     s.l[Q0 + q] = s.l[Q0 + q] * al[q] + sum;
     m = mn;
   }
-  const float* pg = st + Q0 * kVec;
+}
+
+// The group's O^T (Dv x its lanes) = O^T * al + V^T P^T (vc: kn rows, stride ldv; pt: P^T, kn x QP)
+template <int NQV, int Q0, int QW, typename PF>
+void short_query_pv(const vf (&al)[QW], int64_t Dv, const float* vc, int64_t ldv, int64_t kn, const float* pt,
+                    float* ot, const PF& pf) {
+  constexpr int64_t QP = NQV * kVec;
+  constexpr int R = short_query_rows(QW);
+  const float* pg = pt + Q0 * kVec;
   float* og = ot + Q0 * kVec;
   for (int64_t e0 = 0; e0 < Dv; e0 += R) {  // O^T rows e0..e0+R: rescale, += V^T P^T
     pf();
@@ -152,18 +168,31 @@ void short_query_group(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
   }
 }
 
-// One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) float rows
-// (row strides ldk, ldv), qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
-// (kShortQChunk x QP) scratch. The NQV query vectors are split into groups (short_query_width).
-// pf(): the prefetch hook, called short_query_steps(kn, Dv) times.
-template <int NQV, int Q0 = 0, typename PF>
-void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, int64_t ldk,
-                       const float* vc, int64_t ldv, int64_t kn, float* st, float* ot, const PF& pf) {
+// f(integral_constant<Q0>, integral_constant<QW>) for the register groups of NQV query vectors, in
+// order (short_query_width)
+template <int NQV, int Q0 = 0, typename F>
+void short_query_groups(const F& f) {
   if constexpr (Q0 < NQV) {
     constexpr int QW = short_query_width(NQV, Q0);
-    short_query_group<NQV, Q0, QW>(s, D, Dv, qt, kc, ldk, vc, ldv, kn, st, ot, pf);
-    short_query_chunk<NQV, Q0 + QW>(s, D, Dv, qt, kc, ldk, vc, ldv, kn, st, ot, pf);
+    f(std::integral_constant<int, Q0>(), std::integral_constant<int, QW>());
+    short_query_groups<NQV, Q0 + QW>(f);
   }
+}
+
+// One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) float rows
+// (row strides ldk, ldv), qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
+// (kShortQChunk x QP) scratch. A whole group's step runs before the next group's, so its slice of st
+// stays in L1. pf(): the prefetch hook, called short_query_steps(kn, Dv) times.
+template <int NQV, typename PF>
+void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, int64_t ldk,
+                       const float* vc, int64_t ldv, int64_t kn, float* st, float* ot, const PF& pf) {
+  short_query_groups<NQV>([&](auto q0, auto qw) {
+    constexpr int Q0 = decltype(q0)::value, QW = decltype(qw)::value;
+    short_query_scores<NQV, Q0, QW>(D, qt, kc, ldk, kn, st, pf);
+    vf al[QW];
+    short_query_softmax<NQV, Q0, QW>(s, kn, st, al);
+    short_query_pv<NQV, Q0, QW>(al, Dv, vc, ldv, kn, st, ot, pf);
+  });
 }
 
 // The state as forward_tile_update leaves it: per query row the max m[i], the sum l[i] and the
