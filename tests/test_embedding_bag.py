@@ -79,10 +79,13 @@ def test_forward_matches_reference(device, mode, combine, dtype, index_dtype):
 @pytest.mark.parametrize("dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_vector_widths(device, dim, mode, dtype):
-    # the CPU kernel has register-accumulator variants for these widths
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_forward_vector_widths(device, dim, mode, dtype, index_dtype):
+    # the CPU kernel has register-accumulator variants for these widths (their ids hashed through a
+    # pointer to the index type's hash_rows_block)
     probes = [1, 3]
-    w, v, o, psw = make_bags(probes, 9, num_rows=50, dim=dim, dtype=dtype, device=device, seed=dim, max_len=25)
+    w, v, o, psw = make_bags(probes, 9, num_rows=50, dim=dim, dtype=dtype, index_dtype=index_dtype, device=device,
+                             seed=dim, max_len=25)
     for combine in COMBINES:
         kw = dict(combine=combine, mode=mode, seed=4)
         if mode == "sum":

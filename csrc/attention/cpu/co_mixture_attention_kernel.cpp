@@ -314,6 +314,104 @@ inline bool co_short_side(int64_t l_short, int64_t l_long) {
   return l_short <= kShortQMax && l_long >= kCoShortMinLong;
 }
 
+// The running state of co_forward_short's rows: the online softmax (max, sum) per lane, the rows'
+// true running maxima and the largest score so far
+struct CoShortState {
+  ShortQState rows;
+  vf rtrue[kShortQMaxVec];
+  float r_run;
+};
+
+// One chunk of kn <= kShortQChunk long-side tokens (kp: kn x D keys, vp: kn x Dvy values, float rows
+// with strides ldk, ldv) against the xl <= NQV kVec short-side rows (qt: D x QP scaled, vx: xl x dvp).
+// Out: the chunk's columns, un-normalised oy (kn x dvp), sums cs and exponent references cref (lse
+// = cref + log cs); the rows' O^T (ot) and state take their online step. st, ec: kShortQChunk x QP
+// scratch. Float only and not inlined: one copy per NQV for every input dtype.
+template <int NQV>
+[[gnu::noinline]] void co_short_chunk(CoShortState& s, int64_t D, int64_t Dvy, int64_t xl, const float* qt,
+                                      const float* kp, int64_t ldk, const float* vp, int64_t ldv, int64_t kn,
+                                      const float* vx, int64_t dvp, float* st, float* ec, float* ot, float* oy,
+                                      float* cs, float* cref, ShortQPrefetch& pf) {
+  constexpr int64_t qp = NQV * kVec;
+  const float range = kShareRange<float>;
+  // the last vector's lanes that hold rows (the others: zero query, score 0, left out)
+  const vec::vint last_valid = vec::lane_index() < static_cast<int32_t>(xl - (NQV - 1) * kVec);
+  const vf ninf = vec::splat(attn::neg_inf<float>());
+  short_query_groups<NQV>([&](auto q0, auto qw) {
+    short_query_scores<NQV, decltype(q0)::value, decltype(qw)::value>(D, qt, kp, ldk, kn, st, pf);
+  });
+  // one sweep: each column's max (over the valid lanes), each lane's max over the chunk
+  vf lane_max[NQV];
+  for (int q = 0; q < NQV; ++q) lane_max[q] = ninf;
+  float chunk_max = attn::neg_inf<float>();
+  for (int64_t j = 0; j < kn; ++j) {
+    const float* row = st + j * qp;
+    vf cm = ninf;
+#pragma GCC unroll 12
+    for (int q = 0; q < NQV; ++q) {
+      vf x = vec::loadu(row + q * kVec);
+      lane_max[q] = vec::max(x, lane_max[q]);
+      if (q == NQV - 1) x = last_valid ? x : ninf;
+      cm = vec::max(x, cm);
+    }
+    cref[j] = vec::hmax(cm);
+    chunk_max = std::max(chunk_max, cref[j]);
+  }
+  const float r_new = attn::softmax_new_max(s.r_run, chunk_max);
+  bool shared = true;
+  const vf lo = vec::splat(r_new - range);
+  for (int q = 0; q < NQV; ++q) {
+    s.rtrue[q] = vec::max(lane_max[q], s.rtrue[q]);
+    vec::vint below = s.rtrue[q] < lo;
+    if (q == NQV - 1) below &= last_valid;
+    shared &= !vec::any(below);
+  }
+  for (int64_t j = 0; j < kn; ++j) shared &= cref[j] >= r_new - range;
+  // the columns' exponent: E = exp(S^T - r) in place (shared), else exp(S^T - column max) into ec;
+  // the column sums over the valid lanes
+  float* e = shared ? st : ec;
+  vf row_sum[NQV] = {};
+  for (int64_t j = 0; j < kn; ++j) {
+    const vf ref = vec::splat(shared ? r_new : cref[j]);
+    const float* src = st + j * qp;
+    float* dst = e + j * qp;
+    vf csum{};
+#pragma GCC unroll 12
+    for (int q = 0; q < NQV; ++q) {
+      vf x = vec::exp(vec::loadu(src + q * kVec) - ref);
+      if (q == NQV - 1) x = last_valid ? x : vf{};
+      vec::storeu(dst + q * kVec, x);
+      row_sum[q] += x;
+      csum += x;
+    }
+    cs[j] = vec::hsum(csum);
+    if (shared) cref[j] = r_new;
+  }
+  co_short_column_pv(e, qp, kn, xl, vx, dvp, oy);
+  // the rows: with the shared exponent, E already is P^T under the reference r for every row; else
+  // the online step of short_query.h on S^T
+  vf al_all[NQV];
+  if (shared) {
+    const vf rv = vec::splat(r_new);
+    for (int q = 0; q < NQV; ++q) {
+      al_all[q] = vec::exp(s.rows.m[q] - rv);  // m_old = -inf (first chunk): 0
+      s.rows.l[q] = s.rows.l[q] * al_all[q] + row_sum[q];
+      s.rows.m[q] = rv;
+    }
+  }
+  short_query_groups<NQV>([&](auto q0, auto qw) {
+    constexpr int Q0 = decltype(q0)::value, QW = decltype(qw)::value;
+    vf al[QW];
+    if (shared) {
+      for (int q = 0; q < QW; ++q) al[q] = al_all[Q0 + q];
+    } else {
+      short_query_softmax<NQV, Q0, QW>(s.rows, kn, st, al);
+    }
+    short_query_pv<NQV, Q0, QW>(al, Dvy, vp, ldv, kn, st, ot, pf);
+  });
+  s.r_run = r_new;
+}
+
 template <typename in_t>
 void co_forward_short(const Rows<const in_t>& QX, const Rows<const in_t>& KY, const Rows<const in_t>& VX,
                       const Rows<const in_t>& VY, const Rows<in_t>& OX, const Rows<in_t>& OY, float* lse_x,
@@ -322,7 +420,6 @@ void co_forward_short(const Rows<const in_t>& QX, const Rows<const in_t>& KY, co
   constexpr bool kFloatIn = std::is_same_v<in_t, float>;
   constexpr int64_t QM = kShortQMax, C = kShortQChunk;
   const int64_t dvp = (Dvx + kVec - 1) / kVec * kVec;  // vx rows padded to whole vectors (zeros)
-  const float range = kShareRange<float>;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qt(D * QM), ot(Dvy * QM), st(C * QM), ec(C * QM), vx(QM * dvp), oy(C * dvp),
         kv(kFloatIn ? 0 : C * (D + Dvy)), acc(QM * Dvy), mx(QM), l(QM), cs(C), cref(C);
@@ -332,134 +429,50 @@ void co_forward_short(const Rows<const in_t>& QX, const Rows<const in_t>& KY, co
       float* lx = lse_x + (b * H + h) * Lx;
       float* ly = lse_y + (b * H + h) * Ly;
       if (!co_clear_invalid(OX, OY, lx, ly, b, h, xl, yl, Lx, Ly, Dvx, Dvy)) continue;
-      short_query_dispatch(xl, [&](auto nqv) {
-        constexpr int NQV = decltype(nqv)::value;
-        constexpr int64_t qp = NQV * kVec;
-        short_query_qt(QX.at(b, 0, h), QX.sl, xl, D, scale, qt.data());
-        std::fill(vx.begin(), vx.begin() + xl * dvp, 0.0f);
-        for (int64_t i = 0; i < xl; ++i) copy_row_f32(vx.data() + i * dvp, VX.at(b, i, h), Dvx);
-        ShortQState<NQV> state;
-        short_query_begin(state, ot.data(), Dvy);
-        vf rtrue[NQV];  // the rows' true running maxima
-        for (int q = 0; q < NQV; ++q) rtrue[q] = vec::splat(attn::neg_inf<float>());
-        // the last vector's lanes that hold rows (the others: zero query, score 0, left out)
-        const vec::vint last_valid = vec::lane_index() < static_cast<int32_t>(xl - (NQV - 1) * kVec);
-        const vf ninf = vec::splat(attn::neg_inf<float>());
-        float r_run = attn::neg_inf<float>();
-        for (int64_t j0 = 0; j0 < yl; j0 += C) {
-          const int64_t kn = std::min(C, yl - j0);
-          const float *kp, *vp;
-          int64_t ldk, ldv;
-          if constexpr (kFloatIn) {
-            kp = KY.at(b, j0, h);
-            vp = VY.at(b, j0, h);
-            ldk = KY.sl;
-            ldv = VY.sl;
-          } else {
-            float* kc = kv.data();
-            for (int64_t j = 0; j < kn; ++j) {
-              copy_row_f32(kc + j * D, KY.at(b, j0 + j, h), D);
-              copy_row_f32(kc + C * D + j * Dvy, VY.at(b, j0 + j, h), Dvy);
-            }
-            kp = kc;
-            vp = kc + C * D;
-            ldk = D;
-            ldv = Dvy;
-          }
-          // the next chunk's rows are prefetched, spread over the register-block steps
-          const int64_t nx0 = j0 + kn, nx1 = std::min(nx0 + C, yl);
-          const int64_t per = (nx1 - nx0 + short_query_steps<NQV>(kn, Dvy) - 1) / short_query_steps<NQV>(kn, Dvy);
-          int64_t pj = nx0;
-          auto pf = [&] {
-            for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
-              vec::prefetch(KY.at(b, pj, h), D * static_cast<int64_t>(sizeof(in_t)));
-              vec::prefetch(VY.at(b, pj, h), Dvy * static_cast<int64_t>(sizeof(in_t)));
-            }
-          };
-          short_query_groups<NQV>([&](auto q0, auto qw) {
-            short_query_scores<NQV, decltype(q0)::value, decltype(qw)::value>(D, qt.data(), kp, ldk, kn, st.data(), pf);
-          });
-          // one sweep: each column's max (over the valid lanes), each lane's max over the chunk
-          vf lane_max[NQV];
-          for (int q = 0; q < NQV; ++q) lane_max[q] = ninf;
-          float chunk_max = attn::neg_inf<float>();
+      const int nqv = static_cast<int>((xl + kVec - 1) / kVec);
+      const auto chunk = short_query_pick(xl, [](auto n) { return &co_short_chunk<decltype(n)::value>; });
+      short_query_qt(QX.at(b, 0, h), QX.sl, xl, D, scale, qt.data());
+      std::fill(vx.begin(), vx.begin() + xl * dvp, 0.0f);
+      for (int64_t i = 0; i < xl; ++i) copy_row_f32(vx.data() + i * dvp, VX.at(b, i, h), Dvx);
+      CoShortState s;
+      short_query_begin(s.rows, nqv, ot.data(), Dvy);
+      for (int q = 0; q < nqv; ++q) s.rtrue[q] = vec::splat(attn::neg_inf<float>());
+      s.r_run = attn::neg_inf<float>();
+      for (int64_t j0 = 0; j0 < yl; j0 += C) {
+        const int64_t kn = std::min(C, yl - j0);
+        const float *kp, *vp;
+        int64_t ldk, ldv;
+        if constexpr (kFloatIn) {
+          kp = KY.at(b, j0, h);
+          vp = VY.at(b, j0, h);
+          ldk = KY.sl;
+          ldv = VY.sl;
+        } else {
+          float* kc = kv.data();
           for (int64_t j = 0; j < kn; ++j) {
-            const float* row = st.data() + j * qp;
-            vf cm = ninf;
-#pragma GCC unroll 12
-            for (int q = 0; q < NQV; ++q) {
-              vf x = vec::loadu(row + q * kVec);
-              lane_max[q] = vec::max(x, lane_max[q]);
-              if (q == NQV - 1) x = last_valid ? x : ninf;
-              cm = vec::max(x, cm);
-            }
-            cref[j] = vec::hmax(cm);
-            chunk_max = std::max(chunk_max, cref[j]);
+            copy_row_f32(kc + j * D, KY.at(b, j0 + j, h), D);
+            copy_row_f32(kc + C * D + j * Dvy, VY.at(b, j0 + j, h), Dvy);
           }
-          const float r_new = attn::softmax_new_max(r_run, chunk_max);
-          bool shared = true;
-          const vf lo = vec::splat(r_new - range);
-          for (int q = 0; q < NQV; ++q) {
-            rtrue[q] = vec::max(lane_max[q], rtrue[q]);
-            vec::vint below = rtrue[q] < lo;
-            if (q == NQV - 1) below &= last_valid;
-            shared &= !vec::any(below);
-          }
-          for (int64_t j = 0; j < kn; ++j) shared &= cref[j] >= r_new - range;
-          // the columns' exponent: E = exp(S^T - r) in place (shared), else exp(S^T - column max)
-          // into ec; the column sums over the valid lanes
-          float* e = shared ? st.data() : ec.data();
-          vf row_sum[NQV] = {};
-          for (int64_t j = 0; j < kn; ++j) {
-            const vf ref = vec::splat(shared ? r_new : cref[j]);
-            const float* src = st.data() + j * qp;
-            float* dst = e + j * qp;
-            vf csum{};
-#pragma GCC unroll 12
-            for (int q = 0; q < NQV; ++q) {
-              vf x = vec::exp(vec::loadu(src + q * kVec) - ref);
-              if (q == NQV - 1) x = last_valid ? x : vf{};
-              vec::storeu(dst + q * kVec, x);
-              row_sum[q] += x;
-              csum += x;
-            }
-            cs[j] = vec::hsum(csum);
-            if (shared) cref[j] = r_new;
-          }
-          co_short_column_pv(e, qp, kn, xl, vx.data(), dvp, oy.data());
-          for (int64_t j = 0; j < kn; ++j) {
-            store_row(OY.at(b, j0 + j, h), oy.data() + j * dvp, Dvx, attn::softmax_inv_denominator(cs[j]));
-            ly[j0 + j] = attn::softmax_lse(cref[j], cs[j]);
-          }
-          // the rows: with the shared exponent, E already is P^T under the reference r for every
-          // row; else the online step of short_query.h on S^T
-          vf al_all[NQV];
-          if (shared) {
-            const vf rv = vec::splat(r_new);
-            for (int q = 0; q < NQV; ++q) {
-              al_all[q] = vec::exp(state.m[q] - rv);  // m_old = -inf (first chunk): 0
-              state.l[q] = state.l[q] * al_all[q] + row_sum[q];
-              state.m[q] = rv;
-            }
-          }
-          short_query_groups<NQV>([&](auto q0, auto qw) {
-            constexpr int Q0 = decltype(q0)::value, QW = decltype(qw)::value;
-            vf al[QW];
-            if (shared) {
-              for (int q = 0; q < QW; ++q) al[q] = al_all[Q0 + q];
-            } else {
-              short_query_softmax<NQV, Q0, QW>(state, kn, st.data(), al);
-            }
-            short_query_pv<NQV, Q0, QW>(al, Dvy, vp, ldv, kn, st.data(), ot.data(), pf);
-          });
-          r_run = r_new;
+          kp = kc;
+          vp = kc + C * D;
+          ldk = D;
+          ldv = Dvy;
         }
-        short_query_end(state, xl, Dvy, ot.data(), mx.data(), l.data(), acc.data());
-        for (int64_t i = 0; i < xl; ++i) {
-          store_row(OX.at(b, i, h), acc.data() + i * Dvy, Dvy, attn::softmax_inv_denominator(l[i]));
-          lx[i] = attn::softmax_lse(mx[i], l[i]);
+        // the next chunk's rows are prefetched, spread over the register-block steps
+        ShortQPrefetch pf(KY.at(b, 0, h), KY.sl, D, VY.at(b, 0, h), VY.sl, Dvy, j0 + kn, std::min(j0 + kn + C, yl),
+                          short_query_steps(nqv, kn, Dvy));
+        chunk(s, D, Dvy, xl, qt.data(), kp, ldk, vp, ldv, kn, vx.data(), dvp, st.data(), ec.data(), ot.data(),
+              oy.data(), cs.data(), cref.data(), pf);
+        for (int64_t j = 0; j < kn; ++j) {
+          store_row(OY.at(b, j0 + j, h), oy.data() + j * dvp, Dvx, attn::softmax_inv_denominator(cs[j]));
+          ly[j0 + j] = attn::softmax_lse(cref[j], cs[j]);
         }
-      });
+      }
+      short_query_end(s.rows, xl, Dvy, ot.data(), mx.data(), l.data(), acc.data());
+      for (int64_t i = 0; i < xl; ++i) {
+        store_row(OX.at(b, i, h), acc.data() + i * Dvy, Dvy, attn::softmax_inv_denominator(l[i]));
+        lx[i] = attn::softmax_lse(mx[i], l[i]);
+      }
     }
   });
 }

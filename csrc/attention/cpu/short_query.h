@@ -31,19 +31,17 @@ constexpr int kShortQMaxVec = vec::kRegisters >= 32 ? 8 : 12;
 constexpr int64_t kShortQMax = kShortQMaxVec * kVec;
 constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
 
-// the running (max, sum) of kVec * NQV queries
-template <int NQV>
+// the running (max, sum) of kVec * nqv queries (the first nqv vectors)
 struct ShortQState {
-  vf m[NQV], l[NQV];
+  vf m[kShortQMaxVec], l[kShortQMaxVec];
 };
 
-template <int NQV>
-void short_query_begin(ShortQState<NQV>& s, float* ot, int64_t Dv) {
-  for (int q = 0; q < NQV; ++q) {
+inline void short_query_begin(ShortQState& s, int nqv, float* ot, int64_t Dv) {
+  for (int q = 0; q < nqv; ++q) {
     s.m[q] = vec::splat(attn::neg_inf<float>());
     s.l[q] = vf{};
   }
-  std::fill(ot, ot + Dv * NQV * kVec, 0.0f);
+  std::fill(ot, ot + Dv * nqv * kVec, 0.0f);
 }
 
 // Query vectors per register group: the products below keep a group's R x QW accumulators, its QW
@@ -68,13 +66,12 @@ constexpr int short_query_width(int nqv, int q0) {
   return (nqv - q0 + groups_left - 1) / groups_left;
 }
 
-// How many register-block steps short_query_chunk takes for kn keys (the times it calls its
-// prefetch hook): per group, the key blocks of S^T and the output-dim blocks of O^T.
-template <int NQV>
-int64_t short_query_steps(int64_t kn, int64_t Dv) {
+// How many register-block steps short_query_chunk takes for kn keys and nqv query vectors (the
+// times it calls its prefetch hook): per group, the key blocks of S^T and the output-dim blocks of O^T.
+inline int64_t short_query_steps(int nqv, int64_t kn, int64_t Dv) {
   int64_t steps = 0;
-  for (int q0 = 0; q0 < NQV; q0 += short_query_width(NQV, q0)) {
-    const int r = short_query_rows(short_query_width(NQV, q0));
+  for (int q0 = 0; q0 < nqv; q0 += short_query_width(nqv, q0)) {
+    const int r = short_query_rows(short_query_width(nqv, q0));
     steps += (kn + r - 1) / r + (Dv + r - 1) / r;
   }
   return steps;
@@ -87,7 +84,7 @@ int64_t short_query_steps(int64_t kn, int64_t Dv) {
 
 // S^T rows [0, kn) of the group's lanes: st[j][Q0 kVec ..] = K[j] . Q^T (kc: kn rows, stride ldk)
 template <int NQV, int Q0, int QW, typename PF>
-void short_query_scores(int64_t D, const float* qt, const float* kc, int64_t ldk, int64_t kn, float* st, const PF& pf) {
+void short_query_scores(int64_t D, const float* qt, const float* kc, int64_t ldk, int64_t kn, float* st, PF& pf) {
   constexpr int64_t QP = NQV * kVec;
   constexpr int R = short_query_rows(QW);
   const float* qg = qt + Q0 * kVec;
@@ -114,7 +111,7 @@ void short_query_scores(int64_t D, const float* qt, const float* kc, int64_t ldk
 // max, the exponent in place (st becomes P^T), the running sum; al[q]: the rescale of the group's
 // running O^T.
 template <int NQV, int Q0, int QW>
-void short_query_softmax(ShortQState<NQV>& s, int64_t kn, float* st, vf (&al)[QW]) {
+void short_query_softmax(ShortQState& s, int64_t kn, float* st, vf (&al)[QW]) {
   constexpr int64_t QP = NQV * kVec;
 #pragma GCC unroll 8
   for (int q = 0; q < QW; ++q) {
@@ -141,7 +138,7 @@ void short_query_softmax(ShortQState<NQV>& s, int64_t kn, float* st, vf (&al)[QW
 // The group's O^T (Dv x its lanes) = O^T * al + V^T P^T (vc: kn rows, stride ldv; pt: P^T, kn x QP)
 template <int NQV, int Q0, int QW, typename PF>
 void short_query_pv(const vf (&al)[QW], int64_t Dv, const float* vc, int64_t ldv, int64_t kn, const float* pt,
-                    float* ot, const PF& pf) {
+                    float* ot, PF& pf) {
   constexpr int64_t QP = NQV * kVec;
   constexpr int R = short_query_rows(QW);
   const float* pg = pt + Q0 * kVec;
@@ -179,13 +176,45 @@ void short_query_groups(const F& f) {
   }
 }
 
+// The prefetch hook of the chunk kernels: rows [pj, end) of a key and a value stream (row j at
+// byte address base + j * stride), `per` rows per call, so that the next chunk's rows arrive while
+// this one computes. One type for every input dtype and caller: the NQV-specialised chunk kernels
+// below are then compiled once per NQV (not once per dtype x caller x NQV: that was ~2/3 of the
+// attention kernels' object code).
+struct ShortQPrefetch {
+  const char *k, *v;
+  int64_t k_stride, v_stride, k_bytes, v_bytes, pj, end, per;
+  // k0, v0: row 0 of the streams (ldk, ldv elements apart, kd, vd elements each); the rows
+  // [first, last) spread over `steps` calls
+  template <typename in_t>
+  ShortQPrefetch(const in_t* k0, int64_t ldk, int64_t kd, const in_t* v0, int64_t ldv, int64_t vd, int64_t first,
+                 int64_t last, int64_t steps)
+      : k(reinterpret_cast<const char*>(k0)),
+        v(reinterpret_cast<const char*>(v0)),
+        k_stride(ldk * static_cast<int64_t>(sizeof(in_t))),
+        v_stride(ldv * static_cast<int64_t>(sizeof(in_t))),
+        k_bytes(kd * static_cast<int64_t>(sizeof(in_t))),
+        v_bytes(vd * static_cast<int64_t>(sizeof(in_t))),
+        pj(first),
+        end(last),
+        per((last - first + steps - 1) / std::max<int64_t>(steps, 1)) {}
+  void operator()() {
+    for (const int64_t e = std::min(pj + per, end); pj < e; ++pj) {
+      vec::prefetch(k + pj * k_stride, k_bytes);
+      vec::prefetch(v + pj * v_stride, v_bytes);
+    }
+  }
+};
+
 // One online-softmax step over kn <= kShortQChunk keys: kc (kn x D) and vc (kn x Dv) float rows
 // (row strides ldk, ldv), qt (D x QP, scaled, lanes beyond the queries zero), ot (Dv x QP) the running O^T, st
 // (kShortQChunk x QP) scratch. A whole group's step runs before the next group's, so its slice of st
-// stays in L1. pf(): the prefetch hook, called short_query_steps(kn, Dv) times.
-template <int NQV, typename PF>
-void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* qt, const float* kc, int64_t ldk,
-                       const float* vc, int64_t ldv, int64_t kn, float* st, float* ot, const PF& pf) {
+// stays in L1. pf: called short_query_steps(NQV, kn, Dv) times. Not inlined: one copy per NQV serves
+// every caller (the call costs nothing next to a chunk's 2 x 64 x QP x (D + Dv) flops).
+template <int NQV>
+[[gnu::noinline]] void short_query_chunk(ShortQState& s, int64_t D, int64_t Dv, const float* qt, const float* kc,
+                                         int64_t ldk, const float* vc, int64_t ldv, int64_t kn, float* st, float* ot,
+                                         ShortQPrefetch& pf) {
   short_query_groups<NQV>([&](auto q0, auto qw) {
     constexpr int Q0 = decltype(q0)::value, QW = decltype(qw)::value;
     short_query_scores<NQV, Q0, QW>(D, qt, kc, ldk, kn, st, pf);
@@ -195,14 +224,34 @@ void short_query_chunk(ShortQState<NQV>& s, int64_t D, int64_t Dv, const float* 
   });
 }
 
+// short_query_chunk<NQV>'s type, and the instance for qn <= kShortQMax queries (NQV = ceil(qn / kVec))
+using ShortQChunkFn = void (*)(ShortQState&, int64_t, int64_t, const float*, const float*, int64_t, const float*,
+                               int64_t, int64_t, float*, float*, ShortQPrefetch&);
+
+// pick(std::integral_constant<int, NQV>()) for NQV = ceil(qn / kVec), qn <= kShortQMax: the caller
+// picks its NQV-specialised kernel with it (one instance per NQV for every dtype and caller)
+template <typename Pick, int NQV = 1>
+auto short_query_pick(int64_t qn, const Pick& pick) {
+  if constexpr (NQV < kShortQMaxVec) {
+    if ((qn + kVec - 1) / kVec > NQV) return short_query_pick<Pick, NQV + 1>(qn, pick);
+  }
+  TORCH_INTERNAL_ASSERT(qn > 0 && qn <= kShortQMax, "short_query_pick: ", qn, " queries");
+  return pick(std::integral_constant<int, NQV>());
+}
+
+inline ShortQChunkFn short_query_chunk_for(int64_t qn) {
+  return short_query_pick(qn, [](auto nqv) -> ShortQChunkFn { return &short_query_chunk<decltype(nqv)::value>; });
+}
+
 // The state as forward_tile_update leaves it: per query row the max m[i], the sum l[i] and the
-// un-normalised acc (qn x Dv, row-major). A segment without keys: m = -inf, l = 0, acc = 0.
-template <int NQV>
-void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const float* ot, float* m, float* l,
-                     float* acc) {
-  constexpr int64_t QP = NQV * kVec;
-  float mq[QP], lq[QP];
-  for (int q = 0; q < NQV; ++q) {
+// un-normalised acc (qn x Dv, row-major; ot: Dv x QP, QP = qn rounded up to whole vectors). A
+// segment without keys: m = -inf, l = 0, acc = 0.
+inline void short_query_end(const ShortQState& s, int64_t qn, int64_t Dv, const float* ot, float* m, float* l,
+                            float* acc) {
+  const int nqv = static_cast<int>((qn + kVec - 1) / kVec);
+  const int64_t QP = nqv * kVec;
+  float mq[kShortQMax], lq[kShortQMax];
+  for (int q = 0; q < nqv; ++q) {
     vec::storeu(mq + q * kVec, s.m[q]);
     vec::storeu(lq + q * kVec, s.l[q]);
   }
@@ -211,17 +260,6 @@ void short_query_end(const ShortQState<NQV>& s, int64_t qn, int64_t Dv, const fl
     l[i] = lq[i];
     float* a = acc + i * Dv;
     for (int64_t e = 0; e < Dv; ++e) a[e] = ot[e * QP + i];
-  }
-}
-
-// f(std::integral_constant<int, NQV>) for NQV = ceil(qn / kVec), qn <= kShortQMax
-template <typename F, int NQV = 1>
-void short_query_dispatch(int64_t qn, F&& f) {
-  if constexpr (NQV <= kShortQMaxVec) {
-    if ((qn + kVec - 1) / kVec == NQV) return f(std::integral_constant<int, NQV>());
-    return short_query_dispatch<F, NQV + 1>(qn, std::forward<F>(f));
-  } else {
-    TORCH_INTERNAL_ASSERT(false, "short_query_dispatch: more than kShortQMax queries");
   }
 }
 
@@ -271,72 +309,64 @@ void short_query_forward(const Rows<const in_t>& Q, const Rows<const in_t>& K, c
       const int64_t i0 = qb * kBlockQ, qn = std::min(kBlockQ, q_len(b) - i0);
       if (qn <= 0) continue;
       const int64_t h0 = hg * G, gn = std::min(G, Hq - h0), q0 = q_start(b) + i0;
-      short_query_dispatch(qn, [&](auto nqv) {
-        constexpr int NQV = decltype(nqv)::value;
-        constexpr int64_t qp = NQV * kVec;
-        for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, q0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
-        std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
-        ShortQState<NQV> state[8];
-        const auto last = seg(b, M - 1);
-        const int64_t kend = last.first + last.second;
-        for (int64_t m = 0; m < M; ++m) {
-          const auto sg = seg(b, m);
-          const int64_t ks = sg.first, klen = sg.second;
-          for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], ot.data() + g * Dv * qp, Dv);
-          for (int64_t j0 = 0; j0 < klen; j0 += C) {
-            const int64_t kn = std::min(C, klen - j0);
-            if constexpr (!kFloatIn) {
-              for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads, as float
-                for (int64_t g = 0; g < gn; ++g) {
-                  const int64_t hk = (h0 + g) / group;
-                  float* kc = kv.data() + g * C * (D + Dv);
-                  copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
-                  copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
-                }
+      const int nqv = static_cast<int>((qn + kVec - 1) / kVec);
+      const int64_t qp = nqv * kVec;
+      const ShortQChunkFn chunk = short_query_chunk_for(qn);
+      for (int64_t g = 0; g < gn; ++g) short_query_qt(Q.at(b, q0, h0 + g), Q.sl, qn, D, scale, qt.data() + g * D * qp);
+      std::fill(out.begin(), out.begin() + gn * qn * Dv, 0.0f);
+      ShortQState state[8];
+      const auto last = seg(b, M - 1);
+      const int64_t kend = last.first + last.second;
+      for (int64_t m = 0; m < M; ++m) {
+        const auto sg = seg(b, m);
+        const int64_t ks = sg.first, klen = sg.second;
+        for (int64_t g = 0; g < gn; ++g) short_query_begin(state[g], nqv, ot.data() + g * Dv * qp, Dv);
+        for (int64_t j0 = 0; j0 < klen; j0 += C) {
+          const int64_t kn = std::min(C, klen - j0);
+          if constexpr (!kFloatIn) {
+            for (int64_t j = 0; j < kn; ++j) {  // the chunk's rows of the group's heads, as float
+              for (int64_t g = 0; g < gn; ++g) {
+                const int64_t hk = (h0 + g) / group;
+                float* kc = kv.data() + g * C * (D + Dv);
+                copy_row_f32(kc + j * D, K.at(b, ks + j0 + j, hk), D);
+                copy_row_f32(kc + C * D + j * Dv, V.at(b, ks + j0 + j, hk), Dv);
               }
-            }
-            // The next chunk's rows (this segment's or the next one's: segments are packed) are
-            // prefetched while this one computes, spread over its register-block steps. Float
-            // inputs are then read in place (a copy of the chunk, as for fp16/bf16, was measured
-            // slower: it waited on memory for ~1/5 of the pass, the K/V stream read in bursts
-            // between long computations); the prefetches, issued all at once, stalled on the miss
-            // buffers.
-            const int64_t nx0 = ks + j0 + kn, nx1 = std::min(nx0 + C, kend);
-            const int64_t steps = short_query_steps<NQV>(kn, Dv);
-            const int64_t per = (nx1 - nx0 + steps - 1) / std::max<int64_t>(steps, 1);
-            for (int64_t g = 0; g < gn; ++g) {
-              const int64_t hk = (h0 + g) / group;
-              int64_t pj = nx0;
-              auto pf = [&] {
-                for (int64_t e = std::min(pj + per, nx1); pj < e; ++pj) {
-                  vec::prefetch(K.at(b, pj, hk), D * static_cast<int64_t>(sizeof(in_t)));
-                  vec::prefetch(V.at(b, pj, hk), Dv * static_cast<int64_t>(sizeof(in_t)));
-                }
-              };
-              const float *kp, *vp;
-              int64_t ldk, ldv;
-              if constexpr (kFloatIn) {  // in place (kv is empty: no offset from its null data())
-                kp = K.at(b, ks + j0, hk);
-                vp = V.at(b, ks + j0, hk);
-                ldk = K.sl;
-                ldv = V.sl;
-              } else {
-                kp = kv.data() + g * C * (D + Dv);
-                vp = kp + C * D;
-                ldk = D;
-                ldv = Dv;
-              }
-              short_query_chunk<NQV>(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(),
-                                     ot.data() + g * Dv * qp, pf);
             }
           }
+          // The next chunk's rows (this segment's or the next one's: segments are packed) are
+          // prefetched while this one computes, spread over its register-block steps. Float
+          // inputs are then read in place (a copy of the chunk, as for fp16/bf16, was measured
+          // slower: it waited on memory for ~1/5 of the pass, the K/V stream read in bursts
+          // between long computations); the prefetches, issued all at once, stalled on the miss
+          // buffers.
+          const int64_t nx0 = ks + j0 + kn, nx1 = std::min(nx0 + C, kend);
+          const int64_t steps = short_query_steps(nqv, kn, Dv);
           for (int64_t g = 0; g < gn; ++g) {
-            short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
-            finish(b, i0, qn, h0 + g, m, mx.data(), l.data(), acc.data(), out.data() + g * qn * Dv);
+            const int64_t hk = (h0 + g) / group;
+            ShortQPrefetch pf(K.at(b, 0, hk), K.sl, D, V.at(b, 0, hk), V.sl, Dv, nx0, nx1, steps);
+            const float *kp, *vp;
+            int64_t ldk, ldv;
+            if constexpr (kFloatIn) {  // in place (kv is empty: no offset from its null data())
+              kp = K.at(b, ks + j0, hk);
+              vp = V.at(b, ks + j0, hk);
+              ldk = K.sl;
+              ldv = V.sl;
+            } else {
+              kp = kv.data() + g * C * (D + Dv);
+              vp = kp + C * D;
+              ldk = D;
+              ldv = Dv;
+            }
+            chunk(state[g], D, Dv, qt.data() + g * D * qp, kp, ldk, vp, ldv, kn, st.data(), ot.data() + g * Dv * qp,
+                  pf);
           }
         }
-        for (int64_t g = 0; g < gn; ++g) done(b, i0, qn, h0 + g, out.data() + g * qn * Dv);
-      });
+        for (int64_t g = 0; g < gn; ++g) {
+          short_query_end(state[g], qn, Dv, ot.data() + g * Dv * qp, mx.data(), l.data(), acc.data());
+          finish(b, i0, qn, h0 + g, m, mx.data(), l.data(), acc.data(), out.data() + g * qn * Dv);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g) done(b, i0, qn, h0 + g, out.data() + g * qn * Dv);
     }
   });
 }

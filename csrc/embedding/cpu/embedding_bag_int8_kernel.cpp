@@ -52,17 +52,17 @@ inline void prefetch_fused_row(const uint8_t* p, int64_t bytes, int64_t stride) 
 
 // The accumulator of one (bag, probe): D floats, 0 for sum/mean, -inf for max (an empty bag
 // pools to 0: see finish).
-template <PoolMode kMode>
+template <bool kMax>
 inline void init_acc(float* acc, int64_t D) {
-  std::fill(acc, acc + D, kMode == PoolMode::kMax ? -std::numeric_limits<float>::infinity() : 0.0f);
+  std::fill(acc, acc + D, kMax ? -std::numeric_limits<float>::infinity() : 0.0f);
 }
 
 // acc += the n rows r[0], r[P], r[2P], ... (weights sw[t] with kPsw); pf() issues the next prefetch.
-template <PoolMode kMode, bool kPsw, int kD, typename Prefetch>
+template <bool kMax, bool kPsw, int kD, typename Prefetch>
 inline void gather(float* __restrict__ acc, const uint8_t* __restrict__ w, int64_t D, int64_t stride,
                    const int64_t* __restrict__ r, int64_t n, int64_t P, const float* __restrict__ sw,
                    const Prefetch& pf) {
-  if constexpr (kD > 0 && kMode != PoolMode::kMax) {
+  if constexpr (kD > 0 && !kMax) {
     constexpr int kV = kD / vec::kFloats;
     constexpr int64_t kStride = kD + kInt8RowExtraBytes;
     vec::vfloat c[kV];
@@ -82,7 +82,7 @@ inline void gather(float* __restrict__ acc, const uint8_t* __restrict__ w, int64
       pf();
       const uint8_t* __restrict__ row = w + r[t * P] * stride;
       const Int8RowTerms tm = int8_row_terms(row, D, kPsw ? sw[t] : 1.0f);
-      if constexpr (kMode == PoolMode::kMax) {
+      if constexpr (kMax) {
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const float x = int8_value(tm, row[d]);
@@ -97,9 +97,9 @@ inline void gather(float* __restrict__ acc, const uint8_t* __restrict__ w, int64
 }
 
 // dst[d] = pooled(d) * scale for a bag of len ids
-template <PoolMode kMode>
+template <bool kMax>
 inline void finish(const float* __restrict__ acc, int64_t D, int64_t len, float scale, float* __restrict__ dst) {
-  if (kMode == PoolMode::kMax && len == 0) {
+  if (kMax && len == 0) {
     std::fill(dst, dst + D, 0.0f);
     return;
   }
@@ -107,15 +107,16 @@ inline void finish(const float* __restrict__ acc, int64_t D, int64_t len, float 
   for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * scale;
 }
 
-template <typename index_t, PoolMode kMode, bool kPsw, int kD>
-void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __restrict__ w,
-                  const index_t* __restrict__ vals, const int64_t* __restrict__ offs, const float* __restrict__ psw,
+// kMax: max pooling (else sum or mean, L.mode); the ids hashed by hash_block (embedding_bag_cpu.h)
+template <bool kMax, bool kPsw, int kD>
+void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __restrict__ w, const void* vals,
+                  HashBlockFn hash_block, const int64_t* __restrict__ offs, const float* __restrict__ psw,
                   float* __restrict__ out) {
   const int64_t D = kD > 0 ? kD : L.dim;
   const int64_t stride = D + kInt8RowExtraBytes;
   const int64_t B = L.batch;
   const uint64_t R = static_cast<uint64_t>(L.num_rows);
-  const int comb = static_cast<int>(L.combine);
+  const int comb = static_cast<int>(L.combine), mode = static_cast<int>(L.mode);
   const int64_t out_row_bytes = D * static_cast<int64_t>(sizeof(float));
   const bool stream = kD > 0 && stream_output(out, B * L.out_dim, out_row_bytes);
   const int64_t prefetch_bytes = std::min<int64_t>(stride, kPrefetchRowBytes);
@@ -147,17 +148,17 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
     // bag j (feature f, P probes, len ids) from its probes' accumulators -> out
     const auto emit = [&](int64_t j, int64_t f, int64_t P, int64_t len) {
       const int64_t b = j - f * B, q0 = L.pbase[f];
-      const float ps = pool_scale<float>(static_cast<int>(kMode), len);
+      const float ps = pool_scale<float>(mode, len);
       float* o = out + b * L.out_dim;
       if (comb == static_cast<int>(Combine::kConcat)) {
         for (int64_t p = 0; p < P; ++p) {
-          finish<kMode>(accs.data() + p * acc_len, D, len, ps, pooled.data());
+          finish<kMax>(accs.data() + p * acc_len, D, len, ps, pooled.data());
           store(o + (q0 + p) * D, pooled.data(), 1.0f);
         }
       } else {
         std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t p = 0; p < P; ++p) {
-          finish<kMode>(accs.data() + p * acc_len, D, len, ps, pooled.data());
+          finish<kMax>(accs.data() + p * acc_len, D, len, ps, pooled.data());
           for (int64_t d = 0; d < D; ++d) total[d] += pooled[d];
         }
         store(o + f * D, total.data(), combine_scale<float>(comb, P));
@@ -176,13 +177,13 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
       const auto [je, long_bag] = next_bag_block(offs, j, fend, cap_ids);
       if (long_bag) {
         const int64_t len = offs[j + 1] - start;
-        for (int64_t p = 0; p < P; ++p) init_acc<kMode>(accs.data() + p * acc_len, D);
+        for (int64_t p = 0; p < P; ++p) init_acc<kMax>(accs.data() + p * acc_len, D);
         for (int64_t c0 = 0; c0 < len; c0 += cap_ids) {
           const int64_t n = std::min(cap_ids, len - c0);
-          hash_rows_block(vals + start + c0, n, s, P, R, rows.get());
+          hash_block(vals, start + c0, n, s, P, R, rows.get());
           start_block(n * P);
           for (int64_t p = 0; p < P; ++p)
-            gather<kMode, kPsw, kD>(accs.data() + p * acc_len, w, D, stride, rows.get() + p, n, P,
+            gather<kMax, kPsw, kD>(accs.data() + p * acc_len, w, D, stride, rows.get() + p, n, P,
                                     kPsw ? psw + start + c0 : nullptr, prefetch_next);
         }
         emit(j, f, P, len);
@@ -190,15 +191,15 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
         continue;
       }
       const int64_t n_ids = offs[je] - start;
-      hash_rows_block(vals + start, n_ids, s, P, R, rows.get());
+      hash_block(vals, start, n_ids, s, P, R, rows.get());
       start_block(n_ids * P);
       for (; j < je; ++j) {
         const int64_t bs = offs[j], len = offs[j + 1] - bs;
         const int64_t* r = rows.get() + (bs - start) * P;
         for (int64_t p = 0; p < P; ++p) {
           float* acc = accs.data() + p * acc_len;
-          init_acc<kMode>(acc, D);
-          gather<kMode, kPsw, kD>(acc, w, D, stride, r + p, len, P, kPsw ? psw + bs : nullptr, prefetch_next);
+          init_acc<kMax>(acc, D);
+          gather<kMax, kPsw, kD>(acc, w, D, stride, r + p, len, P, kPsw ? psw + bs : nullptr, prefetch_next);
         }
         emit(j, f, P, len);
       }
@@ -207,19 +208,19 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
   });
 }
 
-template <typename index_t, PoolMode kMode, bool kPsw>
-void forward_int8_dispatch_d(const BagLayout& L, const uint64_t* salts, const uint8_t* w, const index_t* vals,
-                             const int64_t* offs, const float* psw, float* out) {
-  if constexpr (kMode != PoolMode::kMax) {
+template <bool kMax, bool kPsw>
+void forward_int8_dispatch_d(const BagLayout& L, const uint64_t* salts, const uint8_t* w, const void* vals,
+                             HashBlockFn h, const int64_t* offs, const float* psw, float* out) {
+  if constexpr (!kMax) {
     switch (L.dim) {
-      case 16: return forward_int8<index_t, kMode, kPsw, 16>(L, salts, w, vals, offs, psw, out);
-      case 32: return forward_int8<index_t, kMode, kPsw, 32>(L, salts, w, vals, offs, psw, out);
-      case 64: return forward_int8<index_t, kMode, kPsw, 64>(L, salts, w, vals, offs, psw, out);
-      case 128: return forward_int8<index_t, kMode, kPsw, 128>(L, salts, w, vals, offs, psw, out);
+      case 16: return forward_int8<kMax, kPsw, 16>(L, salts, w, vals, h, offs, psw, out);
+      case 32: return forward_int8<kMax, kPsw, 32>(L, salts, w, vals, h, offs, psw, out);
+      case 64: return forward_int8<kMax, kPsw, 64>(L, salts, w, vals, h, offs, psw, out);
+      case 128: return forward_int8<kMax, kPsw, 128>(L, salts, w, vals, h, offs, psw, out);
       default: break;
     }
   }
-  forward_int8<index_t, kMode, kPsw, 0>(L, salts, w, vals, offs, psw, out);
+  forward_int8<kMax, kPsw, 0>(L, salts, w, vals, h, offs, psw, out);
 }
 
 void embedding_bag_forward_int8_kernel(const BagLayout& L, int64_t seed, const at::Tensor& w, const at::Tensor& v,
@@ -235,22 +236,22 @@ void embedding_bag_forward_int8_kernel(const BagLayout& L, int64_t seed, const a
   const float* pp = has_psw ? psw.const_data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t* o = offs.const_data_ptr<int64_t>();
-  EMBEDOPS_DISPATCH_INDEX(v.scalar_type(), "multiplexed_embedding_bag_int8_cpu", [&] {
-    const index_t* vp = v.const_data_ptr<index_t>();
-    switch (L.mode) {
-      case PoolMode::kSum:
-        EMBEDOPS_BOOL_SWITCH(has_psw, kPsw, [&] {
-          forward_int8_dispatch_d<index_t, PoolMode::kSum, kPsw>(L, salts.data(), wp, vp, o, pp, op);
-        });
-        break;
-      case PoolMode::kMean:
-        forward_int8_dispatch_d<index_t, PoolMode::kMean, false>(L, salts.data(), wp, vp, o, pp, op);
-        break;
-      case PoolMode::kMax:
-        forward_int8_dispatch_d<index_t, PoolMode::kMax, false>(L, salts.data(), wp, vp, o, pp, op);
-        break;
-    }
-  });
+  HashBlockFn h = nullptr;
+  EMBEDOPS_DISPATCH_INDEX(v.scalar_type(), "multiplexed_embedding_bag_int8_cpu",
+                          [&] { h = &hash_rows_block_at<index_t>; });
+  const void* vp = v.const_data_ptr();
+  switch (L.mode) {
+    case PoolMode::kSum:
+      EMBEDOPS_BOOL_SWITCH(has_psw, kPsw,
+                           [&] { forward_int8_dispatch_d<false, kPsw>(L, salts.data(), wp, vp, h, o, pp, op); });
+      break;
+    case PoolMode::kMean:
+      forward_int8_dispatch_d<false, false>(L, salts.data(), wp, vp, h, o, pp, op);
+      break;
+    case PoolMode::kMax:
+      forward_int8_dispatch_d<true, false>(L, salts.data(), wp, vp, h, o, pp, op);
+      break;
+  }
 }
 
 }  // namespace

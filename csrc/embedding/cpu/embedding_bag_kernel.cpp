@@ -51,7 +51,8 @@ namespace {
 
 // ---- forward -----------------------------------------------------------------------------------
 
-template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw>
+// kMax: max pooling (else sum or mean, L.mode)
+template <typename scalar_t, typename index_t, bool kMax, bool kPsw>
 void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
                     const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
                     const scalar_t* __restrict__ psw, scalar_t* __restrict__ out, int64_t* __restrict__ argmax) {
@@ -59,13 +60,13 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
   const int64_t D = L.dim, B = L.batch, Q = L.num_blocks;
   const uint64_t R = static_cast<uint64_t>(L.num_rows);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  const int comb = static_cast<int>(L.combine);
+  const int comb = static_cast<int>(L.combine), mode = static_cast<int>(L.mode);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D));
   at::parallel_for(0, L.num_features * B, grain, [&](int64_t j0, int64_t j1) {
     std::vector<acc_t> acc(L.max_probes * D);
     // max pooling tracks the argmax as an int32 position in the bag (vectorises with the float
     // compare) and maps it to the row through bag_rows at the end of the bag
-    std::vector<int32_t> arg(kMode == PoolMode::kMax ? L.max_probes * D : 0);
+    std::vector<int32_t> arg(kMax ? L.max_probes * D : 0);
     std::vector<int64_t> bag_rows;
     // Rows are hashed kPrefetch ids ahead of their use (across bag boundaries) into a ring, and
     // their cache lines prefetched, so the table reads of several ids are in flight at once.
@@ -98,7 +99,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
       const int64_t P = L.probes[f], q0 = L.pbase[f];
       const int64_t start = offs[j], end = offs[j + 1];
       std::fill(acc.begin(), acc.begin() + P * D, acc_t(0));
-      if constexpr (kMode == PoolMode::kMax) {
+      if constexpr (kMax) {
         if (static_cast<int64_t>(bag_rows.size()) < (end - start) * P) bag_rows.resize((end - start) * P);
       }
       for (int64_t i = start; i < end; ++i) {
@@ -109,7 +110,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
           const int64_t r = rows_cur[p];
           const scalar_t* __restrict__ wr = w + r * D;
           acc_t* __restrict__ a = acc.data() + p * D;
-          if constexpr (kMode == PoolMode::kMax) {
+          if constexpr (kMax) {
             int32_t* __restrict__ ag = arg.data() + p * D;
             const int32_t pos = static_cast<int32_t>(i - start);
             bag_rows[pos * P + p] = r;
@@ -133,7 +134,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
           }
         }
       }
-      const acc_t ps = pool_scale<acc_t>(static_cast<int>(kMode), end - start);
+      const acc_t ps = pool_scale<acc_t>(mode, end - start);
       scalar_t* o = out + b * L.out_dim;
       if (comb == static_cast<int>(Combine::kConcat)) {
         for (int64_t p = 0; p < P; ++p) {
@@ -150,7 +151,7 @@ void forward_kernel(const BagLayout& L, const uint64_t* salts, const scalar_t* _
         scalar_t* __restrict__ op = o + f * D;
         for (int64_t d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(acc[d] * cs);
       }
-      if constexpr (kMode == PoolMode::kMax) {
+      if constexpr (kMax) {
         int64_t* ag_out = argmax + b * Q * D + q0 * D;
         if (start == end) {
           std::fill(ag_out, ag_out + P * D, int64_t(-1));
@@ -257,15 +258,15 @@ struct BagAcc<float, kD, std::enable_if_t<kD % vec::kFloats == 0>> {
   }
 };
 
-template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw, int kD>
+template <typename scalar_t, bool kPsw, int kD>
 void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* __restrict__ w,
-                            const index_t* __restrict__ vals, const int64_t* __restrict__ offs,
+                            const void* vals, HashBlockFn hash_block, const int64_t* __restrict__ offs,
                             const scalar_t* __restrict__ psw, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = BagAcc<scalar_t, kD>;
   const int64_t B = L.batch;
   const uint64_t R = static_cast<uint64_t>(L.num_rows);
-  const int comb = static_cast<int>(L.combine);
+  const int comb = static_cast<int>(L.combine), mode = static_cast<int>(L.mode);
   constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(scalar_t));
   constexpr int64_t kPrefetchBytes = std::min(kRowBytes, kPrefetchRowBytes);
   const bool stream = stream_output(out, B * L.out_dim, kRowBytes);
@@ -297,7 +298,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
     // One call site for every bag, long or not: the combine compiles to one instruction sequence
     // (whether it fuses the multiply-add is the compiler's choice), so every bag rounds alike.
     auto emit = [&](int64_t b, int64_t f, int64_t P, int64_t len, const auto& pooled) {
-      const acc_t ps = pool_scale<acc_t>(static_cast<int>(kMode), len);
+      const acc_t ps = pool_scale<acc_t>(mode, len);
       scalar_t* o = out + b * L.out_dim;
       const int64_t q0 = L.pbase[f];
       if (comb == static_cast<int>(Combine::kConcat)) {
@@ -333,7 +334,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
         partial.assign(P * kD, acc_t(0));
         for (int64_t c0 = 0; c0 < len; c0 += cap_ids) {
           const int64_t n = std::min(cap_ids, len - c0);
-          hash_rows_block(vals + start + c0, n, s, P, R, rows.get());
+          hash_block(vals, start + c0, n, s, P, R, rows.get());
           start_block(n * P);
           for (int64_t p = 0; p < P; ++p) {
             Acc x;
@@ -344,7 +345,7 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
         }
       } else {
         const int64_t n_ids = offs[je] - start;
-        hash_rows_block(vals + start, n_ids, s, P, R, rows.get());
+        hash_block(vals, start, n_ids, s, P, R, rows.get());
         start_block(n_ids * P);
       }
       for (; j < je; ++j) {
@@ -364,15 +365,16 @@ void forward_kernel_fixed_d(const BagLayout& L, const uint64_t* salts, const sca
   });
 }
 
-// Runs the fixed-D kernel when D is one of its sizes; returns false otherwise.
-template <typename scalar_t, typename index_t, PoolMode kMode, bool kPsw>
+// Runs the fixed-D kernel (sum or mean pooling) when D is one of its sizes; returns false otherwise.
+template <typename scalar_t, typename index_t, bool kPsw>
 bool forward_fixed_d(const BagLayout& L, const uint64_t* salts, const scalar_t* w, const index_t* vals,
                      const int64_t* offs, const scalar_t* psw, scalar_t* out) {
+  const HashBlockFn h = &hash_rows_block_at<index_t>;
   switch (L.dim) {
-    case 16: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 16>(L, salts, w, vals, offs, psw, out); return true;
-    case 32: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 32>(L, salts, w, vals, offs, psw, out); return true;
-    case 64: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 64>(L, salts, w, vals, offs, psw, out); return true;
-    case 128: forward_kernel_fixed_d<scalar_t, index_t, kMode, kPsw, 128>(L, salts, w, vals, offs, psw, out); return true;
+    case 16: forward_kernel_fixed_d<scalar_t, kPsw, 16>(L, salts, w, vals, h, offs, psw, out); return true;
+    case 32: forward_kernel_fixed_d<scalar_t, kPsw, 32>(L, salts, w, vals, h, offs, psw, out); return true;
+    case 64: forward_kernel_fixed_d<scalar_t, kPsw, 64>(L, salts, w, vals, h, offs, psw, out); return true;
+    case 128: forward_kernel_fixed_d<scalar_t, kPsw, 128>(L, salts, w, vals, h, offs, psw, out); return true;
     default: return false;
   }
 }
@@ -399,16 +401,16 @@ void embedding_bag_forward_kernel(const BagLayout& L, int64_t seed, const at::Te
       switch (L.mode) {
         case PoolMode::kSum:
           EMBEDOPS_BOOL_SWITCH(has_psw, kPsw, [&] {
-            if (!forward_fixed_d<scalar_t, index_t, PoolMode::kSum, kPsw>(L, salts.data(), wp, vp, o, pp, op))
-              forward_kernel<scalar_t, index_t, PoolMode::kSum, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
+            if (!forward_fixed_d<scalar_t, index_t, kPsw>(L, salts.data(), wp, vp, o, pp, op))
+              forward_kernel<scalar_t, index_t, false, kPsw>(L, salts.data(), wp, vp, o, pp, op, ap);
           });
           break;
         case PoolMode::kMean:
-          if (!forward_fixed_d<scalar_t, index_t, PoolMode::kMean, false>(L, salts.data(), wp, vp, o, pp, op))
-            forward_kernel<scalar_t, index_t, PoolMode::kMean, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          if (!forward_fixed_d<scalar_t, index_t, false>(L, salts.data(), wp, vp, o, pp, op))
+            forward_kernel<scalar_t, index_t, false, false>(L, salts.data(), wp, vp, o, pp, op, ap);
           break;
         case PoolMode::kMax:
-          forward_kernel<scalar_t, index_t, PoolMode::kMax, false>(L, salts.data(), wp, vp, o, pp, op, ap);
+          forward_kernel<scalar_t, index_t, true, false>(L, salts.data(), wp, vp, o, pp, op, ap);
           break;
       }
     });
