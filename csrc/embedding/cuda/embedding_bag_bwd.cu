@@ -35,9 +35,6 @@
 namespace embedops {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kVec = 4;
-constexpr int kThreads = 128;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 
 enum class RowOp : int { kDense = 0, kSGD = 1, kAdagrad = 2 };

@@ -25,11 +25,6 @@
 namespace embedops {
 namespace {
 
-constexpr const char* kOp = "multiplexed_embedding_bag";
-constexpr int kWarp = 32;
-constexpr int kVec = 4;
-constexpr int kThreads = 128;
-
 template <typename scalar_t, typename index_t, int kMode, bool kPsw>
 __global__ void forward_kernel(DeviceLayout L, const scalar_t* __restrict__ w, const index_t* __restrict__ vals,
                                const int64_t* __restrict__ offs, int64_t num_values,
@@ -116,7 +111,7 @@ void embedding_bag_forward_cuda(const BagLayout& L, int64_t seed, const at::Tens
   const bool has_psw = psw.defined();
   const int64_t nbags = L.num_features * L.batch;
   if (nbags == 0) {
-    if (validate) check_offsets_cpu(kOp, offs.cpu(), v.numel());
+    if (validate) check_offsets_cpu(kBagOp, offs.cpu(), v.numel());
     return;
   }
   DeviceLayoutHolder dl(L, seed, w.device());
@@ -155,7 +150,7 @@ void embedding_bag_forward_cuda(const BagLayout& L, int64_t seed, const at::Tens
       }
     });
   });
-  if (validate) raise_if_offsets_error(kOp, error, offs, v.numel());
+  if (validate) raise_if_offsets_error(kBagOp, error, offs, v.numel());
 }
 
 }  // namespace

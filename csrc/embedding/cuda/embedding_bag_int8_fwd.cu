@@ -26,11 +26,6 @@
 namespace embedops {
 namespace {
 
-constexpr const char* kOp = "multiplexed_embedding_bag";
-constexpr int kWarp = 32;
-constexpr int kVec = 4;
-constexpr int kThreads = 128;
-
 template <typename index_t, int kMode, bool kPsw>
 __global__ void forward_int8_kernel(DeviceLayout L, const uint8_t* __restrict__ w, const index_t* __restrict__ vals,
                                     const int64_t* __restrict__ offs, int64_t num_values,
@@ -110,7 +105,7 @@ void embedding_bag_forward_int8_cuda(const BagLayout& L, int64_t seed, const at:
   const bool has_psw = psw.defined();
   const int64_t nbags = L.num_features * L.batch;
   if (nbags == 0) {
-    if (validate) check_offsets_cpu(kOp, offs.cpu(), v.numel());
+    if (validate) check_offsets_cpu(kBagOp, offs.cpu(), v.numel());
     return;
   }
   DeviceLayoutHolder dl(L, seed, w.device());
@@ -146,7 +141,7 @@ void embedding_bag_forward_int8_cuda(const BagLayout& L, int64_t seed, const at:
         break;
     }
   });
-  if (validate) raise_if_offsets_error(kOp, error, offs, v.numel());
+  if (validate) raise_if_offsets_error(kBagOp, error, offs, v.numel());
 }
 
 }  // namespace

@@ -13,6 +13,13 @@
 
 namespace embedops {
 
+// The bag kernels' shape (forward, int8 forward, backward): a warp per (bag, probe), each lane
+// kVec columns per step, kThreads threads a block.
+constexpr const char* kBagOp = "multiplexed_embedding_bag";
+constexpr int kWarp = 32;
+constexpr int kVec = 4;
+constexpr int kThreads = 128;
+
 // BagLayout as kernels see it: per-feature arrays live in one small device tensor.
 struct DeviceLayout {
   int64_t num_features, batch, num_rows, dim, num_blocks, out_dim;
