@@ -169,9 +169,10 @@ void hash_rows_block(const index_t* __restrict__ vals, int64_t n, const uint64_t
   }
 }
 
-// hash_rows_block for ids [first, first + n) of an id array of either index type: the fixed-D
-// kernels (float and int8 tables) take it as a pointer, called once per block of ids, so that its instances do not
-// multiply by the index type (that, and sum / mean, tripled their object code)
+// hash_rows_block for ids [first, first + n) of an id array of either index type. The fixed-D
+// kernels (float and int8 tables) take it as a pointer, called once per block of ids, so that
+// their instances do not multiply by the index type (that, with sum / mean as two instances,
+// tripled their object code).
 using HashBlockFn = void (*)(const void* vals, int64_t first, int64_t n, const uint64_t* salts, int64_t P,
                              uint64_t num_rows, int64_t* rows);
 

@@ -184,7 +184,7 @@ void forward_int8(const BagLayout& L, const uint64_t* salts, const uint8_t* __re
           start_block(n * P);
           for (int64_t p = 0; p < P; ++p)
             gather<kMax, kPsw, kD>(accs.data() + p * acc_len, w, D, stride, rows.get() + p, n, P,
-                                    kPsw ? psw + start + c0 : nullptr, prefetch_next);
+                                   kPsw ? psw + start + c0 : nullptr, prefetch_next);
         }
         emit(j, f, P, len);
         ++j;
