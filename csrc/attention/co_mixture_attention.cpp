@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_attention_bac
   return {dq, dk, dv, dw.to(weights.scalar_type())};
 }
 
-void register_ops(torch::Library& m) {
+void register_co_mixture_attention_ops(torch::Library& m) {
   m.impl("co_attention", &co_attention_host);
   m.impl("co_attention_backward", &co_attention_backward_host);
   m.impl("mixture_attention", &mixture_attention_host);
@@ -118,6 +118,6 @@ void register_ops(torch::Library& m) {
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_co_mixture_attention_ops)
 
 }  // namespace embedops

@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward_h
   return backward_impl(dout, q, k, v, out, lse, dlse, desc, resolve_scale(op, scale, q.size(2)), true);
 }
 
-void register_ops(torch::Library& m) {
+void register_cross_attention_ops(torch::Library& m) {
   m.impl("cross_attention", &cross_attention_host);
   m.impl("cross_attention_varlen", &cross_attention_varlen_host);
   m.impl("cross_attention_backward", &cross_attention_backward_host);
@@ -101,6 +101,6 @@ void register_ops(torch::Library& m) {
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_cross_attention_ops)
 
 }  // namespace embedops

@@ -90,7 +90,7 @@ void update_host(const at::Tensor& weight, const at::Tensor& state, const at::Te
   embedding_bag_update_stub(weight.device().type(), L, seed, in, w, st, opt, lr, eps);
 }
 
-void register_ops(torch::Library& m) {
+void register_embedding_bag_ops(torch::Library& m) {
   m.impl("multiplexed_embedding_bag", &forward_host);
   m.impl("multiplexed_embedding_bag_backward", &backward_host);
   m.impl("multiplexed_embedding_bag_update", &update_host);
@@ -98,6 +98,6 @@ void register_ops(torch::Library& m) {
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_embedding_bag_ops)
 
 }  // namespace embedops

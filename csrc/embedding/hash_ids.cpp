@@ -43,10 +43,10 @@ at::Tensor hash_ids_host(const at::Tensor& values, int64_t feature, int64_t prob
   return rows;
 }
 
-void register_ops(torch::Library& m) { m.impl("hash_ids", &hash_ids_host); }
+void register_hash_ids_ops(torch::Library& m) { m.impl("hash_ids", &hash_ids_host); }
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_hash_ids_ops)
 
 }  // namespace embedops

@@ -33,10 +33,10 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_host(const at::Tensor& queries, 
   return {distances, indices};
 }
 
-void register_ops(torch::Library& m) { m.impl("hamming_topk", &hamming_topk_host); }
+void register_hamming_ops(torch::Library& m) { m.impl("hamming_topk", &hamming_topk_host); }
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_hamming_ops)
 
 }  // namespace embedops

@@ -42,13 +42,13 @@ at::Tensor matryoshka_inv_norms_host(const at::Tensor& corpus, at::IntArrayRef d
   return out;
 }
 
-void register_ops(torch::Library& m) {
+void register_similarity_ops(torch::Library& m) {
   m.impl("matryoshka_similarity", &matryoshka_similarity_host);
   m.impl("matryoshka_inv_norms", &matryoshka_inv_norms_host);
 }
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_similarity_ops)
 
 }  // namespace embedops

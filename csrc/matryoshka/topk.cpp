@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_rescore_host(const at::Tensor& que
   return {values, indices};
 }
 
-void register_ops(torch::Library& m) {
+void register_topk_ops(torch::Library& m) {
   m.impl("int8_topk", &int8_topk_host);
   m.impl("matryoshka_rescore", &matryoshka_rescore_host);
   m.impl("matryoshka_topk", &matryoshka_topk_host);
@@ -192,6 +192,6 @@ void register_ops(torch::Library& m) {
 
 }  // namespace
 
-EMBEDOPS_HOST_OPS(register_ops)
+EMBEDOPS_HOST_OPS(register_topk_ops)
 
 }  // namespace embedops
