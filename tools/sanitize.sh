@@ -3,6 +3,9 @@
 # test suite under it, once per CPU level in EMBEDOPS_SANITIZE_LEVELS (default: "default avx2";
 # only those levels' kernels are compiled). Usage (in a venv with embedops' requirements):
 #   [EMBEDOPS_SANITIZE_LEVELS="default avx2"] bash tools/sanitize.sh [pytest args...]   default: tests -q -x
+# EMBEDOPS_SANITIZE_STEPS="build" only builds (and stages) the sanitized copy, "test" only runs the
+# suite on the copy an earlier "build" left (CI builds in the background while other steps run);
+# default: both.
 # Needs: torch, numpy, pytest, hypothesis, cmake, ninja, g++ (libasan/libubsan come with g++).
 # Python itself is not instrumented, so leak checking is off (CPython and torch keep caches
 # alive at exit); heap overflows, use-after-free and undefined behaviour in embedops abort the run.
@@ -12,14 +15,20 @@ PY="${PYTHON:-python}"
 BUILD="${EMBEDOPS_SANITIZE_BUILD:-build/sanitize}"
 STAGE="$BUILD-stage"
 LEVELS="${EMBEDOPS_SANITIZE_LEVELS:-default avx2}"
-cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" -DEMBEDOPS_CUDA=OFF \
-      -DEMBEDOPS_CPU_CAPABILITIES="$(echo "$LEVELS" | tr ' ' ';')" \
-      -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.configure.log" 2>&1 \
-  || { cat "$BUILD.configure.log"; exit 1; }
-cmake --build "$BUILD"
-rm -rf "$STAGE" && mkdir -p "$STAGE"
-cp -r python/embedops "$STAGE/"
-cp "$BUILD"/_C*.so "$BUILD/_build_config.py" "$STAGE/embedops/"
+STEPS="${EMBEDOPS_SANITIZE_STEPS:-build test}"
+if [[ " $STEPS " == *" build "* ]]; then
+  mkdir -p "$(dirname "$BUILD")"
+  cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" -DEMBEDOPS_CUDA=OFF \
+        -DEMBEDOPS_CPU_CAPABILITIES="$(echo "$LEVELS" | tr ' ' ';')" \
+        -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.configure.log" 2>&1 \
+    || { cat "$BUILD.configure.log"; exit 1; }
+  cmake --build "$BUILD"
+  rm -rf "$STAGE" && mkdir -p "$STAGE"
+  cp -r python/embedops "$STAGE/"
+  cp "$BUILD"/_C*.so "$BUILD/_build_config.py" "$STAGE/embedops/"
+fi
+[[ " $STEPS " == *" test "* ]] || exit 0
+[ -f "$STAGE/embedops/_build_config.py" ] || { echo "sanitize.sh: no sanitized build in $STAGE (run the build step first)"; exit 1; }
 # An editable install of embedops in the same venv hooks sys.meta_path ahead of PYTHONPATH:
 # drop that hook at start-up so the sanitized copy is the one imported.
 cat > "$STAGE/sitecustomize.py" <<'PY'
