@@ -15,8 +15,9 @@
 // numerator (row and column states referenced to r); otherwise per-row and per-column exponents.
 // At B4 H8 Lx77 Ly1024 D64 (avx2, Zen 3) this took the forward from 1.14-1.23x two cross_attention
 // calls to ~1.36x.
-// A short side (<= kShortQMax tokens) against >= 256 runs co_forward_short instead: the short side
-// in the vector lanes as in short_query.h, each chunk's columns finished at once (see there).
+// A short side (<= kShortQMax tokens) against >= 256 runs co_forward_short instead (avx2, avx512:
+// kShortQueryPass): the short side in the vector lanes as in short_query.h, each chunk's columns
+// finished at once (see there).
 // Backward (one task per (batch, head), owns every gradient of it: deterministic): per tile
 //   dS = Pr * (dPr - Dr) + Pc * (dPc - Dc), ONE shared dS for dqx and dky.
 //
@@ -308,7 +309,8 @@ inline void co_short_column_pv(const float* e, int64_t qp, int64_t kn, int64_t x
 }
 
 // The short-side pass takes a side of <= kShortQMax tokens (one register tile: 96 on avx2, 128 on
-// avx512, 48 at the default level) against >= kCoShortMinLong on the other side.
+// avx512; the default level keeps the tiles, see kShortQueryPass) against >= kCoShortMinLong on the
+// other side.
 constexpr int64_t kCoShortMinLong = 256;
 inline bool co_short_side(int64_t l_short, int64_t l_long) {
   return l_short <= kShortQMax && l_long >= kCoShortMinLong;
@@ -599,7 +601,7 @@ void co_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor& kc,
   const int64_t D = qc.size(3), Dvx = vxc.size(3), Dvy = vyc.size(3);
   EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "co_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kShortQueryPass && std::is_same_v<T, float>) {
       const auto qr = rows_of<const scalar_t>(qc, false), kr = rows_of<const scalar_t>(kc, false);
       const auto vxr = rows_of<const scalar_t>(vxc, false), vyr = rows_of<const scalar_t>(vyc, false);
       const auto oxr = rows_of<scalar_t>(ox, false), oyr = rows_of<scalar_t>(oy, false);
@@ -712,29 +714,25 @@ void mix_forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, co
   });
 }
 
-// Short query side (float compute, Lq <= 2 kShortQMax, text against image/audio/... keys): the
-// short-query pass of short_query.h (per (batch, head group, query tile), transposed scores, no
-// BLAS) over the M segments; each segment's end writes its output and lse and adds its weighted
-// output to the task's rows, stored at the end.
-template <typename in_t, typename T>
+// Short query side (float compute, Lq <= 2 kShortQMax, text against image/audio/... keys; the
+// levels with kShortQueryPass): the short-query pass of short_query.h (per (batch, head group, query
+// tile), transposed scores, no BLAS) over the M segments; each segment's end writes its output and
+// lse and adds its weighted output to the task's rows, stored at the end.
+template <typename in_t>
 void mix_forward_short(const Rows<const in_t>& Q, const Rows<const in_t>& K, const Rows<const in_t>& V,
-                       const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, T* lse_t, const MixDesc& md,
-                       int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, T scale_t) {
-  if constexpr (!std::is_same_v<T, float>) {
-    TORCH_INTERNAL_ASSERT(false, "mix_forward_short: float compute only");  // (called for float only)
-  } else {
-    const int64_t M = md.M;
-    auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
-    auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse_t[((b * Hq + h) * Lq + i) * M + m]; };
-    short_query_forward(
-        Q, K, V, B, Lq, Hq, Hkv, D, Dv, scale_t, M, [](int64_t) { return int64_t(0); },
-        [&](int64_t) { return Lq; }, [&](int64_t b, int64_t m) { return std::make_pair(md.start[b * M + m], md.len[b * M + m]); },
-        [&](int64_t b, int64_t i0, int64_t qn, int64_t h, int64_t m, const float* mx, const float* l, const float* acc,
-            float* out) { finish_modality(b, i0, h, m, qn, Dv, acc, mx, l, W, seg_row, lse_at, out); },
-        [&](int64_t b, int64_t i0, int64_t qn, int64_t h, const float* out) {
-          for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out + r * Dv, Dv, 1.0f);
-        });
-  }
+                       const W4<in_t>& W, const Rows<in_t>& O, in_t* seg_out, float* lse_t, const MixDesc& md,
+                       int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, double scale) {
+  const int64_t M = md.M;
+  auto seg_row = [&](int64_t b, int64_t i, int64_t h, int64_t m) { return seg_out + (((b * Lq + i) * Hq + h) * M + m) * Dv; };
+  auto lse_at = [&](int64_t b, int64_t h, int64_t i, int64_t m) -> float& { return lse_t[((b * Hq + h) * Lq + i) * M + m]; };
+  short_query_forward(
+      Q, K, V, B, Lq, Hq, Hkv, D, Dv, static_cast<float>(scale), M, [](int64_t) { return int64_t(0); },
+      [&](int64_t) { return Lq; }, [&](int64_t b, int64_t m) { return std::make_pair(md.start[b * M + m], md.len[b * M + m]); },
+      [&](int64_t b, int64_t i0, int64_t qn, int64_t h, int64_t m, const float* mx, const float* l, const float* acc,
+          float* out) { finish_modality(b, i0, h, m, qn, Dv, acc, mx, l, W, seg_row, lse_at, out); },
+      [&](int64_t b, int64_t i0, int64_t qn, int64_t h, const float* out) {
+        for (int64_t r = 0; r < qn; ++r) store_row(O.at(b, i0 + r, h), out + r * Dv, Dv, 1.0f);
+      });
 }
 
 template <typename in_t, typename T>
@@ -823,12 +821,12 @@ void mixture_attention_forward_cpu_kernel(const at::Tensor& qc, const at::Tensor
   const int64_t B = qc.size(0), Lq = qc.size(1), Hq = qc.size(2), Hkv = kc.size(2), D = qc.size(3), Dv = vc.size(3);
   EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "mixture_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    if (std::is_same_v<T, float> && Lq <= 2 * kShortQMax) {
-      {
-        mix_forward_short<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+    if constexpr (kShortQueryPass && std::is_same_v<T, float>) {
+      if (Lq <= 2 * kShortQMax) {
+        mix_forward_short<scalar_t>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
                                     rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
-                                    rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<T>(), md,
-                                    B, Lq, Hq, Hkv, D, Dv, static_cast<T>(sc));
+                                    rows_of<scalar_t>(out, false), seg_out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                                    md, B, Lq, Hq, Hkv, D, Dv, sc);
         return;
       }
     }
@@ -845,15 +843,15 @@ void mixture_attention_backward_cpu_kernel(const at::Tensor& doc, const at::Tens
                                            at::Tensor& dk, at::Tensor& dv, at::Tensor& dw4) {
   const int64_t B = qc.size(0), Lq = qc.size(1), Hq = qc.size(2), Hkv = kc.size(2), D = qc.size(3), Dv = vc.size(3);
   const int64_t Lk = kc.size(1);
-    EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "mixture_attention_backward_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      mix_backward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
-                                       rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
-                                       rows_of<const scalar_t>(doc, false), soc.const_data_ptr<scalar_t>(),
-                                       lc.const_data_ptr<T>(), rows_of<scalar_t>(dq, false),
-                                       rows_of<scalar_t>(dk, false), rows_of<scalar_t>(dv, false), dw4.data_ptr<T>(), md,
-                                       B, Lq, Lk, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(scale));
-    });
+  EMBEDOPS_DISPATCH_FLOATING(qc.scalar_type(), "mixture_attention_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    mix_backward_kernel<scalar_t, T>(rows_of<const scalar_t>(qc, false), rows_of<const scalar_t>(kc, false),
+                                     rows_of<const scalar_t>(vc, false), w4_of<scalar_t>(weights),
+                                     rows_of<const scalar_t>(doc, false), soc.const_data_ptr<scalar_t>(),
+                                     lc.const_data_ptr<T>(), rows_of<scalar_t>(dq, false),
+                                     rows_of<scalar_t>(dk, false), rows_of<scalar_t>(dv, false), dw4.data_ptr<T>(), md,
+                                     B, Lq, Lk, Hq, Hkv, D, Dv, max_segment(md), static_cast<T>(scale));
+  });
 }
 
 }  // namespace

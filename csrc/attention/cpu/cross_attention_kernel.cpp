@@ -6,7 +6,8 @@
 // update of attention.h per row (vectorised exp), then acc += P V (gemm). The Lq x Lk matrix is
 // never stored; a query block holds one (BQ x BK) tile of it. Sequences with at most kMaxShortK
 // valid keys (image->text) take a fused short-key pass instead (no BLAS, see below); a few latent
-// queries against long keys take the short-query pass of short_query.h (forward_short_queries).
+// queries against long keys take the short-query pass of short_query.h (forward_short_queries; not
+// at the default level, see kShortQueryPass there).
 // Backward: parallel over (batch, key/value head, key chunk); see backward_kernel. Every gradient
 // is accumulated in a fixed order that depends on the shapes only (deterministic, no atomics).
 // P is recomputed from lse.
@@ -257,7 +258,7 @@ void forward_kernel(const Rows<const in_t>& Q, const Rows<const in_t>& K, const 
                     const Rows<in_t>& O, T* lse, int64_t lse_sb, int64_t lse_sh, const Seqs& s, int64_t B, int64_t Hq,
                     int64_t Hkv, int64_t D, int64_t Dv, int64_t max_q_slot, int64_t max_k, T scale) {
   constexpr bool kConvert = !std::is_same_v<in_t, T>;
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kShortQueryPass && std::is_same_v<T, float>) {
     bool long_keys = short_queries_pass(max_q_slot, max_k);
     for (int64_t b = 0; b < B && long_keys; ++b) long_keys = s.k_len[b] == 0 || s.k_len[b] > kMaxShortK;
     if (long_keys) return forward_short_queries(Q, K, V, O, lse, lse_sb, lse_sh, s, B, Hq, Hkv, D, Dv, max_q_slot, scale);

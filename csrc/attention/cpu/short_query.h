@@ -27,6 +27,16 @@ namespace attn_cpu {
 // same chunk of keys (their rows are adjacent in a (B, L, H, D) tensor: one contiguous read).
 // queries per tile: 8 vectors on avx512 (128), 12 on avx2 (96: a 77-token text side in one tile,
 // each key chunk copied and scored once)
+// The pass is for the levels with FMA and >= 8 float lanes (avx2, avx512). At the default level
+// (4-lane vectors; on x86-64 no FMA either) the BLAS tiles were faster in every case this pass
+// takes on avx2: forced default on an AVX2 Zen 3, B4 H8 D64 float32, 2 threads, interleaved in one
+// process, ms (pass -> tiles): mixture M=3 Lq 77 x 3 x 1024 68-74 -> 30-32 (3 SDPA + sum: 59);
+// latents 32 x 4096 26 -> 17-19, 16 x 256 0.87-0.90 -> 0.53-0.58, 8 x 1024 2.5 -> 2.0;
+// co_attention 32 x 1024 15-16 -> 9-10, 16 x 4096 42 -> 32-34. (There MKL's GEMM ran its AVX2
+// path whatever MKL_ENABLE_INSTRUCTIONS said; a CPU without AVX has a BLAS of its own level, as
+// an aarch64 host has its NEON BLAS, and the tiles go through the BLAS torch uses.) The callers
+// take the pass only where this is true.
+constexpr bool kShortQueryPass = kVec >= 8;
 constexpr int kShortQMaxVec = vec::kRegisters >= 32 ? 8 : 12;
 constexpr int64_t kShortQMax = kShortQMaxVec * kVec;
 constexpr int64_t kShortQChunk = 64;  // keys per online-softmax step (S^T chunk: 64 x QP floats)
