@@ -6,8 +6,8 @@
 // Work: blocks of kQB queries x chunks of corpus rows, so a chunk's codes are loaded once per
 // query block, and B = 1 still splits the corpus over every core; each (block, chunk) task keeps
 // its own sets, merged per query at the end (exact: the merge orders by (distance, index)). The
-// popcount is one POPCNT per word at the avx2/avx512 levels (x86-64-v3 has POPCNT), a bit trick
-// at the default level. At the avx512 level on CPUs with VPOPCNTDQ (Ice Lake and later, Zen 4),
+// popcount is one POPCNT per word at the avx2/avx512 levels (x86-64-v3 has POPCNT) and at the
+// default level on a CPU with POPCNT (scan_popcnt), a bit trick on one without. At the avx512 level on CPUs with VPOPCNTDQ (Ice Lake and later, Zen 4),
 // 256/512/1024-bit codes take a vector path: 8 rows' 64-byte pieces are transposed in registers
 // (8x8 64-bit words), so one VPOPCNTQ counts a word of 8 rows and the query words are broadcasts;
 // the 8 distances are compared with the threshold in one mask compare. Codes of 32-byte rows (a
@@ -50,7 +50,8 @@ inline uint64_t load_word(const uint8_t* p) {
   return w;
 }
 
-inline int popcount64(uint64_t w) { return __builtin_popcountll(w); }
+// (always inlined: inside scan_popcnt below the builtin becomes one POPCNT)
+[[gnu::always_inline]] inline int popcount64(uint64_t w) { return __builtin_popcountll(w); }
 
 // The k nearest (distance, index) pairs of rows offered in increasing index, kept as a buffer
 // with a threshold: a row is offered only when strictly nearer than the threshold (the k-th
@@ -312,8 +313,9 @@ int64_t scan_avx2_w2(const uint8_t* corpus, int64_t row_stride, const int64_t* w
 // (whole words, no mask), W == 0 the general prefix. woff: the byte offsets of the prefix's words
 // in a row (HammingShape::byte_offset).
 template <int W, int NQ>
-void scan(const uint8_t* corpus, const HammingShape& s, const int64_t* woff, const uint64_t* qwords,
-          const HammingWords& pre, int64_t r0, int64_t r1, NearSet* heaps) {
+[[gnu::always_inline]] inline void scan_rows(const uint8_t* corpus, const HammingShape& s, const int64_t* woff,
+                                             const uint64_t* qwords, const HammingWords& pre, int64_t r0, int64_t r1,
+                                             NearSet* heaps) {
   constexpr int nq = NQ;
   const int64_t nw = W > 0 ? W : pre.nw;
   const int64_t rs = s.row_stride;
@@ -377,6 +379,33 @@ void scan(const uint8_t* corpus, const HammingShape& s, const int64_t* woff, con
   }
 }
 
+template <int W, int NQ>
+void scan(const uint8_t* corpus, const HammingShape& s, const int64_t* woff, const uint64_t* qwords,
+          const HammingWords& pre, int64_t r0, int64_t r1, NearSet* heaps) {
+  scan_rows<W, NQ>(corpus, s, woff, qwords, pre, r0, r1, heaps);
+}
+
+#if defined(CPU_CAPABILITY_DEFAULT) && defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__)
+// The default level's scan once more for POPCNT, taken when the CPU has it. x86-64's baseline lacks
+// the instruction, so there __builtin_popcountll is a bit trick of ~12 instructions per word; every
+// x86-64 CPU since Nehalem / Barcelona (x86-64-v2) has POPCNT. Forced to the default level on a Zen 3
+// (B64 N200k, 2 threads, --quick), hamming_topk was 0.10-0.70x faiss's IndexBinaryFlat at its
+// generic level (whose build assumes POPCNT) without it.
+template <int W, int NQ>
+__attribute__((target("popcnt"))) void scan_popcnt(const uint8_t* corpus, const HammingShape& s, const int64_t* woff,
+                                                   const uint64_t* qwords, const HammingWords& pre, int64_t r0,
+                                                   int64_t r1, NearSet* heaps) {
+  scan_rows<W, NQ>(corpus, s, woff, qwords, pre, r0, r1, heaps);
+}
+bool cpu_has_popcnt() {
+  static const bool yes = __builtin_cpu_supports("popcnt");
+  return yes;
+}
+#define EMBEDOPS_SCAN(W, NQ) (cpu_has_popcnt() ? scan_popcnt<W, NQ> : scan<W, NQ>)
+#else
+#define EMBEDOPS_SCAN(W, NQ) scan<W, NQ>
+#endif
+
 void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, const HammingShape& s, int64_t k,
                          at::Tensor& distances, at::Tensor& indices) {
   const HammingWords pre = hamming_words(s);
@@ -422,9 +451,9 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
       auto run = [&](auto w_tag) {
         constexpr int kW = decltype(w_tag)::value;
         if (nq == kQB) {
-          scan<kW, kQB>(xp, s, woff.data(), qw, pre, r0, r1, sets);
+          EMBEDOPS_SCAN(kW, kQB)(xp, s, woff.data(), qw, pre, r0, r1, sets);
         } else {
-          for (int j = 0; j < nq; ++j) scan<kW, 1>(xp, s, woff.data(), qw + j * nw, pre, r0, r1, sets + j);
+          for (int j = 0; j < nq; ++j) EMBEDOPS_SCAN(kW, 1)(xp, s, woff.data(), qw + j * nw, pre, r0, r1, sets + j);
         }
       };
       switch (W) {
