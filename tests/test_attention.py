@@ -519,9 +519,10 @@ def test_co_attention_far_apart_scores(device, dtype, case):
 @pytest.mark.parametrize("shape", [(3, 96, 300, 2, 16, 17, 9), (2, 128, 257, 1, 8, 8, 8), (3, 9, 260, 2, 8, 33, 5),
                                    (2, 300, 1, 2, 8, 4, 6)], ids=lambda s: "x".join(map(str, s)))
 def test_co_attention_short_side(device, dtype, shape):
-    # A side of <= 96 (avx2; 128 avx512; the tiles at the default level) tokens against >= 256 takes the short-side pass
-    # (x or, swapped, y in the vector lanes): a full last vector, a lane mask (9 rows), a 1-token
-    # side, odd value dims (vector tails), a batch without x rows, outputs and lse.
+    # A side of <= 96 (avx2; 128 avx512; the default level keeps the tiles) tokens against >= 256
+    # takes the short-side pass (x or, swapped, y in the vector lanes): a full last vector, a lane
+    # mask (9 rows), a 1-token side, odd value dims (vector tails), a batch without x rows, outputs
+    # and lse.
     qx, ky, vx, vy, xl, yl = _co_inputs(shape, dtype, device, seed=5)
     xl[1] = 0
     ox, oy, lse_x, lse_y = torch.ops.embedops.co_attention(qx, ky, vx, vy, xl, yl, None)

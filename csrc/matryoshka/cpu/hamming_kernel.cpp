@@ -402,10 +402,16 @@ bool cpu_has_popcnt() {
   static const bool yes = __builtin_cpu_supports("popcnt");
   return yes;
 }
-#define EMBEDOPS_SCAN(W, NQ) (cpu_has_popcnt() ? scan_popcnt<W, NQ> : scan<W, NQ>)
-#else
-#define EMBEDOPS_SCAN(W, NQ) scan<W, NQ>
 #endif
+
+// the scan this CPU runs at this level
+template <int W, int NQ>
+auto scan_for() {
+#if defined(CPU_CAPABILITY_DEFAULT) && defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__)
+  if (cpu_has_popcnt()) return &scan_popcnt<W, NQ>;
+#endif
+  return &scan<W, NQ>;
+}
 
 void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, const HammingShape& s, int64_t k,
                          at::Tensor& distances, at::Tensor& indices) {
@@ -452,9 +458,10 @@ void hamming_topk_kernel(const at::Tensor& queries, const at::Tensor& corpus, co
       auto run = [&](auto w_tag) {
         constexpr int kW = decltype(w_tag)::value;
         if (nq == kQB) {
-          EMBEDOPS_SCAN(kW, kQB)(xp, s, woff.data(), qw, pre, r0, r1, sets);
+          scan_for<kW, kQB>()(xp, s, woff.data(), qw, pre, r0, r1, sets);
         } else {
-          for (int j = 0; j < nq; ++j) EMBEDOPS_SCAN(kW, 1)(xp, s, woff.data(), qw + j * nw, pre, r0, r1, sets + j);
+          const auto one = scan_for<kW, 1>();
+          for (int j = 0; j < nq; ++j) one(xp, s, woff.data(), qw + j * nw, pre, r0, r1, sets + j);
         }
       };
       switch (W) {
