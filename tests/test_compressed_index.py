@@ -23,7 +23,8 @@ def _ref_scores(q, x, metric):
 
 @pytest.mark.parametrize("precision", ["int8", "uint8"])
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
-@pytest.mark.parametrize("B", [1, 3, 7])
+# B = 48 at dim 96: the micro kernel at avx2 / avx512, BLAS on dequantised tiles at the default level
+@pytest.mark.parametrize("B", [1, 3, 7, 48])
 @pytest.mark.parametrize("dim", [None, 40])
 def test_int8_topk_matches_dequantised_reference(precision, metric, B, dim):
     g = torch.Generator().manual_seed(B)
@@ -40,10 +41,11 @@ def test_int8_topk_matches_dequantised_reference(precision, metric, B, dim):
     torch.testing.assert_close(ref.gather(1, i), v.double(), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("B", [1, 2, 4, 5])
+@pytest.mark.parametrize("B", [1, 2, 4, 5, 40])
 def test_int8_topk_dot_over_blocks_and_given_norms(B):
     # the few-query path reads raw codes against queries scaled by the steps (the dot metric, or
-    # cosine with the corpus norms given); over column blocks, several prefixes, odd widths
+    # cosine with the corpus norms given); over column blocks, several prefixes, odd widths. B = 5
+    # and 40: dequantised tiles (B = 40 through BLAS at the default level)
     g = torch.Generator().manual_seed(10 + B)
     x = torch.randn(2500, 300, generator=g) * torch.linspace(2.0, 0.3, 300)
     q = torch.randn(B, 300, generator=g)

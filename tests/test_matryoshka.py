@@ -74,7 +74,7 @@ def test_similarity_matches_reference(device, dtype, metric):
 
 
 @pytest.mark.parametrize("B,N,D,dims", [(1, 1, 1, [1]), (1, 7, 13, [3, 13]), (70, 301, 9, [2, 3, 8]), (29, 600, 50, [1, 17, 33, 50]),
-                                       (3, 5000, 24, [24])])
+                                       (3, 5000, 24, [24]), (40, 700, 120, [8, 64, 120])])
 def test_similarity_odd_sizes(device, B, N, D, dims):
     q, x = make(B, N, D, torch.float32, device)
     for metric in METRICS:
@@ -144,7 +144,7 @@ def test_topk_matches_reference(device, dtype, metric, B):
 
 @pytest.mark.parametrize("B,N,D,k,dims", [(1, 1, 1, 1, [1]), (2, 5, 13, 5, [4, 13]), (5, 10, 8, 10, [8]),
                                           (12, 4097, 9, 1, [2, 9]), (1, 4097, 9, 300, [9]), (6, 3, 3, 0, [3]),
-                                          (29, 1000, 50, 7, [3, 17, 50])])
+                                          (29, 1000, 50, 7, [3, 17, 50]), (40, 3000, 120, 9, [8, 64, 120])])
 def test_topk_odd_sizes(device, B, N, D, k, dims):
     q, x = make(B, N, D, torch.float32, device)
     for metric in METRICS:
@@ -155,19 +155,20 @@ def test_topk_odd_sizes(device, B, N, D, k, dims):
             assert v.shape == i.shape == (len(dims), B, 0)
 
 
-@pytest.mark.parametrize("B", [1, 8])
-def test_topk_ties_go_to_lower_index(device, B):
+# B = 40, D = 128: at the default level past mat::use_prefix_micro (the BLAS path)
+@pytest.mark.parametrize("B,D", [(1, 16), (8, 16), (40, 128)])
+def test_topk_ties_go_to_lower_index(device, B, D):
     g = seeded(3)
-    base = torch.randn(40, 16, generator=g)
+    base = torch.randn(40, D, generator=g)
     x = base.repeat(30, 1).to(device)  # every score appears 30 times
-    q = torch.randn(B, 16, generator=g).to(device)
+    q = torch.randn(B, D, generator=g).to(device)
     for metric in METRICS:
-        v, i = embedops.matryoshka_topk(q, x, 64, [4, 16], metric=metric)
-        _, ri = reference.matryoshka_topk(q.cpu(), x.cpu(), 64, [4, 16], metric=metric)
+        v, i = embedops.matryoshka_topk(q, x, 64, [4, D], metric=metric)
+        _, ri = reference.matryoshka_topk(q.cpu(), x.cpu(), 64, [4, D], metric=metric)
         # exact duplicates have bit-identical scores, so the order is the reference's exactly
         np.testing.assert_array_equal(i.cpu().numpy(), ri)
-    z = torch.zeros(50, 16, device=device)  # all scores 0: indices 0..k-1
-    v, i = embedops.matryoshka_topk(q, z, 7, [16])
+    z = torch.zeros(50, D, device=device)  # all scores 0: indices 0..k-1
+    v, i = embedops.matryoshka_topk(q, z, 7, [D])
     assert torch.equal(i.cpu(), torch.arange(7).expand(1, B, 7)) and torch.all(v == 0)
 
 

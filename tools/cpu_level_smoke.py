@@ -68,10 +68,11 @@ def main() -> int:
                                              mode=mode, per_sample_weights=None if psw is None else psw.double())
         close(f"embedding_bag int8 table D={D} {mode}", got, want, 1e-5, 1e-5, out)
 
-    # matryoshka: similarity and top-k at B = 7 (packed micro kernel) and B = 3 (direct path)
+    # matryoshka: similarity and top-k at B = 7 (packed micro kernel), B = 3 (direct path) and
+    # B = 48 (the micro kernel at avx2 / avx512, BLAS at the default level: mat::use_prefix_micro)
     x = torch.nn.functional.normalize(torch.randn(300, 96), dim=1)
     dims = [16, 40, 96]
-    for B in ((7, 3) if not args.small else (7,)):
+    for B in ((7, 3, 48) if not args.small else (7,)):
         q = torch.randn(B, 96)
         close(f"matryoshka_similarity B={B}", embedops.matryoshka_similarity(q, x, dims),
               ref.matryoshka_similarity(q.double(), x.double(), dims), 1e-5, 1e-5, out)

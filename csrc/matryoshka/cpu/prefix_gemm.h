@@ -35,6 +35,25 @@ constexpr int kNR = 2 * kVec;       // corpus rows per panel
 // no stack traffic.
 constexpr int kMR = (vec::kRegisters - 3) / 2 > 12 ? 12 : (vec::kRegisters - 3) / 2;
 
+// Whether a call of B queries over prefixes up to dmax takes the micro kernel (else: ATen BLAS,
+// one GEMM per prefix segment). At avx2 / avx512 always. At the default level (4 lanes; on x86-64
+// SSE2 without FMA) only for small calls: past B >= 32 and B * dmax >= 4096, or B >= 16 and
+// B * dmax >= 8192, the BLAS torch uses was faster. Forced default on an AVX2 Zen 3, float32,
+// 2 threads, alternating processes, ms (micro kernel -> BLAS):
+//   top-k N = 100k: B64 d'64 20-37 -> 18.5-19, B256 d'64 67-69 -> 49-52, B16 d'768 64-71 -> 49-52;
+//   top-k N = 20k: B64 dims 64..768 42-50 -> 24-26, B16 dims 64..768 k=100 21-23 -> 17-19,
+//   B32 d'128 5.7-6.8 -> 4.9-5.6; but B16 d'256 5.9-7.0 -> 6.8-7.9, B32 d'64 13 -> 14-17 (N = 100k),
+//   B8 d'64 6.6-8.3 -> 10.5-11.5 (N = 100k);
+//   similarity N = 20k: B64 dims 64..768 57-78 -> 23-26 (one full-D q @ x.T: 28-39), but
+//   B4 8.4-12 -> 12-13.5.
+// (MKL ran its AVX2 GEMM there whatever MKL_ENABLE_INSTRUCTIONS said; an x86-64 CPU without AVX2
+// still has a BLAS of its own level, e.g. AVX on Sandy Bridge, twice this level's SSE2 lanes.)
+constexpr bool kMicroAlways = kVec >= 8;
+inline bool use_prefix_micro(int64_t B, int64_t dmax) {
+  if (kMicroAlways || B < 16) return true;
+  return B * dmax < (B >= 32 ? 4096 : 8192);
+}
+
 using vec::load_partial;
 using vec::store_stream;
 using vec::stream_fence;

@@ -6,8 +6,10 @@
 //   - float32 scores (float32/float16/bfloat16 inputs): each tile is packed into d-major panels
 //     and run through the register-blocked prefix micro kernel (prefix_gemm.h), which writes the
 //     scores at every prefix from the same accumulators (cosine: times both inverse norms);
-//   - float64: the raw dot products are accumulated segment by segment with ATen BLAS
-//     (R += Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T) and written after each segment.
+//     (at the default level only for small B * dmax: mat::use_prefix_micro);
+//   - otherwise (float64, or past use_prefix_micro): the raw dot products are accumulated
+//     segment by segment with ATen BLAS (R += Q[:, d_{p-1}:d_p] X[:, d_{p-1}:d_p]^T) and written
+//     after each segment.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -160,10 +162,12 @@ void similarity_kernel(const at::Tensor& q_acc, const at::Tensor& x, const Matry
 void similarity_cpu_kernel(const at::Tensor& q_acc, const at::Tensor& x, const MatryoshkaShape& s, at::Tensor& out) {
   EMBEDOPS_DISPATCH_FLOATING(x.scalar_type(), "matryoshka_similarity_cpu", [&] {
     if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-      similarity_packed<scalar_t>(q_acc, x, s, out);
-    } else {
-      similarity_kernel<scalar_t>(q_acc, x, s, out);
+      if (mat::use_prefix_micro(s.B, s.dims.back())) {
+        similarity_packed<scalar_t>(q_acc, x, s, out);
+        return;
+      }
     }
+    similarity_kernel<scalar_t>(q_acc, x, s, out);
   });
 }
 

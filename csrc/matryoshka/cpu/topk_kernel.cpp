@@ -9,7 +9,9 @@
 //     micro kernel (prefix_gemm.h); at each prefix boundary the scores go straight from the
 //     accumulators to admission (one vector compare per vector of scores against the heap's worst
 //     entry), no score tile at all;
-//   - otherwise (B > 4 in float64, or B <= 4 with the dot metric / given norms):
+//     (at the default level only for small B * dmax: mat::use_prefix_micro);
+//   - otherwise (B > 4 in float64 or past use_prefix_micro, or B <= 4 with the dot metric / given
+//     norms):
 //     R(B x T) += Q_seg X_seg^T (ATen BLAS, or a 4-row GEMV kernel for B = 1), one per segment.
 // After segment p each score goes through threshold-first admission into the thread's top-k heap
 // of (p, query): one compare against the heap's worst entry rejects almost every candidate.
@@ -294,7 +296,7 @@ void topk_kernel(const at::Tensor& q_acc, const Blocks<scalar_t>& bl, const Matr
   constexpr bool kCodes = std::is_integral_v<scalar_t>;
   const bool direct_codes = kCodes && kFloatScores && B <= kDirectMaxB;
   const bool direct = direct_codes || (B <= kDirectMaxB && s.cosine && given_inv == nullptr);
-  const bool packed = kFloatScores && B > kDirectMaxB;
+  const bool packed = kFloatScores && B > kDirectMaxB && mat::use_prefix_micro(B, dmax);
   // the direct code path without corpus norms reads the raw codes against the folded queries
   std::optional<FoldedQueries> fold;
   if constexpr (kCodes && kFloatScores) {
