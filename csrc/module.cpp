@@ -35,6 +35,11 @@ py::dict build_info() {
     throw py::value_error(e.what_without_backtrace());
   }
   d["cpu_supports"] = embedops::supported_cpu_capabilities();
+#ifdef EMBEDOPS_EMULATE_AVX512
+  d["cpu_avx512_emulated"] = true;  // a test build: its avx512 level is AVX2 code (CMakeLists.txt)
+#else
+  d["cpu_avx512_emulated"] = false;
+#endif
 #ifdef _OPENMP
   d["openmp"] = true;
 #else

@@ -5,7 +5,9 @@
 #   [EMBEDOPS_SANITIZE_LEVELS="default avx2"] bash tools/sanitize.sh [pytest args...]   default: tests -q -x
 # EMBEDOPS_SANITIZE_STEPS="build" only builds (and stages) the sanitized copy, "test" only runs the
 # suite on the copy an earlier "build" left (CI builds in the background while other steps run);
-# default: both.
+# default: both. EMBEDOPS_SANITIZE_EMULATE_AVX512=1 with avx512 in the levels builds that level as
+# the test build's AVX2 code of avx512 width (CMake EMBEDOPS_EMULATE_AVX512), which runs on any
+# AVX2 CPU.
 # Needs: torch, numpy, pytest, hypothesis, cmake, ninja, g++ (libasan/libubsan come with g++).
 # Python itself is not instrumented, so leak checking is off (CPython and torch keep caches
 # alive at exit); heap overflows, use-after-free and undefined behaviour in embedops abort the run.
@@ -20,7 +22,9 @@ if [[ " $STEPS " == *" build "* ]]; then
   mkdir -p "$(dirname "$BUILD")"
   cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v "$PY")" -DEMBEDOPS_CUDA=OFF \
         -DEMBEDOPS_CPU_CAPABILITIES="$(echo "$LEVELS" | tr ' ' ';')" \
-        -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.configure.log" 2>&1 \
+        -DEMBEDOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DEMBEDOPS_EMULATE_AVX512="$([ "${EMBEDOPS_SANITIZE_EMULATE_AVX512:-0}" = 1 ] && echo ON || echo OFF)" \
+        > "$BUILD.configure.log" 2>&1 \
     || { cat "$BUILD.configure.log"; exit 1; }
   cmake --build "$BUILD"
   rm -rf "$STAGE" && mkdir -p "$STAGE"

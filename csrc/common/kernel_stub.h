@@ -85,7 +85,7 @@ struct KernelRegistrar {
 // In a CPU kernel file (compiled per level), at namespace scope: fn a function of this level's
 // namespace.
 #if defined(CPU_CAPABILITY)
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX512_EMULATED)
 #define EMBEDOPS_THIS_CPU_CAPABILITY ::embedops::CpuCapability::kAvx512
 #elif defined(CPU_CAPABILITY_AVX2)
 #define EMBEDOPS_THIS_CPU_CAPABILITY ::embedops::CpuCapability::kAvx2

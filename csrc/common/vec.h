@@ -25,12 +25,26 @@
 #include <immintrin.h>
 #endif
 
+// The vector width follows the compiled ISA. A test build (CMake EMBEDOPS_EMULATE_AVX512) compiles
+// the avx512 level for AVX2 with EMBEDOPS_VEC_BYTES=64 and EMBEDOPS_VEC_REGISTERS=32 given: the
+// avx512 level's lane counts and register blocking on a CPU without AVX-512 (GCC splits each
+// 64-byte operation into two 32-byte ones). The intrinsic branches below are taken only where the
+// width is the ISA's own (EMBEDOPS_VEC_AVX512 / _AVX2 / _SSE2); otherwise the generic code runs.
+#ifndef EMBEDOPS_VEC_BYTES
 #if defined(__AVX512F__)
 #define EMBEDOPS_VEC_BYTES 64
 #elif defined(__AVX2__)
 #define EMBEDOPS_VEC_BYTES 32
 #else
 #define EMBEDOPS_VEC_BYTES 16
+#endif
+#endif
+#if EMBEDOPS_VEC_BYTES == 64 && defined(__AVX512F__)
+#define EMBEDOPS_VEC_AVX512 1
+#elif EMBEDOPS_VEC_BYTES == 32 && defined(__AVX2__)
+#define EMBEDOPS_VEC_AVX2 1
+#elif EMBEDOPS_VEC_BYTES == 16 && defined(__SSE2__)
+#define EMBEDOPS_VEC_SSE2 1
 #endif
 
 namespace embedops {
@@ -40,7 +54,9 @@ namespace vec {
 constexpr int kBytes = EMBEDOPS_VEC_BYTES;
 constexpr int kFloats = kBytes / 4;
 constexpr int kDoubles = kBytes / 8;
-#if defined(__AVX512F__)
+#if defined(EMBEDOPS_VEC_REGISTERS)
+constexpr int kRegisters = EMBEDOPS_VEC_REGISTERS;
+#elif defined(__AVX512F__)
 constexpr int kRegisters = 32;
 #else
 constexpr int kRegisters = 16;
@@ -92,13 +108,13 @@ template <typename C>
 inline vfloat load_codes(const C* p) {
   static_assert(std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>, "int8 or uint8 codes");
   [[maybe_unused]] constexpr bool kSigned = std::is_same_v<C, int8_t>;
-#if defined(__AVX512F__)
+#if defined(EMBEDOPS_VEC_AVX512)
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m512 x = _mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-#elif defined(__AVX2__)
+#elif defined(EMBEDOPS_VEC_AVX2)
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   const __m256 x = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-#elif defined(__SSE2__)
+#elif defined(EMBEDOPS_VEC_SSE2)
   int32_t four;
   std::memcpy(&four, p, sizeof(four));
   const __m128i b = _mm_cvtsi32_si128(four);
@@ -249,17 +265,17 @@ inline vfloat exp(vfloat x) {
 // scalar 1.f / std::sqrt(x)).
 inline vfloat inv_sqrt(vfloat x) {
   vfloat r;
-#if defined(__AVX512F__)
+#if defined(EMBEDOPS_VEC_AVX512)
   __m512 s;
   std::memcpy(&s, &x, sizeof(s));
   const __m512 v = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_sqrt_ps(s));
   std::memcpy(&r, &v, sizeof(r));
-#elif defined(__AVX__)
+#elif defined(EMBEDOPS_VEC_AVX2)
   __m256 s;
   std::memcpy(&s, &x, sizeof(s));
   const __m256 v = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(s));
   std::memcpy(&r, &v, sizeof(r));
-#elif defined(__SSE2__)
+#elif defined(EMBEDOPS_VEC_SSE2)
   __m128 s;
   std::memcpy(&s, &x, sizeof(s));
   const __m128 v = _mm_div_ps(_mm_set1_ps(1.f), _mm_sqrt_ps(s));
@@ -274,15 +290,15 @@ inline vfloat inv_sqrt(vfloat x) {
 // A large output written once skips the read-for-ownership of every line. p aligned to kBytes.
 // Pair with stream_fence() before the writes are published to other threads.
 inline void store_stream(float* p, vfloat v) {
-#if defined(__AVX512F__)
+#if defined(EMBEDOPS_VEC_AVX512)
   __m512 r;
   std::memcpy(&r, &v, sizeof(r));
   _mm512_stream_ps(p, r);
-#elif defined(__AVX__)
+#elif defined(EMBEDOPS_VEC_AVX2)
   __m256 r;
   std::memcpy(&r, &v, sizeof(r));
   _mm256_stream_ps(p, r);
-#elif defined(__SSE2__)
+#elif defined(EMBEDOPS_VEC_SSE2)
   __m128 r;
   std::memcpy(&r, &v, sizeof(r));
   _mm_stream_ps(p, r);

@@ -28,7 +28,9 @@ def build_info() -> dict:
     ``cuda_compiler``, ``cxx_compiler``, ``cpu_arch`` (an extra -march for the highest CPU level,
     usually empty), ``cpu_capabilities`` (the CPU levels compiled in, e.g. ``["default", "avx2",
     "avx512"]``), ``cpu_capability`` (the level the kernels run at: the best one this CPU supports,
-    or ``EMBEDOPS_CPU_CAPABILITY``), ``cpu_supports`` (the levels this CPU can run), ``openmp`` (bool),
+    or ``EMBEDOPS_CPU_CAPABILITY``), ``cpu_supports`` (the levels this CPU can run),
+    ``cpu_avx512_emulated`` (True only in the test build whose avx512 level is AVX2 code with the
+    avx512 vector width: CMake ``EMBEDOPS_EMULATE_AVX512``), ``openmp`` (bool),
     ``num_threads`` (ATen intra-op threads now), and ``cuda_available`` (a usable GPU right now).
     """
     info = dict(_C.build_info())

@@ -98,17 +98,17 @@ constexpr int kLanes64 = vec::kBytes / 8;
 
 // the products of the low 32 bits of each lane of a and b, as 64-bit lanes (PMULUDQ)
 inline vu64 mul_lo32(vu64 a, vu64 b) {
-#if defined(__AVX512F__)
+#if defined(EMBEDOPS_VEC_AVX512)
   __m512i x, y;
   std::memcpy(&x, &a, sizeof(x));
   std::memcpy(&y, &b, sizeof(y));
   const __m512i r = _mm512_mul_epu32(x, y);
-#elif defined(__AVX2__)
+#elif defined(EMBEDOPS_VEC_AVX2)
   __m256i x, y;
   std::memcpy(&x, &a, sizeof(x));
   std::memcpy(&y, &b, sizeof(y));
   const __m256i r = _mm256_mul_epu32(x, y);
-#elif defined(__SSE2__)
+#elif defined(EMBEDOPS_VEC_SSE2)
   __m128i x, y;
   std::memcpy(&x, &a, sizeof(x));
   std::memcpy(&y, &b, sizeof(y));
