@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .core import Case, assert_close, run
+from .core import Case, Target, assert_close, run
 
 # family name -> module; run in this order
 FAMILIES = ["embedding", "matryoshka", "compressed", "attention", "integrations", "distributed"]
@@ -24,4 +24,4 @@ def load_family(name: str):
         raise
 
 
-__all__ = ["Case", "FAMILIES", "assert_close", "load_family", "run"]
+__all__ = ["Case", "FAMILIES", "Target", "assert_close", "load_family", "run"]

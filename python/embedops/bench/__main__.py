@@ -1,6 +1,7 @@
 """CLI: python -m embedops.bench [families...] [--device cpu|cuda] [--quick] [--only I,J] [--json PATH]
 [--plot DIR] [--cpu-capability default|avx2|avx512]
-python -m embedops.bench --plot-from A.json B.json --plot DIR   (chart saved runs side by side)"""
+python -m embedops.bench --plot-from A.json B.json --plot DIR   (chart saved runs side by side)
+python -m embedops.bench --table-from A.json B.json [--all-rows]   (the same as a Markdown table)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import torch
 
 from . import FAMILIES, load_family
-from .core import plot, plot_levels, print_table, run, write_json
+from .core import markdown_table, plot, plot_levels, print_table, run, write_json
 
 
 # What --cpu-capability sets before torch, MKL, oneDNN and faiss load: the embedops level AND the
@@ -72,6 +73,16 @@ def check_cpu_level(level: str, rep: dict) -> list[str]:
     return problems
 
 
+def _load_reports(paths: list[str]) -> list[dict]:
+    import json
+
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    return reports
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m embedops.bench",
@@ -84,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-from", metavar="JSON", nargs="+",
                    help="run nothing: chart these --json results side by side (e.g. one per CPU level) "
                         "into the --plot DIR")
+    p.add_argument("--table-from", metavar="JSON", nargs="+",
+                   help="run nothing: print these --json results side by side as a Markdown table (per run: "
+                        "embedops ms and speedup, ✓ / ✗ against the target), the rows with a target")
+    p.add_argument("--all-rows", action="store_true", help="--table-from: every row, not only those with a target")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only", metavar="I[,J...]",
                    help="run only these cases of each family, by 0-based position in its case list")
@@ -91,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="run embedops at this CPU level and cap torch / MKL / oneDNN / faiss to the same "
                         "instruction set (re-runs the bench in a fresh process with those variables set)")
     args = p.parse_args(argv)
+    if args.table_from:
+        table = markdown_table(_load_reports(args.table_from), all_rows=args.all_rows)
+        print(table)
+        if table.count("\n") < 2:
+            print("(no row of these runs has a target: runs saved before targets were recorded, the default "
+                  "CPU level, or GPU runs; --all-rows shows every row)", file=sys.stderr)
+        return 0
     if args.plot_from:
         if not args.plot:
             p.error("--plot-from needs --plot DIR")
-        import json
-
-        reports = []
-        for path in args.plot_from:
-            with open(path) as f:
-                reports.append(json.load(f))
-        for path in plot_levels(reports, args.plot):
+        for path in plot_levels(_load_reports(args.plot_from), args.plot):
             print(f"wrote {path}")
         return 0
     if args.cpu_capability and os.environ.get(_CHILD) != args.cpu_capability:

@@ -25,6 +25,30 @@ class CheckFailed(AssertionError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A CPU speed goal of the issues for one baseline: speedup (baseline time / embedops time) at
+    least ``at_least``, or more than it when ``strict`` ("faster than"); with ``metric``, also the
+    case's metric of that name at least ``metric_at_least`` (e.g. recall@10 >= 0.98). A time bound
+    such as "<= 1.3x one GEMM" is the speedup goal 1 / 1.3."""
+
+    at_least: float
+    strict: bool = False
+    metric: str | None = None
+    metric_at_least: float = 0.0
+
+    def met(self, speedup: float, metrics: dict | None = None) -> bool:
+        fast = speedup > self.at_least if self.strict else speedup >= self.at_least
+        if self.metric is None:
+            return fast
+        value = (metrics or {}).get(self.metric)
+        return fast and isinstance(value, (int, float)) and value >= self.metric_at_least
+
+    def __str__(self) -> str:
+        s = f"{'>' if self.strict else '≥'} {self.at_least:.3g}"
+        return s + (f" at {self.metric} ≥ {self.metric_at_least:g}" if self.metric else "")
+
+
 @dataclasses.dataclass
 class Case:
     """One benchmark case.
@@ -45,6 +69,16 @@ class Case:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     # baselines whose output is not comparable with ours (e.g. a different algorithm): timed only
     unchecked: tuple[str, ...] = ()
+    # the issues' CPU speed goals: baseline name (or a name prefix ending in "*") -> Target (a
+    # float x: Target(x)). A goal the issue sets at a size (search at N = 1M, similarity at N =
+    # 100k) is attached only at that size.
+    targets: dict[str, Target | float] = dataclasses.field(default_factory=dict)
+
+    def target_for(self, baseline: str) -> Target | None:
+        for key, t in self.targets.items():
+            if baseline == key or (key.endswith("*") and baseline.startswith(key[:-1])):
+                return t if isinstance(t, Target) else Target(float(t))
+        return None
 
 
 def assert_close(ours, theirs, *, atol: float, rtol: float, what: str = "") -> None:
@@ -131,7 +165,17 @@ def device_name(device: str) -> str:
 # ---- running -----------------------------------------------------------------------------------
 
 
-def run_case(case: Case, device: str, min_time: float, rounds: int, peaks: dict) -> list[dict]:
+def targets_apply(device: str) -> bool:
+    """The issues' speed targets are CPU goals for the avx2 and avx512 levels. The default level's
+    goal is only "not slower than the plain torch composition" (read its rows against the torch
+    baselines); GPU rows have none here."""
+    import embedops
+
+    return device == "cpu" and embedops.build_info()["cpu_capability"] != "default"
+
+
+def run_case(case: Case, device: str, min_time: float, rounds: int, peaks: dict,
+             with_targets: bool = False) -> list[dict]:
     ours = case.fn()
     _sync(device)
     if case.check is not None:
@@ -165,6 +209,7 @@ def run_case(case: Case, device: str, min_time: float, rounds: int, peaks: dict)
     rows = []
     for name in case.baselines or {"-": None}:
         tb = t_base.get(name)
+        target = case.target_for(name) if tb is not None and with_targets else None
         rows.append(
             {
                 "case": case.name,
@@ -177,6 +222,8 @@ def run_case(case: Case, device: str, min_time: float, rounds: int, peaks: dict)
                 "GFLOPps": gflops,
                 "roof_pct": roof,
                 "metrics": dict(case.metrics),
+                "target": str(target) if target else None,
+                "target_met": target.met(tb / t_ours, case.metrics) if target else None,
             }
         )
     return rows
@@ -237,6 +284,7 @@ def run(families: dict[str, list[Callable[[], Case]]], device: str, quick: bool)
         "results": [],
         "failures": [],
     }
+    with_targets = targets_apply(device)
     total = sum(len(v) for v in families.values())
     started = time.perf_counter()
     with _Progress(total) as progress:
@@ -246,7 +294,7 @@ def run(families: dict[str, list[Callable[[], Case]]], device: str, quick: bool)
                 case = build()
                 progress.update(f"{family}: {case.name} [{case.shapes}]")
                 try:
-                    rows = run_case(case, device, min_time, rounds, report["peaks"])
+                    rows = run_case(case, device, min_time, rounds, report["peaks"], with_targets)
                 except CheckFailed as e:
                     report["failures"].append({"family": family, "case": case.name, "shapes": case.shapes,
                                                "error": str(e)})
@@ -267,16 +315,42 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _target_cell(row: dict) -> str:
+    if not row.get("target"):
+        return ""
+    return f"{row['target']} {'✓' if row['target_met'] else '✗'}"
+
+
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["family", "case", "shapes", "baseline", "embedops µs", "baseline µs", "speedup",
+    header = ["family", "case", "shapes", "baseline", "embedops µs", "baseline µs", "speedup", "target",
               "GB/s", "GFLOP/s", "% roof", "metrics"]
     rows = []
     for r in report["results"]:
         metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         rows.append([r["family"], r["case"], r["shapes"], r["baseline"], _fmt(r["embedops_us"], ".1f"),
                      _fmt(r["baseline_us"], ".1f"), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
-                     _fmt(r["GBps"], ".1f"), _fmt(r["GFLOPps"], ".1f"), _fmt(r["roof_pct"], ".0f"), metrics])
+                     _target_cell(r), _fmt(r["GBps"], ".1f"), _fmt(r["GFLOPps"], ".1f"), _fmt(r["roof_pct"], ".0f"),
+                     metrics])
     return header, rows
+
+
+def target_summary(report: dict) -> str:
+    """One line: how many of the run's target rows hold, and which miss."""
+    rows = [r for r in report["results"] if r.get("target")]
+    if not rows:
+        if report["device"] != "cpu":
+            return "targets: none for GPU rows"
+        if report["build_info"]["cpu_capability"] == "default":
+            return "targets: none at the default CPU level (its goal: not slower than the plain torch composition)"
+        return "targets: none of these rows has one (they are set at the issues' shapes)"
+    missed = [r for r in rows if not r["target_met"]]
+    line = f"targets: {len(rows) - len(missed)} of {len(rows)} hold"
+    if report.get("quick"):
+        line += " (--quick: a target the issue sets at a size, e.g. search at N = 1M, is marked only at that size)"
+    for r in missed:
+        line += (f"\n  missed: {r['family']} {r['case']} [{r['shapes']}] vs {r['baseline']}: "
+                 f"{r['speedup']:.2f}×, target {r['target']}")
+    return line
 
 
 def print_table(report: dict) -> None:
@@ -298,7 +372,7 @@ def print_table(report: dict) -> None:
             table.add_column(h, justify="right" if h not in ("family", "case", "shapes", "baseline", "metrics") else "left")
         for row in rows:
             table.add_row(*row)
-        Console(width=max(160, len(title))).print(table)
+        Console(width=max(190, len(title))).print(table)
     except ImportError:
         print(title)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -307,7 +381,49 @@ def print_table(report: dict) -> None:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     for f in report["failures"]:
         print(f"CHECK FAILED: {f['family']} {f['case']} [{f['shapes']}]: {f['error']}")
+    print(target_summary(report))
     print(f"{len(report['results'])} rows in {report['seconds']:.0f} s")
+
+
+def markdown_table(reports: list[dict], all_rows: bool = False) -> str:
+    """Saved runs side by side (e.g. one per CPU level, or the same level before / after a change),
+    as a Markdown table: per run, embedops' time and the speedup over the baseline (with ✓ / ✗
+    where that run had a target). Rows with a target in some run, or every row with ``all_rows``.
+    ``reports``: loaded ``--json`` files."""
+    labels = [_level_label(r) for r in reports]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
+    keys: list[tuple] = []  # (family, case, shapes, baseline), first-seen order
+    cells: dict[tuple, list] = {}
+    for i, rep in enumerate(reports):
+        for row in rep["results"]:
+            key = (row["family"], row["case"], row["shapes"], row["baseline"])
+            if key not in cells:
+                keys.append(key)
+                cells[key] = [None] * len(reports)
+            cells[key][i] = row
+    if not all_rows:
+        keys = [k for k in keys if any(r is not None and r.get("target") for r in cells[k])]
+    header = ["case", "shapes", "baseline"]
+    for label in labels:
+        header += [f"{label} ms", f"{label} speedup"]
+    header.append("target")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        line = [key[1], key[2], key[3].replace("|", "/")]
+        target = ""
+        for row in cells[key]:
+            if row is None or row["speedup"] is None:
+                line += ["-", "-"]
+                continue
+            mark = ""
+            if row.get("target"):
+                target = row["target"]
+                mark = " ✓" if row["target_met"] else " ✗"
+            line += [f"{row['embedops_us'] / 1e3:.2f}", f"{row['speedup']:.2f}×{mark}"]
+        line.append(target)
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
 
 
 def write_json(report: dict, path: str) -> None:

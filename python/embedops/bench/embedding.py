@@ -146,7 +146,7 @@ def _close(atol):
     return lambda ours, theirs: assert_close(ours, theirs, atol=atol, rtol=1e-4, what="out")
 
 
-def _forward_case(device, batch, dim, mean_len, probes, mode="sum", fbgemm=False):
+def _forward_case(device, batch, dim, mean_len, probes, mode="sum", fbgemm=False, targets=None):
     d = _Bags(device, batch, dim, mean_len, probes)
     rows, offs = d.prehashed()
     baselines = {"(a) torch hash + F.embedding_bag": lambda: d.baseline_a(mode=mode),
@@ -172,10 +172,11 @@ def _forward_case(device, batch, dim, mean_len, probes, mode="sum", fbgemm=False
         check=_close(1e-5),
         bytes=d.bytes(),
         metrics=metrics,
+        targets=targets or {},
     )
 
 
-def _backward_case(device, batch, dim, mean_len, probes):
+def _backward_case(device, batch, dim, mean_len, probes, targets=None):
     d = _Bags(device, batch, dim, mean_len, probes)
     w1 = d.weight.clone().requires_grad_()
     w2 = d.weight.clone().requires_grad_()
@@ -196,6 +197,7 @@ def _backward_case(device, batch, dim, mean_len, probes):
         baselines={"(a) autograd backward": bwd(out2, w2)},
         check=_close(1e-4),
         bytes=d.bytes(),
+        targets=targets or {},
     )
 
 
@@ -238,6 +240,7 @@ def _adagrad_case(device, batch, dim, mean_len, probes):
         baselines=baselines,
         bytes=d.bytes(),
         metrics=metrics,
+        targets={"fwd + dense grad + optim.Adagrad": 2.0, "FBGEMM TBE*": 1.5},
     )
 
 
@@ -321,6 +324,7 @@ def _int8_forward_case(device, batch, dim, mean_len, probes):
         check=_close(1e-5),
         bytes=nbytes,
         metrics=metrics,
+        targets={"(c) FBGEMM IntNBit*": 1.0},
     )
 
 
@@ -328,12 +332,12 @@ def cases(device: str, quick: bool):
     n = 1 << (20 if quick else 23)
     out = [lambda dtype=dtype: _hash_case(device, n, dtype) for dtype in (torch.int64, torch.int32)]
     out += [
-        lambda: _forward_case(device, 4096, 64, 5, 2, fbgemm=True),  # target: >= 2x (a)
-        lambda: _forward_case(device, 4096, 64, 5, 1, fbgemm=True),  # targets: >= 0.9x (b), >= 1.2x (c)
-        lambda: _backward_case(device, 4096, 64, 5, 2),  # target: >= 1.5x (a)
-        lambda: _adagrad_case(device, 4096, 64, 5, 2),  # targets: >= 2x dense + optim.Adagrad, >= 1.5x FBGEMM
-        lambda: _int8_forward_case(device, 4096, 64, 5, 2),  # target: >= 1x (c) FBGEMM
-        lambda: _int8_forward_case(device, 4096, 64, 5, 1),  # target: >= 1x (c) FBGEMM
+        lambda: _forward_case(device, 4096, 64, 5, 2, fbgemm=True, targets={"(a)*": 2.0, "(c)*": 1.2}),
+        lambda: _forward_case(device, 4096, 64, 5, 1, fbgemm=True, targets={"(b)*": 0.9, "(c)*": 1.2}),
+        lambda: _backward_case(device, 4096, 64, 5, 2, targets={"(a)*": 1.5}),
+        lambda: _adagrad_case(device, 4096, 64, 5, 2),  # >= 2x dense + optim.Adagrad, >= 1.5x FBGEMM
+        lambda: _int8_forward_case(device, 4096, 64, 5, 2),  # >= 1x FBGEMM IntNBit
+        lambda: _int8_forward_case(device, 4096, 64, 5, 1),
     ]
     if not quick:
         out += [
