@@ -76,19 +76,20 @@ dry_run() {
   done
   "$PY" -c "import embedops" || { note "dry-run: embedops does not import"; ok=0; }
   # every selection must collect at least one test (CUDA tests are collected, then skipped here)
-  local n
-  n=$("$PY" -m pytest tests -q -k cuda --collect-only -p no:cacheprovider 2> /dev/null | grep -c "::")
+  # (one collection serves both: the sanitizer's tests are node ids of the tests stage's selection)
+  local n listed
+  listed=$("$PY" -m pytest tests -q -k cuda --collect-only -p no:cacheprovider 2> /dev/null)
+  n=$(echo "$listed" | grep -c "::")
   [ "$n" -gt 0 ] && note "dry-run: 'tests -k cuda' selects $n tests" || { note "dry-run: 'tests -k cuda' selects nothing"; ok=0; }
-  local listed
-  listed=$("$PY" -m pytest "${SANITIZE_TESTS[@]}" -q -k cuda --collect-only -p no:cacheprovider 2> /dev/null)
   for t in "${SANITIZE_TESTS[@]}"; do
     n=$(echo "$listed" | grep -c "^$t\[")
     [ "$n" -gt 0 ] && note "dry-run: $t (-k cuda): $n tests" || { note "dry-run: $t selects no test"; ok=0; }
   done
-  for f in $BENCH_FAMILIES; do
-    "$PY" -c "import embedops.bench as b, sys; sys.exit(0 if b.load_family('$f') else 1)" \
-      || { note "dry-run: bench family $f does not load"; ok=0; }
-  done
+  "$PY" -c "
+import sys, embedops.bench as b
+missing = [f for f in sys.argv[1:] if not b.load_family(f)]
+sys.exit(f'bench families that do not load: {missing}' if missing else 0)" $BENCH_FAMILIES \
+    || { note "dry-run: a bench family does not load"; ok=0; }
   "$PY" benchmarks/gpu_smoke.py --device cpu --out "$OUT/smoke_cpu.txt" > "$OUT/smoke_cpu.log" 2>&1 \
     && note "dry-run: gpu_smoke.py runs (on the CPU against the CPU)" \
     || { tail -5 "$OUT/smoke_cpu.log"; note "dry-run: gpu_smoke.py fails on the CPU"; ok=0; }
