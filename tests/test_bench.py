@@ -38,18 +38,27 @@ def test_case_target_for_exact_and_prefix():
     assert c.target_for("torch mm+topk") is None
 
 
+def test_case_targets_per_level():
+    c = Case("c", "s", fn=lambda: None, baselines={}, targets={"sdpa": 1.5}, default_targets={"sdpa": 1.0},
+             cuda_targets={"sdpa flash": 0.7})
+    assert c.target_for("sdpa") == c.target_for("sdpa", "cpu") == Target(1.5)
+    assert c.target_for("sdpa", "default") == Target(1.0)
+    assert c.target_for("sdpa", "cuda") is None and c.target_for("sdpa flash", "cuda") == Target(0.7)
+
+
 def test_run_case_marks_targets():
     # goals no timing can miss or meet: the marks, not the speed, are under test
     case = Case("toy", "n", fn=lambda: sum(range(1000)),
                 baselines={"any": lambda: sum(range(1000)), "never": lambda: sum(range(1000)),
                            "untargeted": lambda: sum(range(1000))},
                 targets={"any": 1e-9, "never": Target(1e9)})
-    rows = {r["baseline"]: r for r in run_case(case, "cpu", 0.01, 1, PEAKS, with_targets=True)}
+    rows = {r["baseline"]: r for r in run_case(case, "cpu", 0.01, 1, PEAKS, "cpu")}
     assert rows["any"]["target"] == "≥ 1e-09" and rows["any"]["target_met"] is True
     assert rows["never"]["target"] == "≥ 1e+09" and rows["never"]["target_met"] is False
     assert rows["untargeted"]["target"] is None and rows["untargeted"]["target_met"] is None
-    rows = run_case(case, "cpu", 0.01, 1, PEAKS, with_targets=False)
-    assert all(r["target"] is None and r["target_met"] is None for r in rows)
+    for level in (None, "default"):  # no marks; this case has no default-level goals
+        rows = run_case(case, "cpu", 0.01, 1, PEAKS, level)
+        assert all(r["target"] is None and r["target_met"] is None for r in rows)
 
 
 def _report(level, speedups, quick=False):
@@ -70,7 +79,7 @@ def test_summary_lists_the_misses():
     assert "missed: f a [s] vs b1: 1.20×, target ≥ 1.5" in text
     assert "b2" not in text and "b3" not in text
     assert "--quick" in target_summary(dict(rep, quick=True))
-    assert "default CPU level" in target_summary(_report("default", {("c", "b3", None): 0.5}))
+    assert "not slower than the plain torch" in target_summary(_report("default", {("a", "b1", "≥ 1"): 1.1}))
     assert "none of these rows" in target_summary(_report("avx2", {("c", "b3", None): 0.5}))
 
 

@@ -26,6 +26,7 @@ def _hash_case(device: str, n: int, dtype: torch.dtype) -> Case:
         baselines={"torch int ops": lambda: reference.hash_ids_torch(values, **kw)},
         check=check,
         bytes=n * (values.element_size() + 8),
+        default_targets={"torch int ops": 1.0},  # the default level: not slower than torch
     )
 
 
@@ -173,6 +174,7 @@ def _forward_case(device, batch, dim, mean_len, probes, mode="sum", fbgemm=False
         bytes=d.bytes(),
         metrics=metrics,
         targets=targets or {},
+        default_targets={"(a)*": 1.0},
     )
 
 
@@ -198,6 +200,7 @@ def _backward_case(device, batch, dim, mean_len, probes, targets=None):
         check=_close(1e-4),
         bytes=d.bytes(),
         targets=targets or {},
+        default_targets={"(a)*": 1.0},
     )
 
 
@@ -241,6 +244,7 @@ def _adagrad_case(device, batch, dim, mean_len, probes):
         bytes=d.bytes(),
         metrics=metrics,
         targets={"fwd + dense grad + optim.Adagrad": 2.0, "FBGEMM TBE*": 1.5},
+        default_targets={"fwd + dense grad + optim.Adagrad": 1.0},
     )
 
 

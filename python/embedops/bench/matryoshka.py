@@ -106,6 +106,7 @@ def _similarity_case(device: str, n: int, b: int) -> Case:
         unchecked=("ONE full-D q@x.T",),
         # issue 3, at B64 N100k: <= 1.3x the time of one full-D GEMM, >= 2.5x torch per prefix
         targets={"torch per-prefix": 2.5, "ONE full-D q@x.T": 1 / 1.3} if n >= 100_000 else {},
+        default_targets={"torch per-prefix": 1.0},  # the default level: not slower than torch
         flops=2 * b * n * D,
         bytes=4 * (n * D + len(DIMS) * b * n),
     )
@@ -148,6 +149,7 @@ def _topk_case(device: str, n: int, b: int, d: int, k: int) -> Case:
         bytes=4 * n * d,
         # issues 3 and 11, k = 10, N = 1M, B in {1, 64}: >= 1.5x faiss, faster than torch mm+topk
         targets={"faiss*": 1.5, "torch mm+topk*": Target(1.0, strict=True)} if k == 10 and n >= 1_000_000 else {},
+        default_targets={"torch mm+topk*": 1.0},
     )
 
 
@@ -169,6 +171,7 @@ def _multi_topk_case(device: str, n: int, b: int, k: int) -> Case:
         check=lambda ours, theirs: _values_close(ours[0], theirs),
         flops=2 * b * n * D,
         bytes=4 * n * D,
+        default_targets={"torch per-prefix normalize+mm+topk": 1.0},
     )
 
 
@@ -237,6 +240,7 @@ def _memory_case(device: str, n: int, b: int, k: int = 10) -> Case:
         flops=2 * b * n * d,
         bytes=4 * n * d,
         metrics=metrics,
+        default_targets={"torch mm+topk (prefix copy)": 1.0},
     )
 
 
