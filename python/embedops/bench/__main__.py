@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(_load_reports(args.table_from), all_rows=args.all_rows)
         print(table)
         if table.count("\n") < 2:
-            print("(no row of these runs has a target: runs saved before targets were recorded, the default "
-                  "CPU level, or GPU runs; --all-rows shows every row)", file=sys.stderr)
+            print("(no row of these runs has a target: runs saved before 2026-12-08 did not record them; "
+                  "--all-rows shows every row)", file=sys.stderr)
         return 0
     if args.plot_from:
         if not args.plot:

@@ -27,7 +27,7 @@ class CheckFailed(AssertionError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A CPU speed goal of the issues for one baseline: speedup (baseline time / embedops time) at
+    """A speed goal of the issues against one baseline: speedup (baseline time / embedops time) at
     least ``at_least``, or more than it when ``strict`` ("faster than"); with ``metric``, also the
     case's metric of that name at least ``metric_at_least`` (e.g. recall@10 >= 0.98). A time bound
     such as "<= 1.3x one GEMM" is the speedup goal 1 / 1.3."""
