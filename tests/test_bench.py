@@ -93,6 +93,10 @@ def test_markdown_table_side_by_side():
     assert len(lines) == 3  # the row without a target is left out
     lines = markdown_table([a, b], all_rows=True).splitlines()
     assert lines[3] == "| c | s | b3 | 1.00 | 0.50× | - | - |  |"
+    # different goals per run (the default level's beside avx2's): each in its cell
+    d = _report("default", {("a", "b1", "≥ 1"): 1.2})
+    assert markdown_table([d, a]).splitlines()[2] == ("| a | s | b1 | 1.00 | 1.20× ✓ (≥ 1) | 1.00 | 1.20× ✗ (≥ 1.5) "
+                                                      "| per run |")
     # two runs at the same level get numbered columns
     assert "cpu avx2 (1) ms" in markdown_table([a, a]) and "cpu avx2 (2) ms" in markdown_table([a, a])
 
